@@ -1,0 +1,26 @@
+"""The Python API: one config dataclass per method and one verb, ``quantize(model, config)``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qatlm.errors import QatlmError
+from qatlm.methods.rtn import RTNConfig, quantize_rtn
+
+# method name -> (config class, function(model, config, **data) -> model with packed layers)
+METHODS = {
+    "rtn": (RTNConfig, quantize_rtn),
+}
+
+
+def method_for(config) -> str:
+    for name, (cls, _) in METHODS.items():
+        if type(config) is cls:
+            return name
+    raise QatlmError(f"unknown method config {type(config).__name__}; known: {', '.join(METHODS)}")
+
+
+def quantize(model: nn.Module, config, **data) -> nn.Module:
+    """Quantize ``model`` in place with the method ``config`` belongs to; returns the packed model."""
+    _, fn = METHODS[method_for(config)]
+    return fn(model, config, **data)

@@ -1,0 +1,277 @@
+"""Loading full-precision models, and saving / loading / describing packed checkpoints.
+
+A qatlm checkpoint is an ordinary Hugging Face folder: ``config.json`` with a GPTQ
+``quantization_config`` (``checkpoint_format: gptq_v2``), safetensors weights where every quantized
+linear ``X`` is stored as ``X.qweight``/``X.qzeros``/``X.scales``/``X.g_idx`` (+ ``X.bias``), and the
+tokenizer. Writing goes to a temporary sibling folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qatlm import __version__
+from qatlm.errors import QatlmError
+from qatlm.model.arch import replace_module
+from qatlm.quant.grid import QuantSpec
+from qatlm.quant.linear import PackedLinear
+from qatlm.quant.packing import pack_cols, unpack_cols
+
+SHARD_BYTES = 4 * 1024**3
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """fp32 on CPU (bf16 matmul is ~400x slower there), bf16 on an accelerator."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def _check_model_dir(path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise QatlmError(f"model path {p} does not exist")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise QatlmError(f"{p} is not a Hugging Face model folder (no config.json)")
+    return p
+
+
+def _load_config(p: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(p, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QatlmError(f"unsupported model at {p}: {first}") from None
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
+    except Exception:  # a folder without tokenizer files is still a valid model
+        return None
+
+
+def is_quantized_dir(path) -> bool:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    return "quantization_config" in json.loads((p / "config.json").read_text())
+
+
+def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
+    """A full-precision causal LM from a local safetensors folder (never unpickles, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    p = _check_model_dir(path)
+    config = _load_config(p)
+    if getattr(config, "quantization_config", None):
+        raise QatlmError(f"{p} is already a quantized checkpoint; load it with qatlm.load_quantized")
+    if not list(p.glob("*.safetensors")):
+        raise QatlmError(f"{p} has no .safetensors weights (qatlm does not load pickled .bin files)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype or default_dtype(device), use_safetensors=True, trust_remote_code=False
+        )
+    except (ValueError, KeyError) as e:
+        raise QatlmError(f"cannot load {p} as a causal LM: {str(e).strip().splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _tied_duplicates(model: nn.Module, sd: dict) -> set[str]:
+    """State-dict keys that share storage with an earlier key (tied embeddings)."""
+    seen, dup = {}, set()
+    for k, v in sd.items():
+        key = (v.data_ptr(), v.shape, v.dtype)
+        if v.numel() and key in seen:
+            dup.add(k)
+        else:
+            seen[key] = k
+    return dup
+
+
+def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool = False) -> dict:
+    return {
+        "quant_method": "gptq",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        "desc_act": False,
+        "checkpoint_format": "gptq_v2",
+        "lm_head": lm_head,
+        "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta or {}},
+    }
+
+
+def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None) -> Path:
+    """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint."""
+    out = Path(out_dir).expanduser()
+    check_out_dir(out, overwrite)
+    packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+    if not packed:
+        raise QatlmError("the model has no packed layers: quantize it before saving")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        sd = model.state_dict()
+        for k in _tied_duplicates(model, sd):
+            sd.pop(k)
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        _write_shards(sd, tmp)
+        model.config.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_out_dir(out: Path, overwrite: bool):
+    if out.exists() and not overwrite:
+        raise QatlmError(f"output folder {out} already exists (pass --overwrite to replace it)")
+
+
+def _write_shards(sd: dict, folder: Path):
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _weight_files(p: Path) -> list[Path]:
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise QatlmError(f"{p} has no .safetensors weights")
+    return files
+
+
+def read_quant_config(path) -> tuple[Path, dict]:
+    p = _check_model_dir(path)
+    cfg = json.loads((p / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if not qc or qc.get("quant_method") != "gptq":
+        raise QatlmError(f"{p} is not a qatlm/GPTQ checkpoint (config.json has no GPTQ quantization_config)")
+    return p, qc
+
+
+def spec_from_config(qc: dict) -> QuantSpec:
+    return QuantSpec(bits=int(qc["bits"]), group_size=int(qc["group_size"]), sym=bool(qc.get("sym", False)))
+
+
+def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
+    """Load a qatlm / GPTQ checkpoint into ``PackedLinear`` layers, without gptqmodel.
+
+    GPTQ v1 checkpoints (stored zeros off by one) are converted to v2 semantics while loading.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    p, qc = read_quant_config(path)
+    spec = spec_from_config(qc)
+    v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+    dtype = dtype or default_dtype(device)
+    config = _load_config(p)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+    sd = {}
+    for f in _weight_files(p):
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                sd[k] = fh.get_tensor(k)
+    for name in [k[: -len(".qweight")] for k in sd if k.endswith(".qweight")]:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise QatlmError(f"{p}: quantized tensor {name}.qweight matches no layer of {type(model).__name__}") from None
+        replace_module(model, name, PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in sd, dtype=dtype))
+        if v1:
+            z = unpack_cols(sd[f"{name}.qzeros"], spec.bits, old.out_features)
+            sd[f"{name}.qzeros"] = pack_cols((z + 1).clamp(0, spec.qmax), spec.bits)
+    for k, v in sd.items():
+        if v.is_floating_point() and not k.endswith(".scales"):
+            sd[k] = v.to(dtype)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise QatlmError(f"{p}: tensors that match no layer: {', '.join(result.unexpected_keys[:5])}")
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise QatlmError(f"{p}: checkpoint lacks {', '.join(missing[:5])}")
+    return model.to(device).eval()
+
+
+def checkpoint_info(path) -> dict:
+    """What a checkpoint holds, measured from the files on disk."""
+    p, qc = read_quant_config(path)
+    spec = spec_from_config(qc)
+    disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    weights_bytes = sum(f.stat().st_size for f in _weight_files(p))
+    n_quant = quant_bytes = n_other = other_bytes = 0
+    for f in _weight_files(p):
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                t = fh.get_slice(k)
+                numel = 1
+                for d in t.get_shape():
+                    numel *= d
+                nbytes = numel * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}.get(t.get_dtype(), 4)
+                if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                    quant_bytes += nbytes
+                    if k.endswith(".qweight"):
+                        n_quant += numel * 32 // spec.bits
+                else:
+                    n_other += numel
+                    other_bytes += nbytes
+    fp16_bytes = 2 * (n_quant + n_other)
+    return {
+        "path": str(p),
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "sym": spec.sym,
+        "format": qc.get("checkpoint_format", "gptq"),
+        "method": qc.get("meta", {}).get("qatlm", {}).get("method", "unknown"),
+        "quantized_params": n_quant,
+        "other_params": n_other,
+        "size_on_disk_bytes": disk,
+        "weights_bytes": weights_bytes,
+        "bits_per_quantized_weight": 8 * quant_bytes / max(n_quant, 1),
+        "fp16_size_bytes": fp16_bytes,
+        "compression_vs_fp16": fp16_bytes / max(weights_bytes, 1),
+    }

@@ -1,0 +1,55 @@
+"""Swap a model's linear layers for quantized ones, generically (no per-family code)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qatlm.errors import QatlmError
+from qatlm.model.arch import find_parts, quant_targets, replace_module
+from qatlm.quant.grid import QuantSpec
+from qatlm.quant.linear import FakeQuantLinear, PackedLinear
+from qatlm.quant.packing import unit
+
+
+def target_names(model: nn.Module, lm_head: bool = False) -> list[str]:
+    """Qualified names of every linear layer to quantize: all in decoder blocks but routers, (+ lm_head)."""
+    parts = find_parts(model)
+    names = [f"{parts.layers_name}.{i}.{n}" for i, block in enumerate(parts.layers) for n in quant_targets(block)]
+    if lm_head and isinstance(parts.lm_head, nn.Linear):
+        names += [n for n, m in model.named_modules() if m is parts.lm_head][:1]
+    return names
+
+
+def attach_fake_quant(model: nn.Module, spec: QuantSpec, lm_head: bool = False, names=None) -> dict[str, FakeQuantLinear]:
+    """Replace target linears by ``FakeQuantLinear`` initialised with min-max (RTN) grids."""
+    layers = {}
+    if lm_head and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the quantized head no longer shares the embedding
+    for name in names if names is not None else target_names(model, lm_head):
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Linear):
+            check_packable(name, mod.in_features, mod.out_features, spec)
+            if lm_head and name.endswith("lm_head"):
+                mod.weight = nn.Parameter(mod.weight.detach().clone())
+            layers[name] = FakeQuantLinear(mod, spec)
+            replace_module(model, name, layers[name])
+    return layers
+
+
+def check_packable(name: str, in_f: int, out_f: int, spec: QuantSpec):
+    vals, _ = unit(spec.bits)
+    for what, n in (("input", in_f), ("output", out_f)):
+        if n % vals:
+            raise QatlmError(f"{name}: {what} width {n} cannot be packed at {spec.bits} bits (needs a multiple of {vals})")
+
+
+def pack_model(model: nn.Module) -> int:
+    """Turn every ``FakeQuantLinear`` into a ``PackedLinear`` (integers fixed); returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    for n in names:
+        replace_module(model, n, model.get_submodule(n).to_packed())
+    return len(names)
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}

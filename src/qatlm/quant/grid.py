@@ -1,0 +1,142 @@
+"""Uniform group-wise quantization grid: the math every method shares.
+
+A weight ``W[out, in]`` is split along the input dimension into groups of ``group_size`` columns
+(``-1``: one group per output row). Group ``k`` of row ``o`` has a step size ``s[o, k]`` and an integer
+zero point ``z[o, k]`` in ``[0, 2^b - 1]``:
+
+    q = clamp(round(W / s) + z, 0, 2^b - 1)        ŵ = s · (q − z)
+
+When ``in`` is not a multiple of the group size the last group is shorter (``g_idx = col // g``),
+as in GPTQ. Everything here is a plain function of tensors; the modules live in ``linear.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qatlm.errors import QatlmError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+MIN_SCALE = 1e-5
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What grid the weights live on: bit width, group size (-1 = per output channel), symmetry."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise QatlmError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
+            raise QatlmError(f"group size {self.group_size} is invalid; use -1 (per channel) or a positive multiple of 8")
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return math.ceil(in_features / self.group_width(in_features))
+
+    def g_idx(self, in_features: int) -> torch.Tensor:
+        return torch.arange(in_features, dtype=torch.int32) // self.group_width(in_features)
+
+    @property
+    def tag(self) -> str:
+        g = "c" if self.group_size == -1 else str(self.group_size)
+        return f"w{self.bits}g{g}{'-sym' if self.sym else ''}"
+
+
+def expand_groups(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
+    """Per-group tensor ``[out, groups]`` -> per-column ``[out, in]`` (last group may be short)."""
+    g = spec.group_width(in_features)
+    if t.shape[1] * g == in_features:
+        return t.repeat_interleave(g, dim=1)
+    return t.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def group_reduce(w: torch.Tensor, spec: QuantSpec, op: str) -> torch.Tensor:
+    """Reduce ``W[out, in]`` over each group with ``op`` in {'amin', 'amax'} -> ``[out, groups]``."""
+    out_f, in_f = w.shape
+    g = spec.group_width(in_f)
+    n = spec.num_groups(in_f)
+    if n * g == in_f:
+        v = w.reshape(out_f, n, g)
+        return v.amin(-1) if op == "amin" else v.amax(-1)
+    idx = spec.g_idx(in_f).to(w.device, torch.int64).expand(out_f, in_f)
+    res = torch.zeros(out_f, n, dtype=w.dtype, device=w.device)
+    return res.scatter_reduce(1, idx, w, reduce=op, include_self=False)
+
+
+def minmax_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest min-max grid: returns float ``scale`` and integer-valued ``zero``, both ``[out, groups]``."""
+    w = w.detach().float()
+    wmin = group_reduce(w, spec, "amin")
+    wmax = group_reduce(w, spec, "amax")
+    if spec.sym:
+        amax = torch.maximum(wmax.abs(), wmin.abs())
+        scale = (2 * amax / spec.qmax).clamp_min(MIN_SCALE)
+        zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
+    else:
+        scale = ((wmax - wmin) / spec.qmax).clamp_min(MIN_SCALE)
+        zero = (-wmin / scale).round().clamp(0, spec.qmax)
+    return scale, zero
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through (identity) gradient."""
+    return _RoundSTE.apply(x)
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 value (how step sizes are stored) with an identity gradient."""
+    return x + (x.detach().half().to(x.dtype) - x.detach())
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Differentiable ``ŵ = s · (clamp(round(w/s) + z, 0, qmax) − z)``.
+
+    ``scale`` and ``zero`` are per group ``[out, groups]``; ``zero`` may be a float parameter: it is rounded
+    (straight-through) and clamped to the integer range here. Gradients reach ``w``, ``scale`` and ``zero``.
+    """
+    in_f = w.shape[1]
+    s = expand_groups(scale, spec, in_f)
+    z = expand_groups(round_ste(zero).clamp(0, spec.qmax), spec, in_f)
+    q = torch.clamp(round_ste(w / s) + z, 0, spec.qmax)
+    return s * (q - z)
+
+
+@torch.no_grad()
+def quantize_to_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
+    """Integers of ``w`` on the grid: ``(q[out, in] int32, z[out, groups] int32)``, both clamped to range."""
+    in_f = w.shape[1]
+    z = zero.round().clamp(0, spec.qmax)
+    q = torch.clamp(torch.round(w.float() / expand_groups(scale.float(), spec, in_f)) + expand_groups(z, spec, in_f), 0, spec.qmax)
+    return q.to(torch.int32), z.to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, dtype=torch.float32) -> torch.Tensor:
+    """``s · (q − z)`` with per-group ``scale``/``zero`` ``[out, groups]`` and ``q[out, in]``."""
+    in_f = q.shape[1]
+    s = expand_groups(scale.to(dtype), spec, in_f)
+    z = expand_groups(zero.to(dtype), spec, in_f)
+    return s * (q.to(dtype) - z)

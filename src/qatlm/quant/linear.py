@@ -1,0 +1,105 @@
+"""Quantized linear layers: a fake-quant layer for training and a packed integer layer for inference.
+
+``FakeQuantLinear`` keeps a float weight plus trainable step sizes and zero points and computes
+``F.linear(x, fake_quantize(W))``. ``PackedLinear`` holds the GPTQ tensors (``qweight``, ``qzeros``,
+``scales`` fp16, ``g_idx``) and dequantizes them. ``FakeQuantLinear.to_packed()`` rounds the step sizes
+to fp16 *before* taking the integers, so both layers compute the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, fake_quantize, fp16_ste, minmax_init, quantize_to_int
+from qatlm.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer whose weight is seen through the quantization grid (straight-through rounding)."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.data, requires_grad=linear.weight.requires_grad)
+        self.bias = linear.bias
+        scale, zero = minmax_init(linear.weight.data, spec)
+        dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
+        self.scale = nn.Parameter(scale.to(dtype))
+        # the symmetric zero point is fixed at 2^(b-1); the asymmetric one is trained as a float
+        self.zero = nn.Parameter(zero.to(dtype), requires_grad=not spec.sym)
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = fake_quantize(self.weight.to(self.scale.dtype), fp16_ste(self.scale.clamp_min(MIN_SCALE)), self.zero, self.spec)
+        return w.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def integers(self):
+        """(q[out,in], z[out,groups], scale_fp16[out,groups]) exactly as they will be stored."""
+        scale16 = self.scale.detach().float().clamp_min(MIN_SCALE).to(torch.float16)
+        q, z = quantize_to_int(self.weight.detach(), scale16.float(), self.zero.detach().float(), self.spec)
+        return q, z, scale16
+
+    @torch.no_grad()
+    def to_packed(self) -> "PackedLinear":
+        q, z, scale16 = self.integers()
+        return PackedLinear.from_integers(q, z, scale16, self.bias, self.spec, dtype=self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}"
+
+
+class PackedLinear(nn.Module):
+    """Inference layer over GPTQ-layout tensors (v2 zero points: stored zeros are the true zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        groups = spec.num_groups(in_features)
+        words = spec.bits  # int32 words per 32 values
+        self.register_buffer("qweight", torch.zeros(in_features * words // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * words // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", spec.g_idx(in_features))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.cache_weight = False
+        self._cached: torch.Tensor | None = None
+
+    @classmethod
+    def from_integers(cls, q, z, scale16, bias, spec: QuantSpec, dtype=torch.float32) -> "PackedLinear":
+        out_f, in_f = q.shape
+        layer = cls(in_f, out_f, spec, bias is not None, dtype=dtype)
+        layer.qweight = pack_rows(q.t().cpu(), spec.bits, "input width").to(q.device)
+        layer.qzeros = pack_cols(z.t().cpu(), spec.bits, "output width").to(q.device)
+        layer.scales = scale16.t().contiguous()
+        if bias is not None:
+            layer.bias = bias.detach().to(dtype).clone()
+        return layer
+
+    def integers(self):
+        """(q[out,in], z[out,groups]) unpacked from the stored words."""
+        q = unpack_rows(self.qweight, self.spec.bits, self.in_features).t()
+        z = unpack_cols(self.qzeros, self.spec.bits, self.out_features).t()
+        return q, z
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        if self._cached is not None:
+            return self._cached
+        q, z = self.integers()
+        w = dequantize(q, self.scales.t().float(), z, self.spec).to(dtype or self.compute_dtype)
+        if self.cache_weight:
+            self._cached = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed"

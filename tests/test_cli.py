@@ -1,0 +1,117 @@
+"""CLI: the happy path on a tiny model folder, and a one-line error for each kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import tiny_model
+
+from qatlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp") / "tiny-llama"
+    tiny_model("llama", hidden_size=128, intermediate_size=256).save_pretrained(d)
+    return d
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_then_info_reports_true_size(model_dir, tmp_path, capsys):
+    out = tmp_path / "w2g64"
+    code, _, err = run_cli(["quantize", "--model", model_dir, "--method", "rtn", "--bits", 2, "--group-size", 64, "--out", out], capsys)
+    assert code == 0, err
+    code, text, _ = run_cli(["info", out, "--json"], capsys)
+    info = json.loads(text)
+    assert info["size_on_disk_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert info["bits"] == 2 and info["group_size"] == 64 and info["method"] == "rtn"
+    # 2 bits + fp16 scale/64 + 2-bit zero/64 (+ a negligible g_idx) per weight
+    assert 2.25 < info["bits_per_quantized_weight"] <= 2.6
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["checkpoint_format"] == "gptq_v2" and cfg["desc_act"] is False
+    code, text, _ = run_cli(["info", out], capsys)
+    assert "compression vs fp16" in text and "2-bit, group 64" in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "{tmp}/nope"], "does not exist"),
+        (["--model", "{tmp}"], "not a Hugging Face model folder"),
+        (["--bits", "5"], "bits=5 is not supported"),
+        (["--group-size", "100"], "group size 100 is invalid"),
+        (["--group-size", "0"], "group size 0 is invalid"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--out", "{model}"], "already exists"),
+    ],
+)
+def test_bad_input_is_one_line_error(args, message, model_dir, tmp_path, capsys):
+    full = ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "out")]
+    for i in range(0, len(args), 2):
+        v = args[i + 1].format(tmp=tmp_path, model=model_dir)
+        if args[i] in full:
+            full[full.index(args[i]) + 1] = v
+        else:
+            full += [args[i], v]
+    code, _, err = run_cli(full, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("qatlm: error")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_one_line_error(tmp_path, capsys):
+    d = tmp_path / "weird"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    code, _, err = run_cli(["quantize", "--model", d, "--out", tmp_path / "o"], capsys)
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert code == 2 and len(errors) == 1 and "unsupported model" in errors[0] and "Traceback" not in err
+
+
+def test_pickled_weights_are_refused(tmp_path, model_dir, capsys):
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "config.json").write_text((model_dir / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"not really")
+    code, _, err = run_cli(["quantize", "--model", d, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "no .safetensors weights" in err
+
+
+def test_info_on_fp_folder_is_clear_error(model_dir, capsys):
+    code, _, err = run_cli(["info", model_dir], capsys)
+    assert code == 2 and "not a qatlm/GPTQ checkpoint" in err
+
+
+def test_failed_save_leaves_nothing_behind(model_dir, tmp_path, monkeypatch):
+    """A crash while writing leaves neither the output folder nor a temporary one."""
+    import qatlm.model.checkpoint as ck
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck, "_write_shards", boom)
+    with pytest.raises(RuntimeError):
+        main(["quantize", "--model", str(model_dir), "--out", str(tmp_path / "o")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_existing_checkpoint(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run_cli(["quantize", "--model", model_dir, "--bits", 8, "--group-size", -1, "--out", out], capsys)[0] == 0
+    assert run_cli(["quantize", "--model", model_dir, "--bits", 3, "--out", out, "--overwrite"], capsys)[0] == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
+
+
+def test_console_script_help_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "qatlm.cli", "quantize", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--model", "--method", "--bits", "--group-size", "--out", "--overwrite"):
+        assert flag in r.stdout

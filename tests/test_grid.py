@@ -1,0 +1,84 @@
+"""The quantization grid: ranges, ragged groups, and gradients against hand-derived formulas."""
+
+import pytest
+import torch
+
+from qatlm.errors import QatlmError
+from qatlm.quant.grid import QuantSpec, dequantize, fake_quantize, minmax_init, quantize_to_int
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, -1])
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_integers_in_range_and_error_bounded(bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    spec = QuantSpec(bits, group, sym)
+    s, z = minmax_init(w, spec)
+    q, zi = quantize_to_int(w, s, z, spec)
+    assert q.min() >= 0 and q.max() <= spec.qmax and zi.min() >= 0 and zi.max() <= spec.qmax
+    err = (dequantize(q, s, zi, spec) - w).abs()
+    # every weight inside its group's range is at most half a step away (sym may clip one step at the top)
+    bound = (s.repeat_interleave(spec.group_width(256), 1)[:, :256]) * (1.0 if sym else 0.5) + 1e-6
+    assert bool((err <= bound).all())
+
+
+def test_minmax_asym_hits_group_extremes():
+    w = torch.tensor([[-1.0, 0.5, 2.0, 0.0] * 2])
+    spec = QuantSpec(2, 8)
+    s, z = minmax_init(w, spec)
+    assert torch.allclose(s, torch.tensor([[1.0]]))  # (2 - (-1)) / 3
+    assert z.item() == 1.0
+    q, zi = quantize_to_int(w, s, z, spec)
+    # 0.5 / 1.0 rounds half-to-even to 0, so it lands on the grid point 0.0
+    assert q[0, :4].tolist() == [0, 1, 3, 1]
+    assert dequantize(q, s, zi, spec)[0, :4].tolist() == [-1.0, 0.0, 2.0, 0.0]
+
+
+def test_ragged_last_group_matches_separate_quantization():
+    """576 columns at g128: 4 full groups and a short one of 64, as GPTQ's g_idx = col // g."""
+    torch.manual_seed(1)
+    w = torch.randn(8, 576)
+    spec = QuantSpec(4, 128)
+    s, z = minmax_init(w, spec)
+    assert s.shape == (8, 5)
+    last = w[:, 512:]
+    assert torch.allclose(s[:, 4], (last.amax(1) - last.amin(1)) / 15)
+    assert spec.g_idx(576)[-1].item() == 4
+
+
+def test_gradients_match_hand_derived_formula():
+    """ŵ = s(clamp(r(w/s)+z) − z). Inside the range: dŵ/dw = 1, dŵ/ds = r(w/s) − w/s, dŵ/dz = 0.
+    Clamped at the top: dŵ/dw = 0, dŵ/ds = qmax − z, dŵ/dz = −s (at the bottom: −z and −s)."""
+    torch.manual_seed(2)
+    spec = QuantSpec(3, 8)
+    w = torch.randn(4, 16) * 2
+    s0, z0 = minmax_init(w, spec)
+    s0 = s0 * 0.6  # shrink the step so that some weights clip at both ends
+    w = w.clone().requires_grad_(True)
+    s = s0.clone().requires_grad_(True)
+    z = (z0 + 0.2).requires_grad_(True)  # a float zero point, rounded in the forward pass
+    out = fake_quantize(w, s, z, spec)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+
+    zr = z.detach().round().clamp(0, spec.qmax)
+    se, ze = s0.repeat_interleave(8, 1), zr.repeat_interleave(8, 1)
+    raw = torch.round(w.detach() / se) + ze
+    hi, lo = raw > spec.qmax, raw < 0
+    inside = ~(hi | lo)
+    assert hi.any() and lo.any() and inside.any()
+    dw = upstream * inside
+    ds_el = torch.where(inside, torch.round(w.detach() / se) - w.detach() / se, torch.where(hi, spec.qmax - ze, -ze))
+    dz_el = torch.where(inside, torch.zeros_like(se), -se)
+    ds = (upstream * ds_el).reshape(4, 2, 8).sum(-1)
+    dz = (upstream * dz_el).reshape(4, 2, 8).sum(-1)
+    assert torch.allclose(w.grad, dw, atol=1e-6)
+    assert torch.allclose(s.grad, ds, atol=1e-5)
+    assert torch.allclose(z.grad, dz, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(5, 128), (1, 128), (4, 100), (4, 0), (4, -2)])
+def test_invalid_spec_is_a_clear_error(bits, group):
+    with pytest.raises(QatlmError, match="bits|group size"):
+        QuantSpec(bits, group)

@@ -1,0 +1,108 @@
+"""Any architecture without per-model code: block-by-block equals the full forward; RTN saves, reloads, generates."""
+
+import pytest
+import torch
+from tiny import FAMILIES, tiny_ids, tiny_model
+
+from qatlm import RTNConfig, load_quantized, quantize, save_quantized
+from qatlm.model.arch import capture_layer_inputs, find_parts, run_layer
+from qatlm.quant.apply import attach_fake_quant, pack_model, target_names
+from qatlm.quant.linear import PackedLinear
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_by_block_reproduces_full_forward(family):
+    model = tiny_model(family)
+    ids = tiny_ids(1, 20)
+    parts = find_parts(model)
+    hidden, kwargs = capture_layer_inputs(model, ids, parts)
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True)
+        x = hidden
+        for layer, kw, ref in zip(parts.layers, kwargs, full.hidden_states[1:]):
+            x = run_layer(layer, x, kw)
+        # hidden_states[-1] is the final norm's output: chaining layers then the norm we found must match
+        torch.testing.assert_close(parts.norm(x), full.hidden_states[-1], rtol=1e-5, atol=1e-5)
+        # and the batch-1 kwargs serve a batch of 3 as well
+        ids3 = tiny_ids(3, 20, seed=1)
+        h3, _ = capture_layer_inputs(model, ids3, parts)
+        y = h3
+        for layer, kw in zip(parts.layers, kwargs):
+            y = run_layer(layer, y, kw)
+        torch.testing.assert_close(parts.norm(y), model(ids3, output_hidden_states=True).hidden_states[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_targets_are_all_block_linears_but_routers(family):
+    model = tiny_model(family)
+    names = target_names(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert names and set(names) <= set(linears)
+    left_out = set(linears) - set(names)
+    assert all(n.rsplit(".", 1)[-1] in ("gate", "shared_expert_gate") for n in left_out), left_out
+    assert not any("lm_head" in n or "embed" in n for n in names)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rtn_saves_reloads_and_generates(family, tmp_path):
+    model = tiny_model(family)
+    ids = tiny_ids(2, 16)
+    quantize(model, RTNConfig(bits=4, group_size=32))
+    assert all(isinstance(model.get_submodule(n), PackedLinear) for n in target_names(model))
+    with torch.no_grad():
+        ref = model(ids).logits
+    save_quantized(model, tmp_path / "q", RTNConfig(4, 32).spec)
+    loaded = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=1e-5)
+    out = loaded.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+    expect = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64), (8, -1), (4, 32)])
+@pytest.mark.parametrize("sym", [False, True])
+def test_fake_quant_logits_equal_reloaded_packed_logits(bits, group, sym, tmp_path):
+    """A width (160) that 128 does not divide: the last group is short, as GPTQ allows."""
+    model = tiny_model("llama", hidden_size=160, intermediate_size=224, num_attention_heads=5, num_key_value_heads=5)
+    ids = tiny_ids(2, 16)
+    cfg = RTNConfig(bits=bits, group_size=group, sym=sym)
+    attach_fake_quant(model, cfg.spec)
+    with torch.no_grad():
+        fake = model(ids).logits
+    pack_model(model)
+    save_quantized(model, tmp_path / "q", cfg.spec)
+    with torch.no_grad():
+        reloaded = load_quantized(tmp_path / "q")(ids).logits
+    assert (reloaded - fake).abs().max() < 1e-3 * fake.abs().max()
+
+
+def test_packed_and_fake_layers_agree_for_same_integers():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64, bias=True)
+    from qatlm.quant.grid import QuantSpec
+    from qatlm.quant.linear import FakeQuantLinear
+
+    fq = FakeQuantLinear(lin, QuantSpec(3, 32))
+    with torch.no_grad():
+        fq.scale.mul_(1.1)  # a trained-looking, non-min-max grid
+    packed = fq.to_packed()
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(packed(x), fq(x), rtol=1e-5, atol=1e-5)
+    q, z, s16 = fq.integers()
+    q2, z2 = packed.integers()
+    assert torch.equal(q, q2) and torch.equal(z, z2)
+
+
+def test_lm_head_option_quantizes_untied_head(tmp_path):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ids = tiny_ids(1, 12)
+    quantize(model, RTNConfig(bits=8, group_size=64, lm_head=True))
+    assert isinstance(model.lm_head, PackedLinear)
+    assert not isinstance(model.get_input_embeddings(), PackedLinear)
+    with torch.no_grad():
+        ref = model(ids).logits
+    save_quantized(model, tmp_path / "q", RTNConfig(8, 64).spec)
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(tmp_path / "q")(ids).logits, ref, rtol=0, atol=1e-5)

@@ -1,0 +1,49 @@
+"""Tiny random models of many families, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, num_hidden_layers=3)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, num_hidden_layers=3)),
+    "phi3": ("Phi3Config", {}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    cls_name, extra = FAMILIES[family]
+    kw = dict(COMMON)
+    kw.update(extra)
+    kw.update(overrides)
+    config = getattr(transformers, cls_name)(**kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_ids(batch: int = 2, length: int = 24, vocab: int = 320, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
