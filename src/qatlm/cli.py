@@ -23,6 +23,28 @@ def _add_quant_args(p: argparse.ArgumentParser):
     p.add_argument("--lm-head", action="store_true", help="also quantize the LM head (default: keep it in full precision)")
 
 
+def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
+    p.add_argument("--heldout", default="shakespeare", help="held-out text: shakespeare, wikipedia, or a .txt/.jsonl/.parquet/dataset folder")
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default 512)")
+    p.add_argument("--ppl-windows", type=int, default=40, help="number of perplexity windows, 0 = the whole text (default 40)")
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated zero-shot tasks, or 'none'")
+    p.add_argument("--limit", type=int, default=limit, help=f"items per zero-shot task, 0 = all (default {limit})")
+    p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
+
+
+def _eval_settings(a):
+    from qatlm.eval.report import EvalSettings
+
+    tasks = () if a.tasks in ("", "none") else tuple(t.strip() for t in a.tasks.split(","))
+    from qatlm.eval.zeroshot import PAPER_TASKS
+
+    for t in tasks:
+        if t not in PAPER_TASKS:
+            raise QatlmError(f"unknown zero-shot task '{t}'; choose from {', '.join(PAPER_TASKS)}")
+    return EvalSettings(heldout=a.heldout, seqlen=a.seqlen, ppl_windows=a.ppl_windows or None, tasks=tasks,
+                        limit=a.limit or None, batch_size=a.batch_size, device=a.device, cache_dir=a.cache_dir)
+
+
 def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="torch device (default cpu; fp32 on CPU, bf16 on GPU)")
     p.add_argument("--cache-dir", default=None, help="where built-in assets are cached (default $QATLM_CACHE or ~/.cache/qatlm)")
@@ -41,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     _add_common(q)
+
+    for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
+                           ("compare", "evaluate several models and write one table (Markdown + JSON) and a bar chart")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("paths", nargs="*" if name == "compare" else 1, help="model folders or qatlm checkpoints (default: the built-in model)")
+        _add_eval_args(e)
+        e.add_argument("--out", default=None if name == "eval" else "qatlm-report", help="folder for report.md / report.json / report.png")
+        _add_common(e)
+
+    s = sub.add_parser("assets", help="list the built-in assets and fetch what is missing")
+    s.add_argument("--list", action="store_true", help="only list, fetch nothing")
+    _add_common(s)
+
+    d = sub.add_parser("demo", help="first-run demo: fetch assets, quantize SmolLM2 (RTN w4g128), evaluate fp vs quantized, write the report")
+    d.add_argument("--out", default="qatlm-demo", help="demo folder (checkpoint + report), default ./qatlm-demo")
+    d.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    _add_quant_args(d)
+    _add_eval_args(d, limit=50)
+    _add_common(d)
 
     i = sub.add_parser("info", help="describe a packed checkpoint: bits, group size, size on disk, compression")
     i.add_argument("path", help="checkpoint folder")
@@ -116,7 +157,62 @@ def cmd_info(a) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "info": cmd_info}
+def cmd_eval(a) -> int:
+    from qatlm.eval.report import evaluate, markdown_table, write_report
+
+    settings = _eval_settings(a)
+    paths = a.paths or [str(_resolve_model(None, a.cache_dir))]
+    rows = [evaluate(p, settings) for p in paths]
+    print(markdown_table(rows))
+    if a.out:
+        files = write_report(rows, a.out)
+        print(f"report: {files['markdown']}  {files['json']}  {files['chart']}", file=sys.stderr)
+    elif a.command == "eval":
+        print(json.dumps(rows[0], indent=2))
+    return 0
+
+
+def cmd_assets(a) -> int:
+    from qatlm.data import assets
+
+    if not a.list:
+        assets.fetch_all(a.cache_dir)
+    print(f"cache: {assets.cache_root(a.cache_dir)}")
+    for name, package, ok in assets.status(a.cache_dir):
+        print(f"  {'cached ' if ok else 'missing'}  {name:<36} from {package}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from qatlm.api import METHODS
+    from qatlm.data import assets
+    from qatlm.eval.report import evaluate, markdown_table, write_report
+    from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
+
+    if a.method not in METHODS:
+        raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(METHODS)}")
+    cfg_cls, fn = METHODS[a.method]
+    config = cfg_cls(bits=a.bits, group_size=a.group_size, sym=a.sym, lm_head=a.lm_head)
+    settings = _eval_settings(a)
+    t0 = time.time()
+    assets.fetch_all(a.cache_dir)
+    fp_dir = assets.default_model_dir(a.cache_dir)
+    out = Path(a.out)
+    qdir = out / f"{assets.MODEL_NAME}-{a.method}-{config.spec.tag}"
+    print(f"[qatlm] assets ready after {time.time() - t0:.1f}s; quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
+    model = load_fp_model(fp_dir, device=a.device)
+    fn(model, config)
+    save_quantized(model, qdir, config.spec, tokenizer=load_tokenizer(fp_dir), overwrite=True, meta={"method": a.method, "source": str(fp_dir)})
+    del model
+    print(f"[qatlm] evaluating fp32 and {a.method} ({time.time() - t0:.1f}s so far)", file=sys.stderr)
+    rows = [evaluate(fp_dir, settings, label=f"{assets.MODEL_NAME} fp32"), evaluate(qdir, settings, label=f"{a.method} {config.spec.tag}")]
+    files = write_report(rows, out, title=f"qatlm demo: {assets.MODEL_NAME}, {a.method} {config.spec.tag}")
+    print(markdown_table(rows))
+    print(f"report: {files['markdown']}  {files['chart']}  (total {time.time() - t0:.0f}s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,135 @@
+"""Evaluate full-precision models and qatlm checkpoints side by side: one table (Markdown + JSON) and a chart."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatlm.errors import QatlmError
+
+
+@dataclass
+class EvalSettings:
+    heldout: str = "shakespeare"
+    seqlen: int = 512
+    ppl_windows: int | None = 40
+    tasks: tuple = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
+    limit: int | None = 100
+    batch_size: int = 8
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+
+def load_any(path, device="cpu"):
+    """(model, tokenizer, description) for an fp HF folder or a qatlm/GPTQ checkpoint."""
+    from qatlm.model.checkpoint import checkpoint_info, is_quantized_dir, load_fp_model, load_quantized, load_tokenizer
+    from qatlm.quant.apply import packed_layers
+
+    p = Path(path)
+    if is_quantized_dir(p):
+        info = checkpoint_info(p)
+        model = load_quantized(p, device=device)
+        for m in packed_layers(model).values():
+            m.cache_weight = True  # evaluation runs many forwards: dequantize each layer once
+        g = "c" if info["group_size"] == -1 else info["group_size"]
+        desc = {
+            "recipe": info["method"],
+            "bits": info["bits"],
+            "group_size": info["group_size"],
+            "setting": f"w{info['bits']}g{g}",
+            "bits_per_weight": round(info["bits_per_quantized_weight"], 3),
+            "size_on_disk_mib": info["size_on_disk_bytes"] / 2**20,
+        }
+    else:
+        model = load_fp_model(p, device=device)
+        files = [f for f in p.rglob("*") if f.is_file()]
+        dtype_bits = next(model.parameters()).element_size() * 8
+        desc = {"recipe": "fp", "bits": dtype_bits, "group_size": None, "setting": f"fp{dtype_bits}", "bits_per_weight": dtype_bits,
+                "size_on_disk_mib": sum(f.stat().st_size for f in files) / 2**20}
+    tok = load_tokenizer(p)
+    if tok is None:
+        raise QatlmError(f"{p} has no tokenizer files; evaluation needs one")
+    return model, tok, desc
+
+
+def evaluate(path, settings: EvalSettings, label: str | None = None, progress: bool = True) -> dict:
+    from qatlm.data.text import token_ids
+    from qatlm.eval.perplexity import perplexity
+    from qatlm.eval.zeroshot import average, evaluate_lm_eval
+
+    t0 = time.time()
+    model, tok, row = load_any(path, settings.device)
+    row = {"label": label or Path(path).name, "path": str(path), **row}
+    ids = token_ids(tok, settings.heldout, settings.cache_dir)
+    row["heldout"] = settings.heldout
+    row["heldout_ppl"] = perplexity(model, ids, settings.seqlen, settings.ppl_windows, progress=progress)
+    row["ppl_protocol"] = f"{settings.ppl_windows or 'all'} windows x {settings.seqlen} tokens"
+    if settings.tasks:
+        zs = evaluate_lm_eval(model, tok, settings.tasks, settings.limit, settings.batch_size, settings.cache_dir)
+        row["zeroshot"] = zs
+        row["zeroshot_avg"] = average(zs)
+        row["zeroshot_limit"] = settings.limit
+    row["eval_seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    tasks = []
+    for r in rows:
+        tasks += [t for t in r.get("zeroshot", {}) if t not in tasks]
+    head = ["model", "recipe", "setting", "size (MiB)", "bits/weight", "held-out ppl"] + tasks + (["avg acc"] if tasks else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        zs = r.get("zeroshot", {})
+        cells = [r["label"], r["recipe"], r["setting"], _fmt(r["size_on_disk_mib"], 1), _fmt(float(r["bits_per_weight"]), 2), _fmt(r["heldout_ppl"])]
+        cells += [_fmt(zs[t]["acc"], 3) if t in zs else "–" for t in tasks]
+        if tasks:
+            cells.append(_fmt(r.get("zeroshot_avg"), 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    fig, axes = plt.subplots(1, 3 if any("zeroshot_avg" in r for r in rows) else 2, figsize=(12, 3.8))
+    series = [("size on disk (MiB)", [r["size_on_disk_mib"] for r in rows]), ("held-out perplexity (lower is better)", [r["heldout_ppl"] for r in rows])]
+    if len(axes) == 3:
+        series.append(("zero-shot avg accuracy", [r.get("zeroshot_avg", 0) for r in rows]))
+    for ax, (title, vals) in zip(axes, series):
+        ax.bar(range(len(vals)), vals, color=["#4c72b0" if r["recipe"] == "fp" else "#dd8452" for r in rows])
+        ax.set_xticks(range(len(vals)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if "perplexity" in title and max(vals) / max(min(vals), 1e-9) > 20:
+            ax.set_yscale("log")
+        for i, v in enumerate(vals):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], out_dir, title: str = "qatlm comparison") -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = f"# {title}\n\n" + markdown_table(rows)
+    notes = {r.get("ppl_protocol") for r in rows} | {f"zero-shot: first {r.get('zeroshot_limit')} items per task, 0-shot, lm-eval" for r in rows if "zeroshot" in r}
+    md += "\n" + "\n".join(f"- {n}" for n in sorted(x for x in notes if x)) + f"\n- held-out text: {rows[0].get('heldout')}\n"
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    bar_chart(rows, out / "report.png")
+    return {"markdown": out / "report.md", "json": out / "report.json", "chart": out / "report.png"}
