@@ -47,3 +47,26 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
 def tiny_ids(batch: int = 2, length: int = 24, vocab: int = 320, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+_CORPUS = [
+    "the cat sat on the mat and looked at the door",
+    "a man is sitting on a roof and he starts pulling up roofing",
+    "question: which technology was developed most recently? answer: cellular telephone",
+    "how do i ready a guinea pig cage with paper strips and a water bottle",
+    "sarah was a much better surgeon than maria so she always got the easier cases",
+] * 20
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained here on a few sentences, wrapped as a HF fast tokenizer (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
