@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from qatlm.errors import QatlmError
+from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
 from qatlm.methods.rtn import RTNConfig, quantize_rtn
 
-# method name -> (config class, function(model, config, **data) -> model with packed layers)
+# method name -> (config class, function(model, config, **data) -> summary dict); the model is changed in place
 METHODS = {
     "rtn": (RTNConfig, quantize_rtn),
+    "block-ap": (BlockAPConfig, quantize_block_ap),
 }
 
 
@@ -23,4 +25,5 @@ def method_for(config) -> str:
 def quantize(model: nn.Module, config, **data) -> nn.Module:
     """Quantize ``model`` in place with the method ``config`` belongs to; returns the packed model."""
     _, fn = METHODS[method_for(config)]
-    return fn(model, config, **data)
+    fn(model, config, **data)
+    return model

@@ -23,13 +23,46 @@ def _add_quant_args(p: argparse.ArgumentParser):
     p.add_argument("--lm-head", action="store_true", help="also quantize the LM head (default: keep it in full precision)")
 
 
+def _add_train_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("training methods (block-ap)")
+    g.add_argument("--calib", default="wikipedia", help="calibration text: wikipedia (built-in) or a .txt/.jsonl/.parquet/dataset folder")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    g.add_argument("--val-samples", type=int, default=16, help="validation samples, disjoint from calibration (default 16)")
+    g.add_argument("--epochs", type=int, default=2, help="epochs per block (default 2)")
+    g.add_argument("--batch-size", type=int, default=2, help="samples per step (default 2)")
+    g.add_argument("--lr-quant", type=float, default=None,
+                   help="learning rate of step sizes / zero points (default: the paper's 1e-4 scaled by 4096/steps, at most 1e-2)")
+    g.add_argument("--lr-weight", type=float, default=None,
+                   help="learning rate of weights (default: the paper's 2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3)")
+    g.add_argument("--input-mode", choices=["quant", "fp"], default="quant", help="block inputs from the quantized chain (default) or the fp chain")
+    g.add_argument("--train-norms", action="store_true", help="also train norms and biases of each block")
+    g.add_argument("--early-stop", action="store_true", help="stop a block when its validation loss rises")
+    g.add_argument("--ram-budget-gb", type=float, default=8.0, help="activation caches beyond this go to memory-mapped files (default 8)")
+    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and shuffling (default 0)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+
+
+def _method_config(a):
+    """The method's config dataclass, filled from the arguments it has fields for."""
+    import dataclasses
+
+    from qatlm.api import METHODS
+
+    if a.method not in METHODS:
+        raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(METHODS)}")
+    cfg_cls, fn = METHODS[a.method]
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    return cfg_cls(**{k: v for k, v in vars(a).items() if k in names}), fn
+
+
 def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
     p.add_argument("--heldout", default="shakespeare", help="held-out text: shakespeare, wikipedia, or a .txt/.jsonl/.parquet/dataset folder")
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--ppl-windows", type=int, default=40, help="number of perplexity windows, 0 = the whole text (default 40)")
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated zero-shot tasks, or 'none'")
     p.add_argument("--limit", type=int, default=limit, help=f"items per zero-shot task, 0 = all (default {limit})")
-    p.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
 
 
 def _eval_settings(a):
@@ -42,7 +75,7 @@ def _eval_settings(a):
         if t not in PAPER_TASKS:
             raise QatlmError(f"unknown zero-shot task '{t}'; choose from {', '.join(PAPER_TASKS)}")
     return EvalSettings(heldout=a.heldout, seqlen=a.seqlen, ppl_windows=a.ppl_windows or None, tasks=tasks,
-                        limit=a.limit or None, batch_size=a.batch_size, device=a.device, cache_dir=a.cache_dir)
+                        limit=a.limit or None, batch_size=a.eval_batch_size, device=a.device, cache_dir=a.cache_dir)
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -61,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
     _add_quant_args(q)
     q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
-    q.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    q.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run) if it exists")
+    _add_train_args(q)
     _add_common(q)
 
     for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
@@ -98,27 +132,47 @@ def _resolve_model(arg, cache_dir=None) -> Path:
 
 
 def cmd_quantize(a) -> int:
-    from qatlm.api import METHODS
+    import shutil
+
     from qatlm.model.checkpoint import check_out_dir, load_fp_model, load_tokenizer, save_quantized
 
-    if a.method not in METHODS:
-        raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(METHODS)}")
-    cfg_cls, fn = METHODS[a.method]
-    config = cfg_cls(bits=a.bits, group_size=a.group_size, sym=a.sym, lm_head=a.lm_head)
+    config, fn = _method_config(a)
     out = Path(a.out)
-    check_out_dir(out, a.overwrite)
+    work = out.parent / f"{out.name}.work"  # resumable state of a training method, removed when done
+    if not a.resume:
+        check_out_dir(out, a.overwrite)
+        if work.exists() and a.overwrite:
+            shutil.rmtree(work)
     model_dir = _resolve_model(a.model, a.cache_dir)
     t0 = time.time()
     print(f"loading {model_dir}", file=sys.stderr)
     model = load_fp_model(model_dir, device=a.device)
     tok = load_tokenizer(model_dir)
     print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
-    fn(model, config)
+    summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
     meta = {"method": a.method, "source": str(model_dir), "seconds": round(time.time() - t0, 1)}
-    save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta)
+    save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta)
+    _save_training_report(summary, work, out)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     _print_info(str(out), as_json=False)
     return 0
+
+
+def _save_training_report(summary: dict, work: Path, out: Path):
+    """Keep the training log, a loss-curve PNG and the per-block summary beside the checkpoint."""
+    if not summary.get("blocks"):
+        return
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log = work / "train_log.jsonl"
+    if log.exists():
+        (out / "training_log.jsonl").write_text(log.read_text())
+        from qatlm.eval.plots import loss_curve
+
+        loss_curve(out / "training_log.jsonl", out / "training_loss.png", summary)
+    print("block  mse(RTN)     mse(trained)  change", file=sys.stderr)
+    for b in summary["blocks"]:
+        print(f"{b['block']:>5}  {b['rtn_mse']:.4e}   {b['trained_mse']:.4e}    {100 * (b['trained_mse'] / b['rtn_mse'] - 1):+.1f}%", file=sys.stderr)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -189,10 +243,7 @@ def cmd_demo(a) -> int:
     from qatlm.eval.report import evaluate, markdown_table, write_report
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
 
-    if a.method not in METHODS:
-        raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(METHODS)}")
-    cfg_cls, fn = METHODS[a.method]
-    config = cfg_cls(bits=a.bits, group_size=a.group_size, sym=a.sym, lm_head=a.lm_head)
+    config, fn = _method_config(a)
     settings = _eval_settings(a)
     t0 = time.time()
     assets.fetch_all(a.cache_dir)
@@ -201,7 +252,7 @@ def cmd_demo(a) -> int:
     qdir = out / f"{assets.MODEL_NAME}-{a.method}-{config.spec.tag}"
     print(f"[qatlm] assets ready after {time.time() - t0:.1f}s; quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
     model = load_fp_model(fp_dir, device=a.device)
-    fn(model, config)
+    fn(model, config, tokenizer=load_tokenizer(fp_dir))
     save_quantized(model, qdir, config.spec, tokenizer=load_tokenizer(fp_dir), overwrite=True, meta={"method": a.method, "source": str(fp_dir)})
     del model
     print(f"[qatlm] evaluating fp32 and {a.method} ({time.time() - t0:.1f}s so far)", file=sys.stderr)

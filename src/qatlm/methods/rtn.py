@@ -25,7 +25,6 @@ class RTNConfig:
         return QuantSpec(self.bits, self.group_size, self.sym)
 
 
-def quantize_rtn(model: nn.Module, config: RTNConfig, **_) -> nn.Module:
+def quantize_rtn(model: nn.Module, config: RTNConfig, **_) -> dict:
     attach_fake_quant(model, config.spec, lm_head=config.lm_head)
-    pack_model(model)
-    return model
+    return {"method": "rtn", "layers": pack_model(model)}

@@ -125,3 +125,23 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
+
+
+@torch.no_grad()
+def first_layer_input(model: nn.Module, input_ids: torch.Tensor, parts: ModelParts | None = None) -> torch.Tensor:
+    """The hidden states entering decoder layer 0 (the model's own embedding path, scaling included)."""
+    parts = parts or find_parts(model)
+    got = {}
+
+    def pre(mod, args, kwargs):
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = parts.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got["h"]

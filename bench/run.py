@@ -1,0 +1,188 @@
+"""Benchmark recipes on the built-in model and data; rows go to bench/results/results.{json,md}.
+
+    python bench/run.py --recipes fp,rtn,block-ap --settings w2g64,w3g128,w4g128 --calib-samples 64
+
+Every (recipe, setting) runs in its own subprocess (so its peak RSS is its own): quantize with the
+given calibration budget, save the packed checkpoint, evaluate held-out perplexity (Shakespeare,
+first --ppl-windows windows of 512 tokens) and zero-shot accuracy (first --limit items per task),
+and record wall time, peak RSS and, for training recipes, the training throughput as a fraction of
+the fp32 matmul throughput measured in the same process on the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def parse_setting(s: str):
+    m = re.fullmatch(r"w(\d)g(\d+|c)", s)
+    if not m:
+        raise SystemExit(f"bad setting {s}: use e.g. w2g64, w4g128, w4gc (per channel)")
+    return int(m.group(1)), (-1 if m.group(2) == "c" else int(m.group(2)))
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+
+
+def matmul_flops(shapes, tokens: int, repeat: int = 3) -> float:
+    """fp32 FLOP/s of forward + backward matmuls (x·Wᵀ, dy·W, dyᵀ·x) on the given linear shapes."""
+    import torch
+
+    tot_flops, tot_t = 0.0, 0.0
+    for out_f, in_f in shapes:
+        x, w, dy = torch.randn(tokens, in_f), torch.randn(out_f, in_f), torch.randn(tokens, out_f)
+        x @ w.t()  # warm up
+        t = time.perf_counter()
+        for _ in range(repeat):
+            x @ w.t()
+            dy @ w
+            dy.t() @ x
+        tot_t += time.perf_counter() - t
+        tot_flops += repeat * 6.0 * tokens * in_f * out_f
+    return tot_flops / tot_t
+
+
+def run_one(a) -> dict:
+    import torch
+
+    from qatlm.data.assets import MODEL_NAME, default_model_dir
+    from qatlm.eval.report import EvalSettings, evaluate
+    from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+    from qatlm.methods.rtn import RTNConfig, quantize_rtn
+    from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
+
+    torch.manual_seed(0)
+    fp_dir = default_model_dir()
+    settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None, tasks=tuple(a.tasks.split(",")) if a.tasks else ())
+    row = {"model": MODEL_NAME, "recipe": a.recipe, "device": device_name()}
+    t0 = time.time()
+    if a.recipe == "fp":
+        path = fp_dir
+        row.update(bits=32, group_size=None, calib=None)
+    else:
+        bits, group = parse_setting(a.setting)
+        model, tok = load_fp_model(fp_dir), load_tokenizer(fp_dir)
+        row.update(bits=bits, group_size=group)
+        if a.recipe == "rtn":
+            cfg = RTNConfig(bits, group)
+            quantize_rtn(model, cfg)
+            row["calib"] = None
+        elif a.recipe == "block-ap":
+            cfg = BlockAPConfig(bits, group, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, epochs=a.epochs)
+            summary = quantize_block_ap(model, cfg, tokenizer=tok, progress=False)
+            row["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
+            row["lr_quant"], row["lr_weight"], row["epochs"] = summary["lr_quant"], summary["lr_weight"], a.epochs
+            hidden = model.config.hidden_size
+            inter = model.config.intermediate_size
+            kv = model.config.num_key_value_heads * model.config.head_dim
+            shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
+            mm = matmul_flops(shapes, cfg.batch_size * cfg.calib_seqlen)
+            row["train_gflops"] = summary["train_flops_per_s"] / 1e9
+            row["matmul_gflops"] = mm / 1e9
+            row["throughput_fraction"] = summary["train_flops_per_s"] / mm
+            row["block_mse"] = [{"block": b["block"], "rtn": b["rtn_mse"], "trained": b["trained_mse"]} for b in summary["blocks"]]
+        else:
+            raise SystemExit(f"unknown recipe {a.recipe}")
+        row["quant_wall_s"] = round(time.time() - t0, 1)
+        row["quant_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        path = HERE / "work" / f"{a.recipe}-{a.setting}"
+        save_quantized(model, path, cfg.spec, tokenizer=tok, overwrite=True, meta={"method": a.recipe})
+        del model
+    ev = evaluate(path, settings, label=f"{a.recipe} {a.setting or ''}".strip(), progress=False)
+    row.update({k: ev[k] for k in ("setting", "bits_per_weight", "size_on_disk_mib", "heldout_ppl", "ppl_protocol")})
+    row["zeroshot"] = {t: v["acc"] for t, v in ev.get("zeroshot", {}).items()}
+    row["zeroshot_avg"] = ev.get("zeroshot_avg")
+    row["zeroshot_limit"] = a.limit
+    row["wall_s"] = round(time.time() - t0, 1)
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def key(r):
+    return (r["model"], r["recipe"], r.get("bits"), r.get("group_size"), r.get("calib"), r["device"])
+
+
+def save_rows(new_rows):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "results.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    keys = {key(r) for r in new_rows}
+    rows = [r for r in rows if key(r) not in keys] + new_rows
+    rows.sort(key=lambda r: (r["device"], -(r.get("bits") or 99), r.get("group_size") or 0, r["recipe"]))
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / "results.md").write_text(markdown(rows))
+
+
+def markdown(rows) -> str:
+    head = "| recipe | setting | calib | held-out ppl | zero-shot avg | bits/weight | size MiB | wall s (quant) | peak RSS MiB (quant) | train/matmul throughput | device |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        frac = f"{r['throughput_fraction']:.0%} ({r['train_gflops']:.0f}/{r['matmul_gflops']:.0f} GFLOP/s)" if r.get("throughput_fraction") else "–"
+        lines.append(
+            f"| {r['recipe']} | {r['setting']} | {r.get('calib') or '–'} | {r['heldout_ppl']:,.2f} | "
+            f"{r['zeroshot_avg']:.3f} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
+            f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | {r['device']} |"
+        )
+    proto = rows[0]
+    note = (f"\nModel {proto['model']}; held-out: Shakespeare, {proto['ppl_protocol']}; zero-shot: piqa, arc_easy, "
+            f"arc_challenge, hellaswag, winogrande, 0-shot acc, first {proto['zeroshot_limit']} items each (lm-eval).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default="fp,rtn,block-ap")
+    ap.add_argument("--settings", default="w2g64,w3g128,w4g128")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
+    ap.add_argument("--one", nargs=2, metavar=("RECIPE", "SETTING"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        a.recipe, a.setting = a.one
+        a.setting = None if a.setting == "-" else a.setting
+        print("ROW " + json.dumps(run_one(a)), flush=True)
+        return
+    jobs = []
+    for recipe in a.recipes.split(","):
+        if recipe == "fp":
+            jobs.append(("fp", "-"))
+        else:
+            jobs += [(recipe, s) for s in a.settings.split(",")]
+    for recipe, setting in jobs:
+        cmd = [sys.executable, __file__, "--one", recipe, setting] + [
+            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}",
+            f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}"]
+        print(f"== {recipe} {setting}", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
+        if out.returncode or not rows:
+            print(f"   failed (exit {out.returncode})", file=sys.stderr)
+            continue
+        r = rows[0]
+        print(f"   ppl {r['heldout_ppl']:.2f}  zero-shot {r['zeroshot_avg']:.3f}  wall {r['wall_s']}s", file=sys.stderr, flush=True)
+        save_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""EfficientQAT phase 1, Block-AP: train each decoder block's weights *and* its step sizes / zero
+points so that the quantized block reproduces the full-precision block (MSE), then fix it to integers.
+
+For block i (default ``input_mode="quant"``): input = the outputs of the already-quantized blocks
+0..i-1; target = the fp block i applied to the fp chain's input. Trained by default: every quantized
+linear's weight (lr_weight), step size and zero point (lr_quant); norms and biases stay fixed unless
+``train_norms``. Starts from RTN min-max grids. After training the block is packed in place and
+its quantized outputs become the next block's inputs.
+
+Activations live in RAM up to ``ram_budget_gb``, beyond it in memory-mapped files. After every
+finished block its packed tensors are written to ``work_dir``; ``resume=True`` reloads them, rebuilds
+the two input chains by running the finished blocks, and continues with the next block — giving the
+same result as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from qatlm.errors import QatlmError
+from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, replace_module, run_layer
+from qatlm.quant.apply import check_packable
+from qatlm.quant.grid import QuantSpec
+from qatlm.quant.linear import FakeQuantLinear, PackedLinear
+from qatlm.train import JsonLog, Schedule, train_epochs
+
+
+PAPER_STEPS = 4096
+
+
+@dataclass
+class BlockAPConfig:
+    bits: int = 2
+    group_size: int = 64
+    sym: bool = False
+    lm_head: bool = False
+    calib: str = "wikipedia"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    val_samples: int = 16
+    seed: int = 0
+    epochs: int = 2
+    batch_size: int = 2
+    lr_quant: float | None = None  # None: step-scaled from the paper's 1e-4 (see learning_rates)
+    lr_weight: float | None = None  # None: step-scaled from the paper's 2e-5 (2-bit) / 1e-5 (3-8 bit)
+    min_lr_ratio: float = 0.05
+    clip_grad: float = 1.0
+    input_mode: str = "quant"  # "quant": quantized-chain inputs; "fp": full-precision-chain inputs
+    train_norms: bool = False
+    early_stop: bool = False
+    ram_budget_gb: float = 8.0
+    chain_batch: int = 8  # samples per forward when moving activations through a finished block
+
+    def __post_init__(self):
+        self.spec  # validates bits / group size
+        if self.lm_head:
+            raise QatlmError("block-ap trains decoder blocks only; quantize the LM head with rtn (drop --lm-head)")
+        if self.input_mode not in ("quant", "fp"):
+            raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise QatlmError("epochs must be >= 0 and batch size >= 1")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    def learning_rates(self, steps: int) -> tuple[float, float]:
+        """(lr_quant, lr_weight). Unset ones keep the paper's lr x steps budget: the paper trains each
+        block for 4096 steps (4096 samples, batch 2, 2 epochs) at 1e-4 / 2e-5 (1e-5 above 2 bits); with
+        fewer steps the rate grows by 4096/steps, capped at 1e-2 / 1e-3."""
+        scale = max(1.0, PAPER_STEPS / max(steps, 1))
+        lq = self.lr_quant if self.lr_quant is not None else min(1e-2, 1e-4 * scale)
+        lw = self.lr_weight if self.lr_weight is not None else min(1e-3, (2e-5 if self.bits == 2 else 1e-5) * scale)
+        return lq, lw
+
+    def fingerprint(self) -> str:
+        keep = {k: v for k, v in asdict(self).items() if k not in ("ram_budget_gb", "chain_batch")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ActivationCache:
+    """``[n, seqlen, hidden]`` activations in RAM while they fit the budget, else in a memory-mapped file."""
+
+    def __init__(self, shape, dtype, budget: dict, folder: Path | None, name: str):
+        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        if nbytes <= budget["left"] or folder is None:
+            self.t = torch.empty(shape, dtype=dtype)
+            budget["left"] -= nbytes
+            self.file = None
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = folder / f"{name}.mmap"
+            np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+            self.t = torch.from_numpy(np.memmap(self.file, dtype=np_dtype, mode="w+", shape=tuple(shape)))
+        self.nbytes = nbytes
+
+    def __getitem__(self, idx):
+        return self.t[idx]
+
+    def __setitem__(self, idx, v):
+        self.t[idx] = v.to(self.t.dtype)
+
+
+def _atomic_json(path: Path, obj):
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _run_chain(block, kwargs, src: ActivationCache, dst: ActivationCache, n: int, bs: int, device, dtype):
+    for i in range(0, n, bs):
+        dst[i : i + bs] = run_layer(block, src[i : i + bs].to(device, dtype), kwargs).float().cpu()
+
+
+def _block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
+    layers = {}
+    for name, lin in quant_targets(block).items():
+        check_packable(f"{prefix}.{name}", lin.in_features, lin.out_features, spec)
+        layers[name] = FakeQuantLinear(lin, spec)
+        replace_module(block, name, layers[name])
+    return layers
+
+
+def _pack_block(block):
+    for n in [n for n, m in block.named_modules() if isinstance(m, FakeQuantLinear)]:
+        replace_module(block, n, block.get_submodule(n).to_packed())
+
+
+def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
+    """Rebuild a finished block from its saved tensors (used by resume)."""
+    for name, lin in quant_targets(block).items():
+        replace_module(block, name, PackedLinear(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype))
+    block.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def _mse(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype) -> float:
+    tot = 0.0
+    for i in range(0, len(idx), bs):
+        b = idx[i : i + bs]
+        tot += F.mse_loss(run_layer(block, x[b].to(device, dtype), kwargs).float(), y[b].to(device).float(), reduction="sum").item()
+    return tot / (len(idx) * x.t.shape[1] * x.t.shape[2])
+
+
+def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=None, resume: bool = False, calib=None,
+                      device=None, progress: bool = True, log_path=None) -> dict:
+    """Block-AP in place: ``model``'s decoder linears become ``PackedLinear``. Returns a summary dict.
+
+    ``calib``: optional ``(train_ids [N, L], val_ids [M, L])``; otherwise sampled from ``config.calib``.
+    """
+    from qatlm.data.text import calibration_samples
+
+    t_start = time.time()
+    spec = config.spec
+    device = torch.device(device or next(model.parameters()).device)
+    cpu = device.type == "cpu"
+    work = Path(work_dir) if work_dir else None
+    if calib is None:
+        if tokenizer is None:
+            raise QatlmError("block-ap needs calibration text: pass a tokenizer (or calib=(train_ids, val_ids))")
+        calib = calibration_samples(tokenizer, config.calib, config.calib_samples, config.calib_seqlen, config.seed, config.val_samples)
+    train_ids, val_ids = calib
+    n_tr, n_va = len(train_ids), len(val_ids)
+    all_ids = torch.cat([train_ids, val_ids]) if n_va else train_ids
+    n, L = all_ids.shape
+
+    parts = find_parts(model)
+    layers = parts.layers
+    # per-layer keyword arguments (rotary cos/sin, masks) recorded at batch 1 broadcast to any batch
+    _, kwargs = capture_layer_inputs(model, all_ids[:1].to(device), parts)
+    # layer-0 inputs of all samples, through the model's own embedding path
+    budget = {"left": int(config.ram_budget_gb * 2**30)}
+    caches_dir = work / "activations" if work else None
+    hidden = first_layer_input(model, all_ids[:1].to(device), parts).shape[-1]
+    fp_in = ActivationCache((n, L, hidden), torch.float32, budget, caches_dir, "fp_in")
+    fp_out = ActivationCache((n, L, hidden), torch.float32, budget, caches_dir, "fp_out")
+    q_in = ActivationCache((n, L, hidden), torch.float32, budget, caches_dir, "q_in") if config.input_mode == "quant" else None
+    for i in range(0, n, config.chain_batch):
+        h = first_layer_input(model, all_ids[i : i + config.chain_batch].to(device), parts).float().cpu()
+        fp_in[i : i + len(h)] = h
+        if q_in is not None:
+            q_in[i : i + len(h)] = h
+
+    compute_dtype = next(model.parameters()).dtype
+    train_dtype = torch.float32
+    steps_per_epoch = math.ceil(n_tr / config.batch_size)
+    fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
+    progress_file = work / "progress.json" if work else None
+    done_blocks = 0
+    if work:
+        (work / "blocks").mkdir(parents=True, exist_ok=True)
+        if progress_file.exists():
+            state = json.loads(progress_file.read_text())
+            if not resume:
+                raise QatlmError(f"{work} holds an unfinished run (block {state['done']}/{len(layers)}): pass --resume to continue it, or --overwrite to start over")
+            if state["fingerprint"] != fingerprint:
+                raise QatlmError(f"cannot resume from {work}: it was started with other settings or calibration data")
+            done_blocks = state["done"]
+        _atomic_json(progress_file, {"fingerprint": fingerprint, "done": done_blocks, "blocks": len(layers)})
+    log = JsonLog(log_path or (work / "train_log.jsonl" if work else None))
+    lrs = config.learning_rates(config.epochs * steps_per_epoch)
+    summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [], "resumed_from_block": done_blocks}
+    if work and (work / "summary.json").exists() and done_blocks:
+        summary["blocks"] = json.loads((work / "summary.json").read_text())["blocks"][:done_blocks]
+
+    tr_idx = torch.arange(n_tr)
+    va_idx = torch.arange(n_tr, n)
+    flops_time = [0.0, 0.0]  # (training FLOPs, seconds) of the optimisation steps
+    for bi, block in enumerate(layers):
+        kw = kwargs[bi]
+        prefix = f"{parts.layers_name}.{bi}"
+        # the fp target is this block (still full precision) on the fp chain's input
+        _run_chain(block, kw, fp_in, fp_out, n, config.chain_batch, device, compute_dtype)
+        if bi < done_blocks:  # finished before the interruption: reload its integers, move the chain on
+            _load_packed_block(block, spec, load_file(work / "blocks" / f"block_{bi:04d}.safetensors"), compute_dtype)
+            if q_in is not None:
+                _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
+            fp_in, fp_out = fp_out, fp_in
+            continue
+        t_block = time.time()
+        block.to(train_dtype)
+        fq = _block_fake_quant(block, spec, prefix)
+        x_in = q_in if q_in is not None else fp_in
+        rtn_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype)
+        weights = [m.weight for m in fq.values()]
+        quant = [p for m in fq.values() for p in ((m.scale, m.zero) if not spec.sym else (m.scale,))]
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for p in weights + quant:
+            p.requires_grad_(True)
+        lr_q, lr_w = config.learning_rates(config.epochs * steps_per_epoch)
+        groups = [{"params": quant, "lr": lr_q}, {"params": weights, "lr": lr_w}]
+        if config.train_norms:
+            fq_params = {id(p) for p in weights + quant}
+            extra = [p for p in block.parameters() if id(p) not in fq_params and p.is_floating_point()]
+            for p in extra:
+                p.requires_grad_(True)
+            groups.append({"params": extra, "lr": lr_w})
+        gen = torch.Generator().manual_seed(config.seed * 100003 + bi)
+        perms = [torch.randperm(n_tr, generator=gen) for _ in range(config.epochs)]
+
+        def batches(epoch, perms=perms):
+            p = perms[epoch]
+            for i in range(0, n_tr, config.batch_size):
+                yield p[i : i + config.batch_size]
+
+        def loss_fn(idx, block=block, kw=kw, x_in=x_in):
+            x = x_in[idx].to(device, train_dtype)
+            y = fp_out[idx].to(device, torch.float32)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
+                out = run_layer(block, x, kw)
+            return F.mse_loss(out.float(), y)
+
+        val_fn = (lambda block=block, kw=kw, x_in=x_in: _mse(block, kw, x_in, fp_out, va_idx, config.chain_batch, device, train_dtype)) if n_va else None
+        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi + 1}/{len(layers)}", unit="step", disable=not progress, leave=False)
+        res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
+                           schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
+                           early_stop=config.early_stop, log=log, log_extra={"block": bi}, progress=bar, state_module=block)
+        bar.close()
+        n_lin = sum(m.in_features * m.out_features for m in fq.values())
+        flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L
+        flops_time[1] += res.seconds
+        for p in block.parameters():
+            p.requires_grad_(False)
+        after_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype)
+        _pack_block(block)
+        block.to(compute_dtype)
+        # the next block's quantized-chain input is this (now integer) block on its own quantized input
+        if q_in is not None:
+            _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
+        fp_in, fp_out = fp_out, fp_in
+        rec = {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
+               "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early}
+        summary["blocks"].append(rec)
+        log.write(event="block_done", **rec)
+        if progress:
+            tqdm.write(f"block {bi + 1}/{len(layers)}: mse rtn {rtn_val:.3g} -> trained {after_val:.3g}  ({rec['seconds']:.1f}s{', retried ' + str(res.retries) if res.retries else ''})")
+        if work:
+            sd = {k: v.contiguous() for k, v in block.state_dict().items()}
+            tmp = work / "blocks" / f".block_{bi:04d}.tmp"
+            save_file(sd, tmp)
+            os.replace(tmp, work / "blocks" / f"block_{bi:04d}.safetensors")
+            _atomic_json(work / "summary.json", summary)
+            _atomic_json(progress_file, {"fingerprint": fingerprint, "done": bi + 1, "blocks": len(layers)})
+    log.close()
+    summary["seconds"] = round(time.time() - t_start, 1)
+    summary["train_flops_per_s"] = flops_time[0] / flops_time[1] if flops_time[1] else None
+    return summary
+

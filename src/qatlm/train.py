@@ -1,0 +1,139 @@
+"""The one training-loop helper every method composes: AdamW with parameter groups, warmup + cosine
+decay to a floor, gradient-norm clipping, per-step JSON logging, and recovery from non-finite losses
+(restore the last good state, halve the learning rate, retry the epoch)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from qatlm.errors import QatlmError
+
+
+@dataclass
+class Schedule:
+    total_steps: int
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.05  # cosine decays to lr/20
+
+    def factor(self, step: int) -> float:
+        warm = int(self.total_steps * self.warmup_ratio)
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, self.total_steps - warm)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class JsonLog:
+    """Append-only JSON-lines log (one object per step or event)."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.fh = open(path, "a") if path else None
+
+    def write(self, **rec):
+        if self.fh:
+            self.fh.write(json.dumps(rec) + "\n")
+            self.fh.flush()
+
+    def close(self):
+        if self.fh:
+            self.fh.close()
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    last_loss: float
+    val_losses: list
+    retries: int
+    stopped_early: bool = False
+
+
+def train_epochs(
+    groups: list[dict],
+    loss_fn: Callable[[object], torch.Tensor],
+    batches: Callable[[int], Iterable],
+    epochs: int,
+    steps_per_epoch: int,
+    *,
+    clip: float | None = 1.0,
+    schedule: Schedule | None = None,
+    val_fn: Callable[[], float] | None = None,
+    early_stop: bool = False,
+    max_retries: int = 3,
+    log: JsonLog | None = None,
+    log_extra: dict | None = None,
+    progress=None,
+    state_module: torch.nn.Module | None = None,
+) -> LoopResult:
+    """Train ``groups`` (AdamW param groups with their own ``lr``) for ``epochs`` epochs.
+
+    ``batches(epoch)`` yields the epoch's batches (the caller shuffles, seeded by epoch);
+    ``loss_fn(batch)`` returns a scalar loss. ``state_module`` is snapshotted at the start of every
+    epoch; a non-finite loss or gradient restores it, halves every learning rate and redoes the epoch.
+    """
+    params = [p for g in groups for p in g["params"]]
+    base_lrs = [g["lr"] for g in groups]
+    schedule = schedule or Schedule(epochs * steps_per_epoch)
+    log = log or JsonLog()
+    extra = log_extra or {}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    lr_scale, retries, step, t0, last, vals = 1.0, 0, 0, time.time(), float("nan"), []
+    epoch = 0
+    best_val = float("inf")
+    while epoch < epochs:
+        snap = copy.deepcopy(state_module.state_dict()) if state_module is not None else None
+        opt_snap = copy.deepcopy(opt.state_dict())
+        start_step = step
+        failed = False
+        for batch in batches(epoch):
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * lr_scale * schedule.factor(step)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                failed = True
+                break
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+            if not torch.isfinite(gnorm):
+                failed = True
+                break
+            opt.step()
+            last = loss.item()
+            log.write(**extra, epoch=epoch, step=step, loss=last, grad_norm=float(gnorm), lr=opt.param_groups[0]["lr"])
+            step += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{last:.3g}", val=f"{vals[-1]:.3g}" if vals else "-")
+        if failed:
+            retries += 1
+            log.write(**extra, event="non_finite_loss", epoch=epoch, step=step, retry=retries, lr_scale=lr_scale / 2)
+            if retries > max_retries or state_module is None:
+                raise QatlmError(f"{extra or 'training'}: loss stayed non-finite after {max_retries} retries with lower learning rates")
+            state_module.load_state_dict(snap)
+            opt.load_state_dict(opt_snap)
+            lr_scale /= 2
+            if progress is not None:
+                progress.update(-(step - start_step))
+            step = start_step
+            continue
+        if val_fn is not None:
+            v = val_fn()
+            vals.append(v)
+            log.write(**extra, epoch=epoch, step=step, val_loss=v)
+            if early_stop and v > best_val:  # worse than the last epoch: go back to it and stop
+                if state_module is not None:
+                    state_module.load_state_dict(snap)
+                return LoopResult(step, time.time() - t0, last, vals, retries, stopped_early=True)
+            best_val = min(best_val, v)
+        epoch += 1
+    return LoopResult(step, time.time() - t0, last, vals, retries)

@@ -1,0 +1,160 @@
+"""Block-AP: it trains, survives kill -9 with an identical result, recovers from NaN, runs on every family."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+from qatlm import load_quantized, save_quantized
+from qatlm.errors import QatlmError
+from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+from qatlm.quant.apply import target_names
+from qatlm.quant.linear import PackedLinear
+
+
+def calib(n=12, n_val=4, L=24, seed=0):
+    ids = torch.randint(3, 320, (n + n_val, L), generator=torch.Generator().manual_seed(seed))
+    return ids[:n], ids[n:]
+
+
+def test_training_beats_rtn_on_every_block():
+    model = tiny_model("llama", num_hidden_layers=3)
+    s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=3), calib=calib(), progress=False)
+    assert len(s["blocks"]) == 3
+    for b in s["blocks"]:
+        assert b["trained_mse"] < b["rtn_mse"], b
+        assert b["steps"] == 3 * 6 and len(b["val_losses"]) == 3
+    assert all(isinstance(m, PackedLinear) for n, m in model.named_modules() if n.endswith("_proj"))
+
+
+def test_step_scaled_learning_rates():
+    c = BlockAPConfig(bits=2)
+    assert c.learning_rates(4096) == (1e-4, 2e-5)  # the paper's budget: the paper's rates
+    assert c.learning_rates(64) == pytest.approx((6.4e-3, 1e-3))  # 2e-5 * 64 = 1.28e-3, capped at 1e-3
+    assert BlockAPConfig(bits=4).learning_rates(64) == pytest.approx((6.4e-3, 6.4e-4))
+    assert BlockAPConfig(bits=4, lr_quant=1e-4, lr_weight=1e-5).learning_rates(64) == (1e-4, 1e-5)
+
+
+def test_memmap_caches_give_the_same_model(tmp_path):
+    a, b = tiny_model("qwen2"), tiny_model("qwen2")
+    cfg = dict(bits=3, group_size=32, epochs=1)
+    quantize_block_ap(a, BlockAPConfig(**cfg), calib=calib(), progress=False)
+    quantize_block_ap(b, BlockAPConfig(**cfg, ram_budget_gb=0), calib=calib(), progress=False, work_dir=tmp_path / "w")
+    assert list((tmp_path / "w" / "activations").glob("*.mmap"))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_nan_loss_restores_block_lowers_lr_and_goes_on(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=2)
+    calls = {"n": 0}
+
+    def poison(mod, args, out):  # the 2nd training step of block 0 produces NaN, once
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return out * float("nan")
+        return out
+
+    model.model.layers[0].register_forward_hook(poison)
+    log = tmp_path / "log.jsonl"
+    s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=2), calib=calib(), progress=False, log_path=log)
+    assert s["blocks"][0]["retries"] == 1 and s["blocks"][1]["retries"] == 0
+    events = [json.loads(x) for x in log.read_text().splitlines() if "event" in x]
+    assert any(e.get("event") == "non_finite_loss" and e["lr_scale"] == 0.5 for e in events)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_persistent_nan_is_a_clear_error_not_a_hang():
+    model = tiny_model("llama", num_hidden_layers=1)
+    model.model.layers[0].register_forward_hook(lambda m, a, o: o * float("nan"))
+    t = time.time()
+    with pytest.raises(QatlmError, match="non-finite after 3 retries"):
+        quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=1), calib=calib(), progress=False)
+    assert time.time() - t < 60
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_architecture(family, tmp_path):
+    model = tiny_model(family)
+    ids = calib(4, 2, 16)
+    targets = target_names(model)
+    s = quantize_block_ap(model, BlockAPConfig(bits=4, group_size=32, epochs=1, input_mode="fp"), calib=ids, progress=False)
+    assert len(s["blocks"]) == model.config.num_hidden_layers
+    assert all(isinstance(model.get_submodule(n), PackedLinear) for n in targets)
+    with torch.no_grad():
+        out = model(ids[1]).logits
+    save_quantized(model, tmp_path / "q", BlockAPConfig(bits=4, group_size=32).spec)
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(tmp_path / "q")(ids[1]).logits, out, rtol=0, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+# ---- kill -9 and resume, through the CLI as a user runs it ----
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bap") / "model"
+    tiny_model("llama", num_hidden_layers=6).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    text = d.parent / "calib.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(600)))
+    return d, text
+
+
+def cli(model, text, out, *extra):
+    return [sys.executable, "-m", "qatlm.cli", "quantize", "--model", str(model), "--method", "block-ap", "--bits", "2",
+            "--group-size", "32", "--calib", str(text), "--calib-samples", "8", "--calib-seqlen", "32", "--val-samples", "2",
+            "--epochs", "2", "--out", str(out), *extra]
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    model, text = tiny_dir
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    ref = tmp_path / "ref"
+    subprocess.run(cli(model, text, ref), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "killed"
+    progress = tmp_path / "killed.work" / "progress.json"
+    for target in (1, 3):  # kill once after block 1, then again after block 3 of the resumed run
+        extra = ("--resume",) if target > 1 else ()
+        p = subprocess.Popen(cli(model, text, out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if progress.exists() and json.loads(progress.read_text() or "{}").get("done", 0) >= target:
+                break
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        assert not (out / "config.json").exists()  # nothing presented as finished
+    # without --resume the unfinished run is refused, with a one-line reason
+    r = subprocess.run(cli(model, text, out), env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = subprocess.run(cli(model, text, out, "--resume"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "killed.work").exists()
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["resumed_from_block"] >= 3 and len(summary["blocks"]) == 6
+    assert (out / "training_loss.png").stat().st_size > 0 and (out / "training_log.jsonl").exists()
+
+
+def test_resume_with_other_settings_is_refused(tiny_dir, tmp_path):
+    model, text = tiny_dir
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "o"
+    work = tmp_path / "o.work"
+    work.mkdir()
+    (work / "progress.json").write_text(json.dumps({"fingerprint": "other", "done": 2, "blocks": 6}))
+    r = subprocess.run(cli(model, text, out, "--resume"), env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "other settings" in r.stderr
