@@ -26,11 +26,12 @@ def calib(n=12, n_val=4, L=24, seed=0):
 
 def test_training_beats_rtn_on_every_block():
     model = tiny_model("llama", num_hidden_layers=3)
-    s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=3), calib=calib(), progress=False)
+    cfg = BlockAPConfig(bits=2, group_size=32, epochs=3, lr_quant=2e-3, lr_weight=2e-4)
+    s = quantize_block_ap(model, cfg, calib=calib(32, 8), progress=False)
     assert len(s["blocks"]) == 3
     for b in s["blocks"]:
-        assert b["trained_mse"] < b["rtn_mse"], b
-        assert b["steps"] == 3 * 6 and len(b["val_losses"]) == 3
+        assert b["trained_mse"] < 0.95 * b["rtn_mse"], b
+        assert b["steps"] == 3 * 16 and len(b["val_losses"]) == 3
     assert all(isinstance(m, PackedLinear) for n, m in model.named_modules() if n.endswith("_proj"))
 
 

@@ -6,12 +6,14 @@ from torch import nn
 
 from qatlm.errors import QatlmError
 from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+from qatlm.methods.e2e_qp import EfficientQATConfig, quantize_efficientqat
 from qatlm.methods.rtn import RTNConfig, quantize_rtn
 
 # method name -> (config class, function(model, config, **data) -> summary dict); the model is changed in place
 METHODS = {
     "rtn": (RTNConfig, quantize_rtn),
     "block-ap": (BlockAPConfig, quantize_block_ap),
+    "efficientqat": (EfficientQATConfig, quantize_efficientqat),
 }
 
 

@@ -98,6 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(q)
     _add_common(q)
 
+    t = sub.add_parser("train", help="train a packed checkpoint end to end (e2e-qp: step sizes only) and save it")
+    t.add_argument("--method", default="e2e-qp", help="training method: e2e-qp (default)")
+    t.add_argument("--from", dest="src", required=True, help="packed qatlm/GPTQ checkpoint to start from (RTN or Block-AP output)")
+    t.add_argument("--out", required=True, help="output folder for the trained checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--data", default="wikipedia", help="text source (continual pre-training) or instruction .jsonl/.parquet/dataset "
+                   "with instruction/input/output or messages fields (instruction tuning; loss on responses only)")
+    t.add_argument("--samples", type=int, default=64, help="training samples (default 64)")
+    t.add_argument("--seqlen", type=int, default=512, help="tokens per sample, at most (default 512)")
+    t.add_argument("--val-samples", type=int, default=8, help="validation samples (default 8)")
+    t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
+    t.add_argument("--batch-size", type=int, default=4, help="global batch over all processes and accumulation steps (default 4)")
+    t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-5 at 2 bits, 1e-5 above, as the paper)")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction (default 0.03)")
+    t.add_argument("--clip-grad", type=float, default=0.3, help="gradient-norm clip (default 0.3)")
+    t.add_argument("--train-zeros", action="store_true", help="also train the zero points")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    t.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: each epoch)")
+    t.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (default: each epoch)")
+    t.add_argument("--seed", type=int, default=0)
+    _add_common(t)
+
     for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
                            ("compare", "evaluate several models and write one table (Markdown + JSON) and a bar chart")):
         e = sub.add_parser(name, help=helptext)
@@ -160,16 +184,20 @@ def cmd_quantize(a) -> int:
 
 
 def _save_training_report(summary: dict, work: Path, out: Path):
-    """Keep the training log, a loss-curve PNG and the per-block summary beside the checkpoint."""
-    if not summary.get("blocks"):
+    """Keep the training log, a loss-curve PNG and the summary beside the checkpoint."""
+    if "method" not in summary or summary["method"] == "rtn":
         return
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log = work / "train_log.jsonl"
-    if log.exists():
-        (out / "training_log.jsonl").write_text(log.read_text())
+    logs = [f for f in (work / "train_log.jsonl", work / "e2e" / "train_log.jsonl") if f.exists()]
+    if logs:
+        (out / "training_log.jsonl").write_text("".join(f.read_text() for f in logs))
         from qatlm.eval.plots import loss_curve
 
-        loss_curve(out / "training_log.jsonl", out / "training_loss.png", summary)
+        loss_curve(out / "training_log.jsonl", out / "training_loss.png", summary if summary.get("blocks") else None)
+    if summary.get("val_loss_before") is not None:
+        print(f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_losses'][-1]:.4f}", file=sys.stderr)
+    if not summary.get("blocks"):
+        return
     print("block  mse(RTN)     mse(trained)  change", file=sys.stderr)
     for b in summary["blocks"]:
         print(f"{b['block']:>5}  {b['rtn_mse']:.4e}   {b['trained_mse']:.4e}    {100 * (b['trained_mse'] / b['rtn_mse'] - 1):+.1f}%", file=sys.stderr)
@@ -263,7 +291,47 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}
+def cmd_train(a) -> int:
+    import dataclasses
+    import shutil
+
+    import torch
+    from accelerate import PartialState
+
+    from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
+    from qatlm.model.checkpoint import check_out_dir, load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
+
+    if a.method != "e2e-qp":
+        raise QatlmError(f"unknown training method '{a.method}'; choose e2e-qp")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    src, qc = read_quant_config(a.src)
+    out = Path(a.out)
+    work = out.parent / f"{out.name}.work"
+    if not a.resume:
+        check_out_dir(out, a.overwrite)
+        if state.is_main_process and work.exists() and a.overwrite:
+            shutil.rmtree(work)
+    state.wait_for_everyone()
+    names = {f.name for f in dataclasses.fields(E2EQPConfig)}
+    config = E2EQPConfig(**{k: v for k, v in vars(a).items() if k in names})
+    tok = load_tokenizer(src)
+    if tok is None:
+        raise QatlmError(f"{src} has no tokenizer files; training needs one")
+    t0 = time.time()
+    model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
+    summary = train_e2e_qp(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
+    if state.is_main_process:
+        prev = qc.get("meta", {}).get("qatlm", {}).get("method", "gptq")
+        meta = {"method": f"{prev}+e2e-qp", "source": str(src), "seconds": round(time.time() - t0, 1)}
+        save_quantized(model, out, spec_from_config(qc), tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta)
+        _save_training_report(summary, work, out)
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    state.wait_for_everyone()
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

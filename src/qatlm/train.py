@@ -9,6 +9,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -35,6 +36,8 @@ class JsonLog:
 
     def __init__(self, path=None):
         self.path = path
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(path, "a") if path else None
 
     def write(self, **rec):
@@ -72,26 +75,34 @@ def train_epochs(
     log: JsonLog | None = None,
     log_extra: dict | None = None,
     progress=None,
-    state_module: torch.nn.Module | None = None,
+    recover: bool = True,
+    backward: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    first_epoch: int = 0,
+    first_step: int = 0,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> LoopResult:
     """Train ``groups`` (AdamW param groups with their own ``lr``) for ``epochs`` epochs.
 
-    ``batches(epoch)`` yields the epoch's batches (the caller shuffles, seeded by epoch);
-    ``loss_fn(batch)`` returns a scalar loss. ``state_module`` is snapshotted at the start of every
-    epoch; a non-finite loss or gradient restores it, halves every learning rate and redoes the epoch.
+    ``batches(epoch)`` yields the epoch's batches (the caller shuffles, seeded by epoch, and skips
+    what a resumed run already did); ``loss_fn(batch)`` returns a scalar loss — already
+    back-propagated when ``backward=False`` (gradient accumulation, distributed no_sync).
+    With ``recover`` the trained tensors are snapshotted at the start of every epoch; a non-finite
+    loss or gradient restores them, halves every learning rate and redoes the epoch.
+    ``on_step(steps_done, optimizer)`` runs after every optimizer step (periodic validation, checkpoints).
     """
     params = [p for g in groups for p in g["params"]]
     base_lrs = [g["lr"] for g in groups]
     schedule = schedule or Schedule(epochs * steps_per_epoch)
     log = log or JsonLog()
     extra = log_extra or {}
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    lr_scale, retries, step, t0, last, vals = 1.0, 0, 0, time.time(), float("nan"), []
-    epoch = 0
+    opt = optimizer or torch.optim.AdamW(groups, weight_decay=0.0)
+    lr_scale, retries, step, t0, last, vals = 1.0, 0, first_step, time.time(), float("nan"), []
+    epoch = first_epoch
     best_val = float("inf")
     while epoch < epochs:
-        snap = copy.deepcopy(state_module.state_dict()) if state_module is not None else None
-        opt_snap = copy.deepcopy(opt.state_dict())
+        snap = [p.detach().clone() for p in params] if recover else None
+        opt_snap = copy.deepcopy(opt.state_dict()) if recover else None
         start_step = step
         failed = False
         for batch in batches(epoch):
@@ -102,7 +113,8 @@ def train_epochs(
             if not torch.isfinite(loss):
                 failed = True
                 break
-            loss.backward()
+            if backward:
+                loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
             if not torch.isfinite(gnorm):
                 failed = True
@@ -114,12 +126,17 @@ def train_epochs(
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{last:.3g}", val=f"{vals[-1]:.3g}" if vals else "-")
+            if on_step is not None:
+                on_step(step, opt)
         if failed:
             retries += 1
             log.write(**extra, event="non_finite_loss", epoch=epoch, step=step, retry=retries, lr_scale=lr_scale / 2)
-            if retries > max_retries or state_module is None:
-                raise QatlmError(f"{extra or 'training'}: loss stayed non-finite after {max_retries} retries with lower learning rates")
-            state_module.load_state_dict(snap)
+            where = ", ".join(f"{k} {v}" for k, v in extra.items()) or "training"
+            if retries > max_retries or not recover:
+                raise QatlmError(f"{where}: loss stayed non-finite after {max_retries} retries with lower learning rates")
+            with torch.no_grad():
+                for p, v in zip(params, snap):
+                    p.copy_(v)
             opt.load_state_dict(opt_snap)
             lr_scale /= 2
             if progress is not None:
@@ -130,9 +147,10 @@ def train_epochs(
             v = val_fn()
             vals.append(v)
             log.write(**extra, epoch=epoch, step=step, val_loss=v)
-            if early_stop and v > best_val:  # worse than the last epoch: go back to it and stop
-                if state_module is not None:
-                    state_module.load_state_dict(snap)
+            if early_stop and v > best_val and recover:  # worse than the last epoch: go back to it and stop
+                with torch.no_grad():
+                    for p, old in zip(params, snap):
+                        p.copy_(old)
                 return LoopResult(step, time.time() - t0, last, vals, retries, stopped_early=True)
             best_val = min(best_val, v)
         epoch += 1

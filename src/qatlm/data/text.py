@@ -58,7 +58,8 @@ def read_text(source, cache_dir=None) -> str:
             if line.strip():
                 rec = json.loads(line)
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise QatlmError(f"{p}:{i + 1}: every jsonl record needs a 'text' string field")
+                    raise QatlmError(f"{p}:{i + 1}: every jsonl record needs a 'text' string field "
+                                     "(or, for instruction tuning, 'instruction' and 'output' fields, or 'messages')")
                 docs.append(rec["text"])
         text = "\n\n".join(docs)
     elif p.suffix == ".parquet":

@@ -268,7 +268,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi + 1}/{len(layers)}", unit="step", disable=not progress, leave=False)
         res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
                            schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
-                           early_stop=config.early_stop, log=log, log_extra={"block": bi}, progress=bar, state_module=block)
+                           early_stop=config.early_stop, log=log, log_extra={"block": bi}, progress=bar)
         bar.close()
         n_lin = sum(m.in_features * m.out_features for m in fq.values())
         flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L

@@ -112,12 +112,47 @@ def fp16_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.detach().half().to(x.dtype) - x.detach())
 
 
+class _FakeQuantGrouped(torch.autograd.Function):
+    """Fused fake quantization for ``in % g == 0`` on ``[out, groups, g]`` views, with the gradients of
+    the straight-through estimator written out (saves the half-dozen full-size temporaries autograd keeps):
+    inside the range dŵ/dw = 1, dŵ/ds = round(w/s) − w/s, dŵ/dz = 0; clamped: dŵ/dw = 0,
+    dŵ/ds = q − z, dŵ/dz = −s."""
+
+    @staticmethod
+    def forward(ctx, w, scale, zero, qmax):
+        s = scale.unsqueeze(-1)
+        z = zero.round().clamp(0, qmax).unsqueeze(-1)
+        ws = w / s
+        raw = torch.round(ws) + z
+        inside = (raw >= 0) & (raw <= qmax)
+        qz = raw.clamp_(0, qmax).sub_(z)  # q − z
+        ctx.save_for_backward(ws, qz, inside, s)
+        return qz * s
+
+    @staticmethod
+    def backward(ctx, g):
+        ws, qz, inside, s = ctx.saved_tensors
+        gw = g * inside
+        gs = (g * (qz - ws * inside)).sum(-1)
+        gz = -(g * ~inside * s).sum(-1)
+        return gw, gs, gz, None
+
+
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Differentiable ``ŵ = s · (clamp(round(w/s) + z, 0, qmax) − z)``.
 
     ``scale`` and ``zero`` are per group ``[out, groups]``; ``zero`` may be a float parameter: it is rounded
     (straight-through) and clamped to the integer range here. Gradients reach ``w``, ``scale`` and ``zero``.
     """
+    out_f, in_f = w.shape
+    n, g = scale.shape[1], spec.group_width(in_f)
+    if n * g == in_f:
+        return _FakeQuantGrouped.apply(w.reshape(out_f, n, g), scale, zero, spec.qmax).reshape(out_f, in_f)
+    return fake_quantize_reference(w, scale, zero, spec)
+
+
+def fake_quantize_reference(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The same function composed from autograd ops (any group layout, ragged last group included)."""
     in_f = w.shape[1]
     s = expand_groups(scale, spec, in_f)
     z = expand_groups(round_ste(zero).clamp(0, spec.qmax), spec, in_f)

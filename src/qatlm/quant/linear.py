@@ -103,3 +103,83 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed"
+
+
+class _ScaleOnlyLinearFn(torch.autograd.Function):
+    """``y = x · (s ⊙ (q − z))ᵀ`` where only ``s`` (and optionally ``z``) are trainable.
+
+    The integer weights stay packed: the float weight is rebuilt from them in the forward pass and
+    again in the backward pass, so no full-size float copy is held between the two.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, layer):
+        w = layer.weight_from(scale, zero).to(x.dtype)
+        ctx.save_for_backward(x, scale, zero)
+        ctx.layer = layer
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, scale, zero = ctx.saved_tensors
+        layer = ctx.layer
+        q, _ = layer.integers()
+        w = layer.weight_from(scale, zero)
+        gx = gy.matmul(w.to(gy.dtype))
+        gw = gy.reshape(-1, gy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # [out, in]
+        g = layer.spec.group_width(layer.in_features)
+        z_full = torch.clamp(torch.round(zero), 0, layer.spec.qmax)
+        qz = q.float() - z_full.repeat_interleave(g, dim=1)[:, : layer.in_features]
+        gs = _group_sum(gw * qz, layer.spec, layer.in_features)
+        gz = None
+        if ctx.needs_input_grad[2]:
+            gz = -_group_sum(gw, layer.spec, layer.in_features) * scale
+        return gx, gs, gz, None
+
+
+def _group_sum(t: torch.Tensor, spec: QuantSpec, in_f: int) -> torch.Tensor:
+    n, g = spec.num_groups(in_f), spec.group_width(in_f)
+    if n * g == in_f:
+        return t.reshape(t.shape[0], n, g).sum(-1)
+    idx = spec.g_idx(in_f).to(t.device, torch.int64).expand_as(t)
+    return torch.zeros(t.shape[0], n, dtype=t.dtype, device=t.device).scatter_add_(1, idx, t)
+
+
+class ScaleTrainLinear(nn.Module):
+    """E2E-QP layer: frozen packed integers, trainable step sizes (and optionally zero points)."""
+
+    def __init__(self, packed: PackedLinear, train_zeros: bool = False):
+        super().__init__()
+        self.spec = packed.spec
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("g_idx", packed.g_idx)
+        self.register_buffer("bias", packed.bias)
+        q_z = unpack_cols(packed.qzeros, self.spec.bits, self.out_features).t().float()
+        self.scale = nn.Parameter(packed.scales.t().float().contiguous())
+        self.zero = nn.Parameter(q_z.contiguous(), requires_grad=train_zeros and not self.spec.sym)
+        self.compute_dtype = packed.compute_dtype
+
+    def integers(self):
+        return unpack_rows(self.qweight, self.spec.bits, self.in_features).t(), None
+
+    def weight_from(self, scale, zero) -> torch.Tensor:
+        q, _ = self.integers()
+        z = torch.clamp(torch.round(zero), 0, self.spec.qmax)
+        return dequantize(q, scale.float(), z, self.spec)
+
+    def forward(self, x):
+        s = fp16_ste(self.scale.clamp_min(MIN_SCALE))
+        z = self.zero + (torch.round(self.zero).clamp(0, self.spec.qmax) - self.zero).detach()  # STE round+clamp
+        y = _ScaleOnlyLinearFn.apply(x, s, z, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def to_packed(self) -> PackedLinear:
+        q, _ = self.integers()
+        z = torch.round(self.zero).clamp(0, self.spec.qmax).to(torch.int32)
+        s16 = self.scale.float().clamp_min(MIN_SCALE).to(torch.float16)
+        return PackedLinear.from_integers(q, z, s16, self.bias, self.spec, dtype=self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed, trainable scales"

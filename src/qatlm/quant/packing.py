@@ -52,6 +52,10 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.
     """Inverse of :func:`pack_rows`: ``int32[N·bits/32, M]`` -> ``int32[N, M]``."""
     vals, words = unit(bits)
     rows, m = packed.shape
+    if words == 1:  # 2, 4, 8 bits: whole values per word, shift-and-mask
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device).view(1, vals, 1)
+        v = ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(rows * vals, m)
+        return v if n is None else v[:n]
     units = rows // words
     w = packed.to(torch.int64) & 0xFFFFFFFF
     word_shift = torch.arange(32, dtype=torch.int64, device=packed.device).view(1, 1, 32, 1)

@@ -1,0 +1,151 @@
+"""E2E-QP: trains step sizes of a packed model, 2 gloo processes = 1 process, resume after kill, instruction masking."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_model, tiny_tokenizer
+
+from qatlm import E2EQPConfig, RTNConfig, load_quantized, quantize, save_quantized, train_e2e_qp
+from qatlm.data.instruct import IGNORE, encode_record, instruction_examples
+from qatlm.errors import QatlmError
+from qatlm.quant.linear import PackedLinear
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    text = d / "t.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(600)))
+    model = tiny_model("llama")
+    quantize(model, RTNConfig(2, 32))
+    save_quantized(model, d / "q", RTNConfig(2, 32).spec, tokenizer=tiny_tokenizer())
+    return d, text
+
+
+def args(d, text, out, *extra):
+    return ["train", "--from", str(d / "q"), "--data", str(text), "--samples", "16", "--seqlen", "32", "--val-samples", "4",
+            "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--out", str(out), *extra]
+
+
+def run(argv, env, **kw):
+    return subprocess.run([sys.executable, "-m", "qatlm.cli", *argv], env=env, capture_output=True, text=True, **kw)
+
+
+def scales(path):
+    sd = load_file(path / "model.safetensors")
+    return {k: v for k, v in sd.items() if k.endswith((".scales", ".qzeros", ".qweight"))}
+
+
+def test_trains_scales_only_and_saved_model_matches(setup, tmp_path):
+    d, text = setup
+    model = load_quantized(d / "q")
+    before = {n: m.qweight.clone() for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    s = train_e2e_qp(model, E2EQPConfig(data=str(text), samples=16, seqlen=32, val_samples=4, epochs=2, batch_size=4, lr=1e-3),
+                     tiny_tokenizer(), progress=False, cache_dir=tmp_path)
+    assert s["val_losses"][-1] < s["val_loss_before"]
+    assert s["trainable_params"] == sum(m.scales.numel() for m in model.modules() if isinstance(m, PackedLinear))
+    after = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert all(torch.equal(after[n].qweight, before[n]) for n in before)  # integers frozen
+    ids = torch.randint(3, 320, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    save_quantized(model, tmp_path / "out", RTNConfig(2, 32).spec)
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(tmp_path / "out")(ids).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_two_gloo_processes_equal_one_process(setup, tmp_path):
+    d, text = setup
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    one = run(args(d, text, tmp_path / "one"), env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "qatlm.cli",
+                          *args(d, text, tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert json.loads((tmp_path / "two" / "training_summary.json").read_text())["processes"] == 2
+    a, b, src = scales(tmp_path / "one"), scales(tmp_path / "two"), scales(d / "q")
+    assert max((a[k].float() - src[k].float()).abs().max().item() for k in a if k.endswith(".scales")) > 1e-4  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-3)
+
+
+def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
+    d, text = setup
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    extra = ("--epochs", "4", "--save-every", "2")
+    ref = run(args(d, text, tmp_path / "ref", *extra), env)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out"
+    ck = tmp_path / "out.work" / "checkpoint" / "state.json"
+    p = subprocess.Popen([sys.executable, "-m", "qatlm.cli", *args(d, text, out, *extra)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ck.exists() and json.loads(ck.read_text())["step"] >= 6):
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "config.json").exists()
+    refused = run(args(d, text, out, *extra), env)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    done = run(args(d, text, out, *extra, "--resume"), env)
+    assert done.returncode == 0, done.stderr
+    a, b = scales(tmp_path / "ref"), scales(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_alpaca_and_chat_records_mask_the_prompt():
+    tok = tiny_tokenizer()
+    ids, labels = encode_record({"instruction": "name the cat", "input": "", "output": "the cat"}, tok, 512)
+    n_prompt = sum(1 for x in labels if x == IGNORE)
+    assert n_prompt > 0 and labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[n_prompt:-1]) == "the cat"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    msgs = [{"role": "user", "content": "who sat?"}, {"role": "assistant", "content": "the cat"}]
+    ids, labels = encode_record({"messages": msgs}, tok, 512)
+    resp = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    assert tok.decode(resp) == "the cat"
+    with pytest.raises(QatlmError, match="'instruction' and 'output'"):
+        encode_record({"question": "x", "answer": "y"}, tok, 512)
+
+
+def test_bad_inputs_are_one_line_errors(setup, tmp_path):
+    d, text = setup
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    fp = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(fp)
+    cases = [
+        (["--from", str(fp)], "not a qatlm/GPTQ checkpoint"),
+        (["--data", str(bad)], "needs 'instruction' and 'output'"),
+        (["--seqlen", "100000"], "above the model's limit"),
+    ]
+    for change, message in cases:
+        argv = args(d, text, tmp_path / "o")
+        for i in range(0, len(change), 2):
+            argv[argv.index(change[i]) + 1] = change[i + 1]
+        r = run(argv, env)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("qatlm: error")]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_instruction_tuning_runs_on_response_tokens(setup, tmp_path):
+    d, _ = setup
+    data = tmp_path / "inst.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"what sat on mat {i}?", "output": "the cat sat"}) + "\n" for i in range(24)))
+    assert len(instruction_examples(data, tiny_tokenizer(), 64)) == 24
+    model = load_quantized(d / "q")
+    s = train_e2e_qp(model, E2EQPConfig(data=str(data), samples=16, seqlen=64, val_samples=4, batch_size=4, epochs=2, lr=1e-3),
+                     tiny_tokenizer(), progress=False)
+    assert s["mode"] == "instruct" and s["val_losses"][-1] < s["val_loss_before"]
