@@ -126,7 +126,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
     tiny_model("llama").save_pretrained(fp)
     cases = [
         (["--from", str(fp)], "not a qatlm/GPTQ checkpoint"),
-        (["--data", str(bad)], "needs 'instruction' and 'output'"),
+        (["--data", str(bad)], "'instruction' and 'output' fields"),
         (["--seqlen", "100000"], "above the model's limit"),
     ]
     for change, message in cases:
