@@ -98,6 +98,22 @@ def run_one(a) -> dict:
             row["matmul_gflops"] = mm / 1e9
             row["throughput_fraction"] = summary["train_flops_per_s"] / mm
             row["block_mse"] = [{"block": b["block"], "rtn": b["rtn_mse"], "trained": b["trained_mse"]} for b in summary["blocks"]]
+        elif a.recipe.endswith("+e2e-qp"):
+            from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
+            from qatlm.model.checkpoint import load_quantized
+
+            base = HERE / "work" / f"{a.recipe.split('+')[0]}-{a.setting}"
+            if not (base / "config.json").exists():
+                raise SystemExit(f"{base} is missing: run the {a.recipe.split('+')[0]} row first")
+            del model
+            model = load_quantized(base)
+            e2e = E2EQPConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
+            summary = train_e2e_qp(model, e2e, tok, progress=False)
+            cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
+            row["calib"] = f"{a.calib_samples}x{a.calib_seqlen} + e2e {a.e2e_samples}x{a.calib_seqlen}"
+            row["e2e_lr"], row["e2e_steps"] = summary["lr"], summary["steps"]
+            row["e2e_val_loss"] = [summary["val_loss_before"], summary["val_losses"][-1]]
+            row["e2e_wall_s"] = summary["seconds"]
         else:
             raise SystemExit(f"unknown recipe {a.recipe}")
         row["quant_wall_s"] = round(time.time() - t0, 1)
@@ -153,6 +169,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--e2e-samples", type=int, default=64, help="E2E-QP training samples for the +e2e-qp recipes")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
@@ -171,7 +188,7 @@ def main():
             jobs += [(recipe, s) for s in a.settings.split(",")]
     for recipe, setting in jobs:
         cmd = [sys.executable, __file__, "--one", recipe, setting] + [
-            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}",
+            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}"]
         print(f"== {recipe} {setting}", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -149,3 +149,18 @@ def test_instruction_tuning_runs_on_response_tokens(setup, tmp_path):
     s = train_e2e_qp(model, E2EQPConfig(data=str(data), samples=16, seqlen=64, val_samples=4, batch_size=4, epochs=2, lr=1e-3),
                      tiny_tokenizer(), progress=False)
     assert s["mode"] == "instruct" and s["val_losses"][-1] < s["val_loss_before"]
+
+
+def test_efficientqat_recipe_runs_block_ap_then_e2e(setup, tmp_path):
+    d, text = setup
+    fp = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(fp)
+    tiny_tokenizer().save_pretrained(fp)
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    r = run(["quantize", "--model", str(fp), "--method", "efficientqat", "--bits", "2", "--group-size", "32", "--calib", str(text),
+             "--calib-samples", "8", "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "1", "--out", str(tmp_path / "o")], env)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "o" / "training_summary.json").read_text())
+    assert s["method"] == "efficientqat" and len(s["blocks"]) == 2 and s["e2e"]["steps"] == 2
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["meta"]["qatlm"]["method"] == "efficientqat"
+    assert not (tmp_path / "o.work").exists()

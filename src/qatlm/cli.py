@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
     t.add_argument("--batch-size", type=int, default=4, help="global batch over all processes and accumulation steps (default 4)")
     t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-5 at 2 bits, 1e-5 above, as the paper)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's 2e-5 at 2 bits / 1e-5 above, times 128/steps when shorter, at most 1e-3)")
     t.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction (default 0.03)")
     t.add_argument("--clip-grad", type=float, default=0.3, help="gradient-norm clip (default 0.3)")
     t.add_argument("--train-zeros", action="store_true", help="also train the zero points")

@@ -29,6 +29,9 @@ from qatlm.quant.linear import PackedLinear, ScaleTrainLinear
 from qatlm.train import JsonLog, Schedule, train_epochs
 
 
+PAPER_E2E_STEPS = 128
+
+
 @dataclass
 class E2EQPConfig:
     data: str = "wikipedia"  # text source (continual pre-training) or instruction file (auto-detected)
@@ -38,7 +41,7 @@ class E2EQPConfig:
     epochs: int = 1
     batch_size: int = 4  # global batch (all processes, all accumulation micro-steps)
     grad_accum: int = 1
-    lr: float | None = None  # None: the paper's 2e-5 at 2 bits, 1e-5 above
+    lr: float | None = None  # None: the paper's 2e-5 (2 bits) / 1e-5, scaled to the step budget (learning_rate)
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     clip_grad: float = 0.3
@@ -48,8 +51,12 @@ class E2EQPConfig:
     save_every: int = 0  # steps between resumable checkpoints (0: only with a work dir, every epoch)
     seed: int = 0
 
-    def learning_rate(self, bits: int) -> float:
-        return self.lr if self.lr is not None else (2e-5 if bits == 2 else 1e-5)
+    def learning_rate(self, bits: int, steps: int = PAPER_E2E_STEPS) -> float:
+        """The paper's E2E-QP takes 128 steps (4096 samples, global batch 32, 1 epoch) at 2e-5 (2-bit) / 1e-5.
+        Unless set, a shorter run keeps that lr x steps budget: lr x 128/steps, at most 1e-3."""
+        if self.lr is not None:
+            return self.lr
+        return min(1e-3, (2e-5 if bits == 2 else 1e-5) * max(1.0, PAPER_E2E_STEPS / max(steps, 1)))
 
 
 def attach_scale_training(model, train_zeros: bool = False) -> dict[str, ScaleTrainLinear]:
@@ -159,11 +166,11 @@ def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: b
     ddp_model = acc.prepare_model(model) if world > 1 else model
     scales = [m.scale for m in layers.values()]
     zeros = [m.zero for m in layers.values() if m.zero.requires_grad]
-    lr = config.learning_rate(bits)
-    groups = [{"params": scales + zeros, "lr": lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
+    lr = config.learning_rate(bits, total)
+    groups = [{"params": scales + zeros, "lr": lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     work = Path(work_dir) if work_dir else None
     ckpt = work / "checkpoint" if work else None
     first_step = first_epoch = 0
