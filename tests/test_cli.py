@@ -115,3 +115,21 @@ def test_console_script_help_lists_commands():
     assert r.returncode == 0
     for flag in ("--model", "--method", "--bits", "--group-size", "--out", "--overwrite"):
         assert flag in r.stdout
+
+
+def test_save_dtype_float16_halves_unquantized_tensors(model_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from qatlm import load_quantized
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(["quantize", "--model", model_dir, "--bits", 4, "--group-size", 64, "--out", a], capsys)[0] == 0
+    assert run_cli(["quantize", "--model", model_dir, "--bits", 4, "--group-size", 64, "--out", b, "--save-dtype", "float16"], capsys)[0] == 0
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sb["model.embed_tokens.weight"].dtype == torch.float16 and sa["model.embed_tokens.weight"].dtype == torch.float32
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.endswith((".qweight", ".qzeros", ".scales")))
+    ids = torch.randint(3, 320, (1, 12))
+    with torch.no_grad():
+        la, lb = load_quantized(a)(ids).logits, load_quantized(b)(ids).logits
+    assert lb.dtype == torch.float32 and (la - lb).abs().max() < 1e-2 * la.abs().max()

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(q)
     q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run) if it exists")
+    q.add_argument("--save-dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="storage dtype of the unquantized tensors (embeddings, norms, head); auto = as computed (fp32 on CPU)")
     _add_train_args(q)
     _add_common(q)
 
@@ -158,6 +160,8 @@ def _resolve_model(arg, cache_dir=None) -> Path:
 def cmd_quantize(a) -> int:
     import shutil
 
+    import torch
+
     from qatlm.model.checkpoint import check_out_dir, load_fp_model, load_tokenizer, save_quantized
 
     config, fn = _method_config(a)
@@ -175,7 +179,8 @@ def cmd_quantize(a) -> int:
     print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
     summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
     meta = {"method": a.method, "source": str(model_dir), "seconds": round(time.time() - t0, 1)}
-    save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta)
+    dtype = None if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
+    save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta, dtype=dtype)
     _save_training_report(summary, work, out)
     shutil.rmtree(work, ignore_errors=True)
     print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)

@@ -112,8 +112,13 @@ def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool
     }
 
 
-def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None) -> Path:
-    """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint."""
+def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint.
+
+    ``dtype``: storage dtype of the tensors that are not quantized (embeddings, norms, head); default:
+    as they are in memory. Step sizes are always fp16, as the format requires.
+    """
     out = Path(out_dir).expanduser()
     check_out_dir(out, overwrite)
     packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
@@ -127,9 +132,13 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
         for k in _tied_duplicates(model, sd):
             sd.pop(k)
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in sd.items()}
         _write_shards(sd, tmp)
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).removeprefix("torch.")
         cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
