@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import HERE, device_name, parse_setting, save_rows  # noqa: E402
+from run import HERE, device_name, finish_row, parse_setting, save_rows  # noqa: E402
 
 
 def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: int, lr: float, batch: int):
@@ -45,7 +45,7 @@ def quantize_gptqmodel(fp_dir, train_ids, bits, group, out: Path):
 def run_one(a) -> dict:
     from qatlm.data.assets import MODEL_NAME, default_model_dir
     from qatlm.data.text import calibration_samples
-    from qatlm.eval.report import EvalSettings, evaluate
+    from qatlm.eval.report import EvalSettings
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer
 
     fp_dir = default_model_dir()
@@ -65,14 +65,7 @@ def run_one(a) -> dict:
            "calib": f"{a.calib_samples}x{a.calib_seqlen}", "quant_wall_s": round(time.time() - t0, 1),
            "quant_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None)
-    ev = evaluate(out, settings, label=f"{a.peer} {a.setting}", progress=False)
-    row.update({k: ev[k] for k in ("setting", "bits_per_weight", "size_on_disk_mib", "heldout_ppl", "ppl_protocol")})
-    row["zeroshot"] = {t: v["acc"] for t, v in ev.get("zeroshot", {}).items()}
-    row["zeroshot_avg"] = ev.get("zeroshot_avg")
-    row["zeroshot_limit"] = a.limit
-    row["wall_s"] = round(time.time() - t0, 1)
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return row
+    return finish_row(row, out, settings, f"{a.peer} {a.setting}", a.limit, t0)
 
 
 def main():

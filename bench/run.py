@@ -63,7 +63,7 @@ def run_one(a) -> dict:
     import torch
 
     from qatlm.data.assets import MODEL_NAME, default_model_dir
-    from qatlm.eval.report import EvalSettings, evaluate
+    from qatlm.eval.report import EvalSettings
     from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
     from qatlm.methods.rtn import RTNConfig, quantize_rtn
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
@@ -121,11 +121,18 @@ def run_one(a) -> dict:
         path = HERE / "work" / f"{a.recipe}-{a.setting}"
         save_quantized(model, path, cfg.spec, tokenizer=tok, overwrite=True, meta={"method": a.recipe})
         del model
-    ev = evaluate(path, settings, label=f"{a.recipe} {a.setting or ''}".strip(), progress=False)
+    return finish_row(row, path, settings, f"{a.recipe} {a.setting or ''}".strip(), a.limit, t0)
+
+
+def finish_row(row: dict, path, settings, label: str, limit, t0: float) -> dict:
+    """Evaluate the saved model at ``path`` and complete the row with its figures, wall time and peak RSS."""
+    from qatlm.eval.report import evaluate
+
+    ev = evaluate(path, settings, label=label, progress=False)
     row.update({k: ev[k] for k in ("setting", "bits_per_weight", "size_on_disk_mib", "heldout_ppl", "ppl_protocol")})
     row["zeroshot"] = {t: v["acc"] for t, v in ev.get("zeroshot", {}).items()}
     row["zeroshot_avg"] = ev.get("zeroshot_avg")
-    row["zeroshot_limit"] = a.limit
+    row["zeroshot_limit"] = limit
     row["wall_s"] = round(time.time() - t0, 1)
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row

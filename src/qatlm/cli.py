@@ -271,7 +271,6 @@ def cmd_assets(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from qatlm.api import METHODS
     from qatlm.data import assets
     from qatlm.eval.report import evaluate, markdown_table, write_report
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qatlm.errors import QatlmError
+from qatlm.fsutil import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -132,21 +133,6 @@ def extract(w: Wheel, cache_dir=None) -> Path:
     return root
 
 
-def _atomic_dir(final: Path, build):
-    """Run ``build(tmp_dir)`` and move the result to ``final`` only if it completes."""
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def default_model_dir(cache_dir=None) -> Path:
     """SmolLM2-135M-Instruct as an fp32 safetensors HF folder (converted once from the GGUF file)."""
     final = cache_root(cache_dir) / "models" / MODEL_NAME
@@ -168,7 +154,7 @@ def default_model_dir(cache_dir=None) -> Path:
         AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_dir(final, build)
+    atomic_dir(final, build)
     shutil.rmtree(raw, ignore_errors=True)  # the fp32 folder is all later runs need
     return final
 

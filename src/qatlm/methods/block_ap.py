@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -257,14 +257,14 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             for i in range(0, n_tr, config.batch_size):
                 yield p[i : i + config.batch_size]
 
-        def loss_fn(idx, block=block, kw=kw, x_in=x_in):
+        def loss_fn(idx, block=block, kw=kw, x_in=x_in, y_out=fp_out):
             x = x_in[idx].to(device, train_dtype)
-            y = fp_out[idx].to(device, torch.float32)
+            y = y_out[idx].to(device, torch.float32)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
                 out = run_layer(block, x, kw)
             return F.mse_loss(out.float(), y)
 
-        val_fn = (lambda block=block, kw=kw, x_in=x_in: _mse(block, kw, x_in, fp_out, va_idx, config.chain_batch, device, train_dtype)) if n_va else None
+        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out: _mse(block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype)) if n_va else None
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi + 1}/{len(layers)}", unit="step", disable=not progress, leave=False)
         res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
                            schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,

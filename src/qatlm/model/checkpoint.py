@@ -9,8 +9,6 @@ tokenizer. Writing goes to a temporary sibling folder that is renamed into place
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 
 from qatlm import __version__
 from qatlm.errors import QatlmError
+from qatlm.fsutil import atomic_dir
 from qatlm.model.arch import replace_module
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
@@ -124,10 +123,8 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
     packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
     if not packed:
         raise QatlmError("the model has no packed layers: quantize it before saving")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path):
         sd = model.state_dict()
         for k in _tied_duplicates(model, sd):
             sd.pop(k)
@@ -146,11 +143,8 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(out, build)
     return out
 
 
