@@ -144,9 +144,9 @@ def test_instruction_tuning_runs_on_response_tokens(setup, tmp_path):
     d, _ = setup
     data = tmp_path / "inst.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"what sat on mat {i}?", "output": "the cat sat"}) + "\n" for i in range(24)))
-    assert len(instruction_examples(data, tiny_tokenizer(), 64)) == 24
+    assert len(instruction_examples(data, tiny_tokenizer(), 256)) == 24
     model = load_quantized(d / "q")
-    s = train_e2e_qp(model, E2EQPConfig(data=str(data), samples=16, seqlen=64, val_samples=4, batch_size=4, epochs=2, lr=1e-3),
+    s = train_e2e_qp(model, E2EQPConfig(data=str(data), samples=16, seqlen=256, val_samples=4, batch_size=4, epochs=2, lr=1e-3),
                      tiny_tokenizer(), progress=False)
     assert s["mode"] == "instruct" and s["val_losses"][-1] < s["val_loss_before"]
 

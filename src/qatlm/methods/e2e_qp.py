@@ -100,15 +100,11 @@ def build_examples(config: E2EQPConfig, tokenizer, max_len: int | None, cache_di
     return [(r.tolist(), r.tolist()) for r in tr], [(r.tolist(), r.tolist()) for r in va], "pretrain"
 
 
-def _save_state(folder: Path, layers: dict, opt, step: int, epoch: int, meta: dict):
-    """Trainable tensors and AdamW moments as safetensors (never pickled) + a JSON of counters."""
+def _save_state(folder: Path, named: dict, opt, step: int, epoch: int, meta: dict):
+    """Trainable tensors (by parameter name) and AdamW moments as safetensors (never pickled) + JSON counters."""
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    params = {}
-    for name, m in layers.items():
-        params[f"{name}.scale"] = m.scale.detach().cpu().contiguous()
-        params[f"{name}.zero"] = m.zero.detach().cpu().contiguous()
-    save_file(params, tmp / "trainable.safetensors")
+    save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, tmp / "trainable.safetensors")
     moments, steps = {}, {}
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     for p, st in opt.state.items():
@@ -125,12 +121,11 @@ def _save_state(folder: Path, layers: dict, opt, step: int, epoch: int, meta: di
     os.replace(tmp, folder)
 
 
-def _load_state(folder: Path, layers: dict, opt) -> dict:
+def _load_state(folder: Path, named: dict, opt) -> dict:
     params = load_file(folder / "trainable.safetensors")
     with torch.no_grad():
-        for name, m in layers.items():
-            m.scale.copy_(params[f"{name}.scale"])
-            m.zero.copy_(params[f"{name}.zero"])
+        for n, p in named.items():
+            p.copy_(params[n])
     state = json.loads((folder / "state.json").read_text())
     moments = load_file(folder / "optimizer.safetensors")
     plist = [p for g in opt.param_groups for p in g["params"]]
@@ -142,9 +137,35 @@ def _load_state(folder: Path, layers: dict, opt) -> dict:
     return state
 
 
+@dataclass
+class Trainable:
+    """What an end-to-end method trains: AdamW groups (with their lr), and how to fold it back into packed layers."""
+
+    groups: list
+    merge: object  # callable() -> number of layers packed again
+    info: dict
+
+
+def scale_trainable(model, config: E2EQPConfig, total_steps: int) -> Trainable:
+    """E2E-QP: step sizes (and optionally zero points) of every packed layer."""
+    bits = next(m.spec.bits for m in model.modules() if isinstance(m, PackedLinear))
+    layers = attach_scale_training(model, config.train_zeros)
+    params = [m.scale for m in layers.values()] + [m.zero for m in layers.values() if m.zero.requires_grad]
+    lr = config.learning_rate(bits, total_steps)
+    return Trainable([{"params": params, "lr": lr}], lambda: detach_scale_training(model), {"lr": lr, "layers": len(layers)})
+
+
 def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: bool = False, progress: bool = True,
                  accelerator=None, cache_dir=None) -> dict:
     """Train the step sizes of a packed model in place; returns a summary. Packs the result at the end."""
+    return train_end_to_end(model, config, tokenizer, scale_trainable, "e2e-qp", work_dir, resume, progress, accelerator, cache_dir)
+
+
+def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, method: str, work_dir=None, resume: bool = False,
+                     progress: bool = True, accelerator=None, cache_dir=None) -> dict:
+    """The end-to-end loop every method shares: ``make_trainable(model, config, total_steps)`` turns the
+    packed layers into trainable ones and names what to train; the LM loss trains it; the layers are
+    packed again at the end. Returns a summary."""
     from accelerate import Accelerator
 
     from qatlm.data.instruct import collate
@@ -154,22 +175,21 @@ def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: b
     if config.batch_size % (world * config.grad_accum):
         raise QatlmError(f"global batch {config.batch_size} must be divisible by processes x accumulation ({world} x {config.grad_accum})")
     micro = config.batch_size // (world * config.grad_accum)
-    bits = next(m.spec.bits for m in model.modules() if isinstance(m, (PackedLinear, ScaleTrainLinear)))
     max_len = getattr(model.config, "max_position_embeddings", None)
     train, val, mode = build_examples(config, tokenizer, max_len, cache_dir)
-    layers = attach_scale_training(model, config.train_zeros)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = make_trainable(model, config, total)
+    groups = trainable.groups
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if config.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.to(acc.device)
     model.train()
     ddp_model = acc.prepare_model(model) if world > 1 else model
-    scales = [m.scale for m in layers.values()]
-    zeros = [m.zero for m in layers.values() if m.zero.requires_grad]
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    lr = config.learning_rate(bits, total)
-    groups = [{"params": scales + zeros, "lr": lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     work = Path(work_dir) if work_dir else None
     ckpt = work / "checkpoint" if work else None
@@ -177,7 +197,7 @@ def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: b
     if work and ckpt.exists():
         if not resume:
             raise QatlmError(f"{work} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
-        state = _load_state(ckpt, layers, opt)
+        state = _load_state(ckpt, named, opt)
         if state.get("config") != asdict(config):
             raise QatlmError(f"cannot resume from {work}: it was started with other settings")
         first_step, first_epoch = state["step"], state["epoch"]
@@ -227,24 +247,27 @@ def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: b
         every = config.save_every or steps_per_epoch
         if work and done % every == 0 and done < total:
             if acc.is_main_process:
-                _save_state(ckpt, layers, optimizer, done, done // steps_per_epoch, {"config": asdict(config)})
+                _save_state(ckpt, named, optimizer, done, done // steps_per_epoch, {"config": asdict(config)})
             acc.wait_for_everyone()
 
     before = val_fn()
-    bar = tqdm(total=total, initial=first_step, desc="e2e-qp", unit="step", disable=not (progress and acc.is_main_process))
+    bar = tqdm(total=total, initial=first_step, desc=method, unit="step", disable=not (progress and acc.is_main_process))
     t0 = time.time()
     res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
                        schedule=Schedule(total, config.warmup_ratio, config.min_lr_ratio), val_fn=val_fn, log=log,
-                       log_extra={"method": "e2e-qp"}, progress=bar, backward=False, optimizer=opt,
+                       log_extra={"method": method}, progress=bar, backward=False, optimizer=opt,
                        first_epoch=first_epoch, first_step=first_step, on_step=on_step)
     bar.close()
     log.close()
     model.eval()
     if config.grad_checkpointing:
         model.gradient_checkpointing_disable()
-    n = detach_scale_training(model)
-    trainable = sum(p.numel() for p in scales + zeros)
-    return {"method": "e2e-qp", "mode": mode, "config": asdict(config), "lr": lr, "layers": n, "trainable_params": trainable,
+    n = trainable.merge()
+    n_train = sum(p.numel() for p in named.values())
+    n_total = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+    return {"method": method, "mode": mode, "config": asdict(config), **trainable.info, "layers": n, "trainable_params": n_train,
+            "trainable_fraction": n_train / n_total,
             "val_loss_before": before, "val_losses": res.val_losses, "periodic_val": vals, "steps": res.steps,
             "retries": res.retries, "seconds": round(time.time() - t0, 1), "processes": world}
 
