@@ -6,6 +6,7 @@ from torch import nn
 
 from qatlm.errors import QatlmError
 from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+from qatlm.methods.dl_qat import BlockAPDLQATConfig, RTNDLQATConfig, quantize_blockap_dlqat, quantize_rtn_dlqat
 from qatlm.methods.e2e_qp import EfficientQATConfig, quantize_efficientqat
 from qatlm.methods.rtn import RTNConfig, quantize_rtn
 
@@ -14,6 +15,8 @@ METHODS = {
     "rtn": (RTNConfig, quantize_rtn),
     "block-ap": (BlockAPConfig, quantize_block_ap),
     "efficientqat": (EfficientQATConfig, quantize_efficientqat),
+    "dl-qat": (RTNDLQATConfig, quantize_rtn_dlqat),
+    "efficientqat+dl-qat": (BlockAPDLQATConfig, quantize_blockap_dlqat),
 }
 
 

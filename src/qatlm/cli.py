@@ -43,6 +43,17 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
 
 
+def _add_dlqat_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("dl-qat")
+    g.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the largest <= 16 costing at most 0.2%% of the quantized weights)")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    g.add_argument("--magnitude", choices=["group", "channel"], default="group", help="one magnitude per group (default) or per output channel")
+    g.add_argument("--no-lora", dest="lora", action="store_false", help="train the magnitudes only")
+    g.add_argument("--lr-lora", type=float, default=5e-3, help="learning rate of the LoRA factors (default 5e-3)")
+    g.add_argument("--lr-magnitude", type=float, default=1e-3, help="learning rate of the magnitudes (default 1e-3)")
+    g.add_argument("--targets", default=None, help="comma-separated layer-name fragments to train (default: every quantized layer)")
+
+
 def _method_config(a):
     """The method's config dataclass, filled from the arguments it has fields for."""
     import dataclasses
@@ -98,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="storage dtype of the unquantized tensors (embeddings, norms, head); auto = as computed (fp32 on CPU)")
     _add_train_args(q)
+    _add_dlqat_args(q)
     _add_common(q)
 
     t = sub.add_parser("train", help="train a packed checkpoint end to end (e2e-qp: step sizes only) and save it")
-    t.add_argument("--method", default="e2e-qp", help="training method: e2e-qp (default)")
+    t.add_argument("--method", default="e2e-qp", help="training method: e2e-qp (default: step sizes only) or dl-qat (magnitudes + LoRA in the grid)")
     t.add_argument("--from", dest="src", required=True, help="packed qatlm/GPTQ checkpoint to start from (RTN or Block-AP output)")
     t.add_argument("--out", required=True, help="output folder for the trained checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run)")
@@ -122,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: each epoch)")
     t.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (default: each epoch)")
     t.add_argument("--seed", type=int, default=0)
+    _add_dlqat_args(t)
     _add_common(t)
 
     for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
@@ -193,7 +206,7 @@ def _save_training_report(summary: dict, work: Path, out: Path):
     if "method" not in summary or summary["method"] == "rtn":
         return
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logs = [f for f in (work / "train_log.jsonl", work / "e2e" / "train_log.jsonl") if f.exists()]
+    logs = [f for f in (work / "train_log.jsonl", work / "e2e" / "train_log.jsonl", work / "dlqat" / "train_log.jsonl") if f.exists()]
     if logs:
         (out / "training_log.jsonl").write_text("".join(f.read_text() for f in logs))
         from qatlm.eval.plots import loss_curve
@@ -305,8 +318,12 @@ def cmd_train(a) -> int:
     from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
     from qatlm.model.checkpoint import check_out_dir, load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
 
-    if a.method != "e2e-qp":
-        raise QatlmError(f"unknown training method '{a.method}'; choose e2e-qp")
+    from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
+
+    methods = {"e2e-qp": (E2EQPConfig, train_e2e_qp), "dl-qat": (DLQATConfig, train_dl_qat)}
+    if a.method not in methods:
+        raise QatlmError(f"unknown training method '{a.method}'; choose {' or '.join(methods)}")
+    cfg_cls, train_fn = methods[a.method]
     state = PartialState(cpu=not torch.cuda.is_available())
     src, qc = read_quant_config(a.src)
     out = Path(a.out)
@@ -316,17 +333,21 @@ def cmd_train(a) -> int:
         if state.is_main_process and work.exists() and a.overwrite:
             shutil.rmtree(work)
     state.wait_for_everyone()
-    names = {f.name for f in dataclasses.fields(E2EQPConfig)}
-    config = E2EQPConfig(**{k: v for k, v in vars(a).items() if k in names})
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    config = cfg_cls(**{k: v for k, v in vars(a).items() if k in names})
     tok = load_tokenizer(src)
     if tok is None:
         raise QatlmError(f"{src} has no tokenizer files; training needs one")
     t0 = time.time()
     model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
-    summary = train_e2e_qp(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
+    summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
+    if "cost" in summary:
+        c = summary["cost"]
+        print(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
+              f"{c['lora_params']:,} ({100 * summary['trainable_fraction']:.2f}% of the model)", file=sys.stderr)
     if state.is_main_process:
         prev = qc.get("meta", {}).get("qatlm", {}).get("method", "gptq")
-        meta = {"method": f"{prev}+e2e-qp", "source": str(src), "seconds": round(time.time() - t0, 1)}
+        meta = {"method": f"{prev}+{a.method}", "source": str(src), "seconds": round(time.time() - t0, 1)}
         save_quantized(model, out, spec_from_config(qc), tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta)
         _save_training_report(summary, work, out)
         shutil.rmtree(work, ignore_errors=True)

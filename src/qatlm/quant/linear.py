@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, fake_quantize, fp16_ste, minmax_init, quantize_to_int
+from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, expand_groups, fake_quantize, fp16_ste, minmax_init, quantize_to_int, round_ste
 from qatlm.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 
@@ -183,3 +183,72 @@ class ScaleTrainLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed, trainable scales"
+
+
+class DLQATLinear(nn.Module):
+    """DL-QAT layer: ``W_int = clamp(round_STE(base + (α/r)·B·A), 0, qmax)``, ``Ŵ = (m ⊙ s)·(W_int − z)``.
+
+    ``base`` is ``W0/s + z`` (continuous, when the fp weight is known) or the stored integers (when
+    starting from a packed checkpoint); ``s``, ``z`` are frozen. Trainable: the LoRA factors ``A``
+    [r, in] and ``B`` [out, r] (B starts at 0, so training starts exactly at the initial quantized
+    model) and the magnitude ``m`` (one per group, or one per output channel), initialised to 1.
+    ``merge()`` computes the integers and ``fp16(m ⊙ s)`` with the very same operations, so the
+    packed layer reproduces the training-time forward pass bit for bit.
+    """
+
+    def __init__(self, base, scale, zero, bias, spec: QuantSpec, rank: int = 4, alpha: float | None = None,
+                 magnitude: str = "group", lora: bool = True, dtype=torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.out_features, self.in_features = base.shape
+        self.compute_dtype = dtype
+        self.register_buffer("base", base.float().contiguous())
+        self.register_buffer("s0", scale.float().contiguous())
+        self.register_buffer("z0", zero.round().clamp(0, spec.qmax).float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        groups = scale.shape[1]
+        self.m = nn.Parameter(torch.ones(self.out_features, groups if magnitude == "group" else 1))
+        self.rank = rank if lora else 0
+        self.scaling = (alpha if alpha is not None else float(max(rank, 1))) / max(rank, 1)
+        if self.rank:
+            self.A = nn.Parameter(torch.randn(rank, self.in_features) / self.in_features**0.5)
+            self.B = nn.Parameter(torch.zeros(self.out_features, rank))
+        else:
+            self.A = self.B = None
+
+    @classmethod
+    def from_fake_quant(cls, fq: FakeQuantLinear, **kw) -> "DLQATLinear":
+        """From an fp weight with its RTN grid: base = W0/s + z (s as stored, fp16)."""
+        q, z, s16 = fq.integers()
+        s = s16.float()
+        base = fq.weight.detach().float() / expand_groups(s, fq.spec, fq.in_features) + expand_groups(z.float(), fq.spec, fq.in_features)
+        return cls(base, s, z.float(), fq.bias, fq.spec, dtype=fq.weight.dtype, **kw)
+
+    @classmethod
+    def from_packed(cls, pk: PackedLinear, **kw) -> "DLQATLinear":
+        """From stored integers (e.g. Block-AP output): base = q."""
+        q, z = pk.integers()
+        return cls(q.float(), pk.scales.t().float(), z.float(), pk.bias, pk.spec, dtype=pk.compute_dtype, **kw)
+
+    def _codes(self, ste: bool) -> torch.Tensor:
+        v = self.base if not self.rank else self.base + self.scaling * (self.B @ self.A)
+        r = round_ste(v) if ste else torch.round(v)
+        return torch.clamp(r, 0, self.spec.qmax)
+
+    def _scale(self) -> torch.Tensor:
+        m = self.m if self.m.shape[1] == self.s0.shape[1] else self.m.expand_as(self.s0)
+        return (m * self.s0).clamp_min(MIN_SCALE)
+
+    def forward(self, x):
+        s = fp16_ste(self._scale())
+        w = expand_groups(s, self.spec, self.in_features) * (self._codes(ste=True) - expand_groups(self.z0, self.spec, self.in_features))
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> PackedLinear:
+        q = self._codes(ste=False).to(torch.int32)
+        return PackedLinear.from_integers(q, self.z0.to(torch.int32), self._scale().to(torch.float16), self.bias, self.spec,
+                                          dtype=self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, rank={self.rank}, magnitude={tuple(self.m.shape)}"

@@ -1,0 +1,160 @@
+"""DL-QAT (arXiv 2504.09223): end-to-end QAT that trains under 1 % of the parameters — a magnitude
+per quantization group on the step size and LoRA factors that move the weights inside the integer
+grid — and merges into a plain packed integer model with no extra inference cost.
+
+Runs on the shared end-to-end loop (``train_end_to_end``): same data modes, distributed training,
+checkpoint/resume and report as E2E-QP.
+
+Cost of each setting, per quantized layer [out, in] with group size g:
+- per-group magnitude: out·in/g values (1/g of the quantized weights: 0.78 % at g128, 1.56 % at g64);
+- per-channel magnitude: out values (1/in of the weights);
+- LoRA rank r: r·(in + out) values.
+The default rank is the largest r ≤ 16 with LoRA at most 0.2 % of the quantized weights (at least 1),
+which keeps the total under 1 % for group sizes ≥ 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from qatlm.errors import QatlmError
+from qatlm.methods.e2e_qp import E2EQPConfig, Trainable, train_end_to_end
+from qatlm.model.arch import replace_module
+from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear
+
+LORA_BUDGET = 0.002
+
+
+@dataclass
+class DLQATConfig(E2EQPConfig):
+    rank: int | None = None  # None: from LORA_BUDGET
+    alpha: float | None = None  # LoRA scaling numerator (default: rank, i.e. scaling 1)
+    magnitude: str = "group"  # "group" or "channel"
+    lora: bool = True
+    lr_lora: float = 5e-3
+    lr_magnitude: float = 1e-3
+    targets: str | None = None  # comma-separated name fragments (e.g. "q_proj,v_proj"); None: every quantized layer
+
+    def __post_init__(self):
+        if self.magnitude not in ("group", "channel"):
+            raise QatlmError(f"magnitude must be 'group' or 'channel', got '{self.magnitude}'")
+
+
+def _source_layers(model) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, FakeQuantLinear))}
+
+
+def auto_rank(shapes: list[tuple[int, int]], budget: float = LORA_BUDGET) -> int:
+    """Largest rank ≤ 16 whose LoRA factors cost at most ``budget`` of the quantized weights (≥ 1)."""
+    weights = sum(o * i for o, i in shapes)
+    per_rank = sum(o + i for o, i in shapes)
+    return max(1, min(16, int(budget * weights / per_rank)))
+
+
+def parameter_cost(shapes: list[tuple[int, int]], group_size: int, rank: int, magnitude: str = "group", lora: bool = True,
+                   total_params: int | None = None) -> dict:
+    """What DL-QAT trains for layers of these [out, in] shapes (works on meta-device models too)."""
+    quant = sum(o * i for o, i in shapes)
+    mag = sum(o * (-(-i // (i if group_size == -1 else group_size))) if magnitude == "group" else o for o, i in shapes)
+    lo = sum(rank * (o + i) for o, i in shapes) if lora else 0
+    total = total_params or quant
+    return {"quantized_weights": quant, "magnitude_params": mag, "lora_params": lo, "rank": rank if lora else 0,
+            "trainable_params": mag + lo, "fraction_of_model": (mag + lo) / total,
+            "magnitude_fraction": mag / total, "lora_fraction": lo / total}
+
+
+def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
+    src = _source_layers(model)
+    if config.targets:
+        keys = [t.strip() for t in config.targets.split(",") if t.strip()]
+        src = {n: m for n, m in src.items() if any(k in n for k in keys)}
+    if not src:
+        raise QatlmError("DL-QAT found no quantized layers to train (start from a quantized checkpoint or an RTN-initialised model)")
+    shapes = [(m.out_features, m.in_features) for m in src.values()]
+    rank = config.rank or auto_rank(shapes)
+    layers = {}
+    for name, m in src.items():
+        make = DLQATLinear.from_fake_quant if isinstance(m, FakeQuantLinear) else DLQATLinear.from_packed
+        layers[name] = make(m, rank=rank, alpha=config.alpha, magnitude=config.magnitude, lora=config.lora)
+        replace_module(model, name, layers[name])
+    mags = [m.m for m in layers.values()]
+    lora = [p for m in layers.values() if m.rank for p in (m.A, m.B)]
+    for p in mags + lora:
+        p.requires_grad_(True)
+    groups = [{"params": mags, "lr": config.lr_magnitude}] + ([{"params": lora, "lr": config.lr_lora}] if lora else [])
+
+    def merge():
+        for name, m in layers.items():
+            replace_module(model, name, m.merge())
+        # layers outside the targets that were still fake-quant (RTN init) are fixed to integers too
+        for name, m in list(model.named_modules()):
+            if isinstance(m, FakeQuantLinear):
+                replace_module(model, name, m.to_packed())
+        return len(layers)
+
+    spec = next(iter(layers.values())).spec
+    cost = parameter_cost(shapes, spec.group_size, rank, config.magnitude, config.lora)
+    return Trainable(groups, merge, {"lr_lora": config.lr_lora, "lr_magnitude": config.lr_magnitude, "cost": cost})
+
+
+def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=False, progress=True, cache_dir=None) -> dict:
+    """DL-QAT in place on a model whose quantized layers are packed or RTN fake-quant; merges at the end."""
+    return train_end_to_end(model, config, tokenizer, dlqat_trainable, "dl-qat", work_dir, resume, progress, cache_dir=cache_dir)
+
+
+@dataclass
+class RTNDLQATConfig(DLQATConfig):
+    """Recipe ``dl-qat``: RTN grid on the fp model (base = W0/s + z, continuous), then DL-QAT."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    lm_head: bool = False
+
+    @property
+    def spec(self):
+        from qatlm.quant.grid import QuantSpec
+
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.spec  # validates bits / group size
+
+
+def quantize_rtn_dlqat(model, config: RTNDLQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:
+    from qatlm.quant.apply import attach_fake_quant
+
+    if tokenizer is None:
+        raise QatlmError("dl-qat needs training text: pass a tokenizer")
+    attach_fake_quant(model, config.spec, lm_head=config.lm_head)
+    return {**train_dl_qat(model, config, tokenizer, work_dir=work_dir, resume=resume, progress=kw.get("progress", True)),
+            "method": "dl-qat"}
+
+
+@dataclass
+class BlockAPDLQATConfig(RTNDLQATConfig):
+    """Recipe ``efficientqat+dl-qat``: Block-AP (its own calibration settings), then DL-QAT from its integers."""
+
+    calib: str = "wikipedia"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    blockap_epochs: int = 2
+    input_mode: str = "quant"
+
+
+def quantize_blockap_dlqat(model, config: BlockAPDLQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:
+    from pathlib import Path
+
+    from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+
+    bap = BlockAPConfig(bits=config.bits, group_size=config.group_size, sym=config.sym, calib=config.calib,
+                        calib_samples=config.calib_samples, calib_seqlen=config.calib_seqlen, val_samples=config.val_samples,
+                        seed=config.seed, epochs=config.blockap_epochs, input_mode=config.input_mode)
+    work = Path(work_dir) if work_dir else None
+    s1 = quantize_block_ap(model, bap, tokenizer=tokenizer, work_dir=work, resume=resume, progress=kw.get("progress", True))
+    s2 = train_dl_qat(model, config, tokenizer, work_dir=work / "dlqat" if work else None, resume=resume,
+                      progress=kw.get("progress", True))
+    return {**s1, "method": "efficientqat+dl-qat", "dl_qat": s2}

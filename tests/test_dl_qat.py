@@ -1,0 +1,98 @@
+"""DL-QAT: starts at the quantized model, merges bit-exactly, trains < 1 % of the parameters, runs end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tiny import tiny_model, tiny_tokenizer
+
+from qatlm import RTNConfig, load_quantized, quantize, save_quantized
+from qatlm.methods.dl_qat import DLQATConfig, auto_rank, dlqat_trainable, parameter_cost, train_dl_qat
+from qatlm.quant.apply import attach_fake_quant, target_names
+from qatlm.quant.grid import QuantSpec
+from qatlm.quant.linear import DLQATLinear, PackedLinear
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("start", ["rtn-fp", "packed"])
+def test_merge_is_bit_exact(bits, start, tmp_path):
+    model = tiny_model("qwen2")
+    spec = QuantSpec(bits, 32)
+    ids = torch.randint(3, 320, (2, 16))
+    if start == "packed":
+        quantize(model, RTNConfig(bits, 32))
+    else:
+        attach_fake_quant(model, spec)
+    with torch.no_grad():
+        initial = model(ids).logits
+    t = dlqat_trainable(model, DLQATConfig(rank=4), total_steps=10)
+    layers = [m for m in model.modules() if isinstance(m, DLQATLinear)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, initial, rtol=0, atol=0)  # B = 0, m = 1: exactly the start
+        g = torch.Generator().manual_seed(bits)
+        for m in layers:  # what training would do: move codes across grid points, rescale groups
+            m.B.copy_(torch.randn(m.B.shape, generator=g) * 0.7)
+            m.m.copy_(1 + 0.1 * torch.randn(m.m.shape, generator=g))
+        trained = model(ids).logits
+    assert not torch.equal(trained, initial)
+    t.merge()
+    assert not any(isinstance(m, DLQATLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trained)
+    save_quantized(model, tmp_path / "q", spec)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, trained)
+
+
+def shapes_of(config):
+    with torch.device("meta"):
+        m = transformers.AutoModelForCausalLM.from_config(config)
+    return [(m.get_submodule(n).out_features, m.get_submodule(n).in_features) for n in target_names(m)], sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name,config", [
+    ("llama-7b", transformers.LlamaConfig()),
+    ("smollm2-135m", transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                              num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
+])
+def test_default_trains_under_one_percent_at_g128(name, config):
+    shapes, total = shapes_of(config)
+    rank = auto_rank(shapes)
+    c = parameter_cost(shapes, 128, rank, total_params=total)
+    assert c["fraction_of_model"] < 0.01, c
+    # magnitudes cost 1/g of the quantized weights; LoRA r·(in+out) per layer
+    assert c["magnitude_params"] == sum(o * -(-i // 128) for o, i in shapes)
+    assert c["lora_params"] == rank * sum(o + i for o, i in shapes)
+    assert parameter_cost(shapes, 128, rank, magnitude="channel", lora=False)["trainable_params"] == sum(o for o, _ in shapes)
+
+
+def test_training_lowers_validation_loss(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(600)))
+    model = tiny_model("llama")
+    quantize(model, RTNConfig(3, 32))
+    s = train_dl_qat(model, DLQATConfig(data=str(text), samples=16, seqlen=32, val_samples=4, epochs=3, batch_size=4, lr_lora=2e-2,
+                                        lr_magnitude=1e-2), tiny_tokenizer(), progress=False, cache_dir=tmp_path)
+    assert s["val_losses"][-1] < s["val_loss_before"]
+    assert all(isinstance(model.get_submodule(n), PackedLinear) for n in target_names(model))
+    assert s["cost"]["trainable_params"] == s["trainable_params"]
+
+
+def test_cli_train_dl_qat_from_checkpoint(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i}" for i in range(600)))
+    model = tiny_model("llama")
+    quantize(model, RTNConfig(4, 32))
+    save_quantized(model, tmp_path / "q", RTNConfig(4, 32).spec, tokenizer=tiny_tokenizer(), meta={"method": "rtn"})
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "qatlm.cli", "train", "--method", "dl-qat", "--from", str(tmp_path / "q"), "--data", str(text),
+                        "--samples", "8", "--seqlen", "32", "--val-samples", "2", "--batch-size", "4", "--rank", "2",
+                        "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "LoRA rank 2" in r.stderr
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert cfg["meta"]["qatlm"]["method"] == "rtn+dl-qat" and cfg["bits"] == 4
