@@ -69,12 +69,10 @@ def group_reduce(w: torch.Tensor, spec: QuantSpec, op: str) -> torch.Tensor:
     out_f, in_f = w.shape
     g = spec.group_width(in_f)
     n = spec.num_groups(in_f)
-    if n * g == in_f:
-        v = w.reshape(out_f, n, g)
-        return v.amin(-1) if op == "amin" else v.amax(-1)
-    idx = spec.g_idx(in_f).to(w.device, torch.int64).expand(out_f, in_f)
-    res = torch.zeros(out_f, n, dtype=w.dtype, device=w.device)
-    return res.scatter_reduce(1, idx, w, reduce=op, include_self=False)
+    if n * g != in_f:  # short last group: pad it with copies of its own last column (min/max unchanged)
+        w = torch.cat([w, w[:, -1:].expand(out_f, n * g - in_f)], dim=1)
+    v = w.reshape(out_f, n, g)
+    return v.amin(-1) if op == "amin" else v.amax(-1)
 
 
 def minmax_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

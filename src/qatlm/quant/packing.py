@@ -34,6 +34,10 @@ def pack_rows(values: torch.Tensor, bits: int, what: str = "row count") -> torch
     n, m = values.shape
     _check_rows(n, bits, what)
     vals, words = unit(bits)
+    if words == 1:  # 2, 4, 8 bits: value j of a word at shift bits*j
+        x = values.to(torch.int64).clamp(0, 2**bits - 1).view(n // vals, vals, m)
+        w = (x << torch.arange(0, 32, bits, dtype=torch.int64).view(1, vals, 1)).sum(dim=1)
+        return (w - ((w >> 31) & 1) * (1 << 32)).to(torch.int32)
     out = torch.empty(n // vals * words, m, dtype=torch.int32)
     bit_shift = torch.arange(bits, dtype=torch.int64).view(1, 1, bits, 1)
     word_shift = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
