@@ -106,3 +106,19 @@ def test_lm_head_option_quantizes_untied_head(tmp_path):
     save_quantized(model, tmp_path / "q", RTNConfig(8, 64).spec)
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(tmp_path / "q")(ids).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_dtype_casts_keep_fp16_step_sizes(tmp_path):
+    """Casting a packed model (as Block-AP does after training a block, or to bf16 on a GPU) keeps scales fp16."""
+    model = tiny_model("llama")
+    quantize(model, RTNConfig(bits=2, group_size=64))
+    before = {n: m.scales.clone() for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    model.to(torch.float64).to(torch.bfloat16).float()
+    for n, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            assert m.scales.dtype == torch.float16 and torch.equal(m.scales, before[n])
+    save_quantized(model, tmp_path / "q", RTNConfig(2, 64).spec)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    assert all(v.dtype == torch.float16 for k, v in stored.items() if k.endswith(".scales"))

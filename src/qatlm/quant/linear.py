@@ -72,6 +72,14 @@ class PackedLinear(nn.Module):
         self.cache_weight = False
         self._cached: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``/``.half()``/``.bfloat16()`` must not touch the stored step sizes: they stay fp16
+        (the format's dtype; a bf16 round trip would lose bits). Device moves still apply."""
+        scales = self._buffers["scales"]
+        super()._apply(fn, recurse)
+        self._buffers["scales"] = scales.to(self._buffers["scales"].device)
+        return self
+
     @classmethod
     def from_integers(cls, q, z, scale16, bias, spec: QuantSpec, dtype=torch.float32) -> "PackedLinear":
         out_f, in_f = q.shape
