@@ -179,6 +179,19 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
 
     parts = find_parts(model)
     layers = parts.layers
+    fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
+    progress_file = work / "progress.json" if work else None
+    done_blocks = 0
+    if work:
+        (work / "blocks").mkdir(parents=True, exist_ok=True)
+        if progress_file.exists():
+            state = json.loads(progress_file.read_text())
+            if not resume:
+                raise QatlmError(f"{work} holds an unfinished run (block {state['done']}/{len(layers)}): pass --resume to continue it, or --overwrite to start over")
+            if state["fingerprint"] != fingerprint:
+                raise QatlmError(f"cannot resume from {work}: it was started with other settings or calibration data")
+            done_blocks = state["done"]
+        _atomic_json(progress_file, {"fingerprint": fingerprint, "done": done_blocks, "blocks": len(layers)})
     # per-layer keyword arguments (rotary cos/sin, masks) recorded at batch 1 broadcast to any batch
     _, kwargs = capture_layer_inputs(model, all_ids[:1].to(device), parts)
     # layer-0 inputs of all samples, through the model's own embedding path
@@ -197,19 +210,6 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     compute_dtype = next(model.parameters()).dtype
     train_dtype = torch.float32
     steps_per_epoch = math.ceil(n_tr / config.batch_size)
-    fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
-    progress_file = work / "progress.json" if work else None
-    done_blocks = 0
-    if work:
-        (work / "blocks").mkdir(parents=True, exist_ok=True)
-        if progress_file.exists():
-            state = json.loads(progress_file.read_text())
-            if not resume:
-                raise QatlmError(f"{work} holds an unfinished run (block {state['done']}/{len(layers)}): pass --resume to continue it, or --overwrite to start over")
-            if state["fingerprint"] != fingerprint:
-                raise QatlmError(f"cannot resume from {work}: it was started with other settings or calibration data")
-            done_blocks = state["done"]
-        _atomic_json(progress_file, {"fingerprint": fingerprint, "done": done_blocks, "blocks": len(layers)})
     log = JsonLog(log_path or (work / "train_log.jsonl" if work else None))
     lrs = config.learning_rates(config.epochs * steps_per_epoch)
     summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [], "resumed_from_block": done_blocks}
