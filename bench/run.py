@@ -98,6 +98,28 @@ def run_one(a) -> dict:
             row["matmul_gflops"] = mm / 1e9
             row["throughput_fraction"] = summary["train_flops_per_s"] / mm
             row["block_mse"] = [{"block": b["block"], "rtn": b["rtn_mse"], "trained": b["trained_mse"]} for b in summary["blocks"]]
+        elif a.recipe.endswith("+dl-qat"):
+            from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
+            from qatlm.model.checkpoint import load_quantized
+            from qatlm.quant.apply import attach_fake_quant
+
+            base_recipe = a.recipe.split("+")[0]
+            cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
+            if base_recipe == "rtn":  # RTN grid on the fp weights: DL-QAT starts from the continuous W0/s + z
+                attach_fake_quant(model, cfg.spec)
+            else:
+                base = HERE / "work" / f"{base_recipe}-{a.setting}"
+                if not (base / "config.json").exists():
+                    raise SystemExit(f"{base} is missing: run the {base_recipe} row first")
+                del model
+                model = load_quantized(base)
+            dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
+            summary = train_dl_qat(model, dl, tok, progress=False)
+            row["calib"] = (f"{a.calib_samples}x{a.calib_seqlen} + " if base_recipe != "rtn" else "") + f"e2e {a.e2e_samples}x{a.calib_seqlen}"
+            row["trainable_fraction"] = summary["trainable_fraction"]
+            row["dlqat_cost"] = summary["cost"]
+            row["e2e_val_loss"] = [summary["val_loss_before"], summary["val_losses"][-1]]
+            row["e2e_wall_s"] = summary["seconds"]
         elif a.recipe.endswith("+e2e-qp"):
             from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
             from qatlm.model.checkpoint import load_quantized
