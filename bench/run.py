@@ -59,6 +59,16 @@ def matmul_flops(shapes, tokens: int, repeat: int = 3) -> float:
     return tot_flops / tot_t
 
 
+def load_base(recipe: str, setting: str):
+    """The packed checkpoint an earlier row of ``recipe`` saved for ``setting`` (composed recipes start there)."""
+    from qatlm.model.checkpoint import load_quantized
+
+    base = HERE / "work" / f"{recipe}-{setting}"
+    if not (base / "config.json").exists():
+        raise SystemExit(f"{base} is missing: run the {recipe} row first")
+    return load_quantized(base)
+
+
 def run_one(a) -> dict:
     import torch
 
@@ -100,7 +110,6 @@ def run_one(a) -> dict:
             row["block_mse"] = [{"block": b["block"], "rtn": b["rtn_mse"], "trained": b["trained_mse"]} for b in summary["blocks"]]
         elif a.recipe.endswith("+dl-qat"):
             from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
-            from qatlm.model.checkpoint import load_quantized
             from qatlm.quant.apply import attach_fake_quant
 
             base_recipe = a.recipe.split("+")[0]
@@ -108,11 +117,8 @@ def run_one(a) -> dict:
             if base_recipe == "rtn":  # RTN grid on the fp weights: DL-QAT starts from the continuous W0/s + z
                 attach_fake_quant(model, cfg.spec)
             else:
-                base = HERE / "work" / f"{base_recipe}-{a.setting}"
-                if not (base / "config.json").exists():
-                    raise SystemExit(f"{base} is missing: run the {base_recipe} row first")
                 del model
-                model = load_quantized(base)
+                model = load_base(base_recipe, a.setting)
             dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
             summary = train_dl_qat(model, dl, tok, progress=False)
             row["calib"] = (f"{a.calib_samples}x{a.calib_seqlen} + " if base_recipe != "rtn" else "") + f"e2e {a.e2e_samples}x{a.calib_seqlen}"
@@ -122,13 +128,9 @@ def run_one(a) -> dict:
             row["e2e_wall_s"] = summary["seconds"]
         elif a.recipe.endswith("+e2e-qp"):
             from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
-            from qatlm.model.checkpoint import load_quantized
 
-            base = HERE / "work" / f"{a.recipe.split('+')[0]}-{a.setting}"
-            if not (base / "config.json").exists():
-                raise SystemExit(f"{base} is missing: run the {a.recipe.split('+')[0]} row first")
             del model
-            model = load_quantized(base)
+            model = load_base(a.recipe.split("+")[0], a.setting)
             e2e = E2EQPConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
