@@ -86,7 +86,7 @@ def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
     return model.to(device).eval()
 
 
-def _tied_duplicates(model: nn.Module, sd: dict) -> set[str]:
+def _tied_duplicates(sd: dict) -> set[str]:
     """State-dict keys that share storage with an earlier key (tied embeddings)."""
     seen, dup = {}, set()
     for k, v in sd.items():
@@ -126,7 +126,7 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
 
     def build(tmp: Path):
         sd = model.state_dict()
-        for k in _tied_duplicates(model, sd):
+        for k in _tied_duplicates(sd):
             sd.pop(k)
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         if dtype is not None:
