@@ -133,3 +133,24 @@ def test_save_dtype_float16_halves_unquantized_tensors(model_dir, tmp_path, caps
     with torch.no_grad():
         la, lb = load_quantized(a)(ids).logits, load_quantized(b)(ids).logits
     assert lb.dtype == torch.float32 and (la - lb).abs().max() < 1e-2 * la.abs().max()
+
+
+def test_compare_writes_table_json_and_chart(tmp_path, capsys):
+    from tiny import tiny_tokenizer
+
+    fp = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(fp)
+    tiny_tokenizer().save_pretrained(fp)
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i}" for i in range(400)))
+    q = tmp_path / "q"
+    assert run_cli(["quantize", "--model", fp, "--bits", 4, "--group-size", 32, "--out", q], capsys)[0] == 0
+    out = tmp_path / "report"
+    code, table, err = run_cli(["compare", fp, q, "--heldout", text, "--seqlen", 64, "--ppl-windows", 4, "--tasks", "none",
+                                "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["recipe"] for r in rows] == ["fp", "rtn"] and rows[1]["setting"] == "w4g32"
+    assert all(r["heldout_ppl"] > 1 for r in rows) and rows[1]["size_on_disk_mib"] < rows[0]["size_on_disk_mib"]
+    assert "| fp32 |" in table and "| w4g32 |" in table and (out / "report.png").stat().st_size > 1000
+    assert (out / "report.md").read_text().count("\n|") >= 3
