@@ -80,6 +80,7 @@ def test_training_lowers_validation_loss(tmp_path):
     assert s["val_losses"][-1] < s["val_loss_before"]
     assert all(isinstance(model.get_submodule(n), PackedLinear) for n in target_names(model))
     assert s["cost"]["trainable_params"] == s["trainable_params"]
+    assert s["cost"]["fraction_of_model"] == pytest.approx(s["trainable_fraction"])
 
 
 def test_cli_train_dl_qat_from_checkpoint(tmp_path):

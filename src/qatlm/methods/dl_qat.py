@@ -73,6 +73,8 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     if not src:
         raise QatlmError("DL-QAT found no quantized layers to train (start from a quantized checkpoint or an RTN-initialised model)")
     shapes = [(m.out_features, m.in_features) for m in src.values()]
+    model_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".scale", ".zero"))) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
     rank = config.rank or auto_rank(shapes)
     layers = {}
     for name, m in src.items():
@@ -95,7 +97,7 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
         return len(layers)
 
     spec = next(iter(layers.values())).spec
-    cost = parameter_cost(shapes, spec.group_size, rank, config.magnitude, config.lora)
+    cost = parameter_cost(shapes, spec.group_size, rank, config.magnitude, config.lora, total_params=model_params)
     return Trainable(groups, merge, {"lr_lora": config.lr_lora, "lr_magnitude": config.lr_magnitude, "cost": cost})
 
 
