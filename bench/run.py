@@ -134,7 +134,8 @@ def run_one(a) -> dict:
             e2e = E2EQPConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
-            row["calib"] = f"{a.calib_samples}x{a.calib_seqlen} + e2e {a.e2e_samples}x{a.calib_seqlen}"
+            base_calib = "" if a.recipe.startswith("rtn+") else f"{a.calib_samples}x{a.calib_seqlen} + "
+            row["calib"] = f"{base_calib}e2e {a.e2e_samples}x{a.calib_seqlen}"
             row["e2e_lr"], row["e2e_steps"] = summary["lr"], summary["steps"]
             row["e2e_val_loss"] = [summary["val_loss_before"], summary["val_losses"][-1]]
             row["e2e_wall_s"] = summary["seconds"]
