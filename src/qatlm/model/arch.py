@@ -79,7 +79,8 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, parts: ModelParts | None = None, stop_early: bool = True):
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, parts: ModelParts | None = None, stop_early: bool = True,
+                         stop_at: int | None = None):
     """Run the model once and record what each decoder layer receives.
 
     Returns ``(hidden, kwargs_per_layer)``: the hidden states entering layer 0 and, for every layer,
@@ -88,6 +89,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, parts: Model
     """
     parts = parts or find_parts(model)
     n = len(parts.layers)
+    last = n - 1 if stop_at is None else stop_at
     hidden, kwargs_list = [None], [None] * n
 
     def hook(i):
@@ -104,7 +106,7 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, parts: Model
             kwargs_list[i] = kw
             if i == 0:
                 hidden[0] = h
-            if stop_early and i == n - 1:
+            if stop_early and i == last:
                 raise _Stop
 
         return pre
@@ -130,18 +132,4 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 @torch.no_grad()
 def first_layer_input(model: nn.Module, input_ids: torch.Tensor, parts: ModelParts | None = None) -> torch.Tensor:
     """The hidden states entering decoder layer 0 (the model's own embedding path, scaling included)."""
-    parts = parts or find_parts(model)
-    got = {}
-
-    def pre(mod, args, kwargs):
-        got["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    handle = parts.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return got["h"]
+    return capture_layer_inputs(model, input_ids, parts, stop_at=0)[0]
