@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("QATLM_BENCH_RESULTS", HERE / "results"))
 
 
 def parse_setting(s: str):
@@ -41,32 +41,38 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def matmul_flops(shapes, tokens: int, repeat: int = 3) -> float:
-    """fp32 FLOP/s of forward + backward matmuls (x·Wᵀ, dy·W, dyᵀ·x) on the given linear shapes."""
+def matmul_flops(shapes, tokens: int, repeat: int = 3, device: str = "cpu") -> float:
+    """FLOP/s of forward + backward matmuls (x·Wᵀ, dy·W, dyᵀ·x) on the given linear shapes, in the
+    precision training computes in: fp32 on CPU, bf16 on GPU (autocast)."""
     import torch
 
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    repeat = repeat if device == "cpu" else 50
     tot_flops, tot_t = 0.0, 0.0
     for out_f, in_f in shapes:
-        x, w, dy = torch.randn(tokens, in_f), torch.randn(out_f, in_f), torch.randn(tokens, out_f)
+        x, w, dy = (torch.randn(*s, device=device, dtype=dtype) for s in ((tokens, in_f), (out_f, in_f), (tokens, out_f)))
         x @ w.t()  # warm up
+        sync()
         t = time.perf_counter()
         for _ in range(repeat):
             x @ w.t()
             dy @ w
             dy.t() @ x
+        sync()
         tot_t += time.perf_counter() - t
         tot_flops += repeat * 6.0 * tokens * in_f * out_f
     return tot_flops / tot_t
 
 
-def load_base(recipe: str, setting: str):
+def load_base(recipe: str, setting: str, device: str = "cpu"):
     """The packed checkpoint an earlier row of ``recipe`` saved for ``setting`` (composed recipes start there)."""
     from qatlm.model.checkpoint import load_quantized
 
     base = HERE / "work" / f"{recipe}-{setting}"
     if not (base / "config.json").exists():
         raise SystemExit(f"{base} is missing: run the {recipe} row first")
-    return load_quantized(base)
+    return load_quantized(base, device=device)
 
 
 def run_one(a) -> dict:
@@ -80,7 +86,8 @@ def run_one(a) -> dict:
 
     torch.manual_seed(0)
     fp_dir = default_model_dir()
-    settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None, tasks=tuple(a.tasks.split(",")) if a.tasks else ())
+    settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None, tasks=tuple(a.tasks.split(",")) if a.tasks else (),
+                            device=a.device, zeroshot_engine=a.zeroshot_engine)
     row = {"model": MODEL_NAME, "recipe": a.recipe, "device": device_name()}
     t0 = time.time()
     if a.recipe == "fp":
@@ -88,7 +95,7 @@ def run_one(a) -> dict:
         row.update(bits=32, group_size=None, calib=None)
     else:
         bits, group = parse_setting(a.setting)
-        model, tok = load_fp_model(fp_dir), load_tokenizer(fp_dir)
+        model, tok = load_fp_model(fp_dir, device=a.device), load_tokenizer(fp_dir)
         row.update(bits=bits, group_size=group)
         if a.recipe == "rtn":
             cfg = RTNConfig(bits, group)
@@ -103,7 +110,7 @@ def run_one(a) -> dict:
             inter = model.config.intermediate_size
             kv = model.config.num_key_value_heads * model.config.head_dim
             shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
-            mm = matmul_flops(shapes, cfg.batch_size * cfg.calib_seqlen)
+            mm = matmul_flops(shapes, cfg.batch_size * cfg.calib_seqlen, device=a.device)
             row["train_gflops"] = summary["train_flops_per_s"] / 1e9
             row["matmul_gflops"] = mm / 1e9
             row["throughput_fraction"] = summary["train_flops_per_s"] / mm
@@ -118,7 +125,7 @@ def run_one(a) -> dict:
                 attach_fake_quant(model, cfg.spec)
             else:
                 del model
-                model = load_base(base_recipe, a.setting)
+                model = load_base(base_recipe, a.setting, a.device)
             dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
             summary = train_dl_qat(model, dl, tok, progress=False)
             row["calib"] = (f"{a.calib_samples}x{a.calib_seqlen} + " if base_recipe != "rtn" else "") + f"e2e {a.e2e_samples}x{a.calib_seqlen}"
@@ -130,7 +137,7 @@ def run_one(a) -> dict:
             from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
 
             del model
-            model = load_base(a.recipe.split("+")[0], a.setting)
+            model = load_base(a.recipe.split("+")[0], a.setting, a.device)
             e2e = E2EQPConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
@@ -143,6 +150,8 @@ def run_one(a) -> dict:
             raise SystemExit(f"unknown recipe {a.recipe}")
         row["quant_wall_s"] = round(time.time() - t0, 1)
         row["quant_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if a.device != "cpu":
+            row["quant_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         path = HERE / "work" / f"{a.recipe}-{a.setting}"
         save_quantized(model, path, cfg.spec, tokenizer=tok, overwrite=True, meta={"method": a.recipe})
         del model
@@ -189,8 +198,11 @@ def markdown(rows) -> str:
             f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | {r['device']} |"
         )
     proto = rows[0]
+    engines = sorted({r.get("zeroshot_engine", "lm-eval") for r in rows})
     note = (f"\nModel {proto['model']}; held-out: Shakespeare, {proto['ppl_protocol']}; zero-shot: piqa, arc_easy, "
-            f"arc_challenge, hellaswag, winogrande, 0-shot acc, first {proto['zeroshot_limit']} items each (lm-eval).\n")
+            f"arc_challenge, hellaswag, winogrande, 0-shot acc, first {proto['zeroshot_limit']} items each "
+            f"(scored by {' / '.join(engines)}; 'plain' is qatlm's own PyTorch scorer of the same items, used where lm-eval is not installed).\n"
+            "CPU rows compute in fp32; GPU rows hold bf16 weights and train under bf16 autocast with fp32 master copies.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -205,8 +217,15 @@ def main():
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 weights, bf16 autocast training with fp32 master copies")
+    ap.add_argument("--zeroshot-engine", default="lm-eval", choices=("lm-eval", "plain"),
+                    help="plain: qatlm's own PyTorch scorer of the same items (checked equal to lm-eval in the tests); for machines without lm-eval")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge rows measured elsewhere (e.g. on a GPU machine) into the results and exit")
     ap.add_argument("--one", nargs=2, metavar=("RECIPE", "SETTING"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.merge:
+        save_rows([r for f in a.merge for r in json.loads(Path(f).read_text())])
+        return
     if a.one:
         a.recipe, a.setting = a.one
         a.setting = None if a.setting == "-" else a.setting
@@ -221,7 +240,8 @@ def main():
     for recipe, setting in jobs:
         cmd = [sys.executable, __file__, "--one", recipe, setting] + [
             f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}",
-            f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}"]
+            f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
+            f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
         print(f"== {recipe} {setting}", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qatlm.errors import QatlmError
 
 
@@ -20,6 +22,7 @@ class EvalSettings:
     batch_size: int = 8
     device: str = "cpu"
     cache_dir: str | None = None
+    zeroshot_engine: str = "lm-eval"  # or "plain": the independent PyTorch scorer (same items, same prompts)
 
 
 def load_any(path, device="cpu"):
@@ -46,7 +49,8 @@ def load_any(path, device="cpu"):
         model = load_fp_model(p, device=device)
         files = [f for f in p.rglob("*") if f.is_file()]
         dtype_bits = next(model.parameters()).element_size() * 8
-        desc = {"recipe": "fp", "bits": dtype_bits, "group_size": None, "setting": f"fp{dtype_bits}", "bits_per_weight": dtype_bits,
+        dname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, f"fp{dtype_bits}")
+        desc = {"recipe": "fp", "bits": dtype_bits, "group_size": None, "setting": dname, "bits_per_weight": dtype_bits,
                 "size_on_disk_mib": sum(f.stat().st_size for f in files) / 2**20}
     tok = load_tokenizer(p)
     if tok is None:
@@ -57,7 +61,7 @@ def load_any(path, device="cpu"):
 def evaluate(path, settings: EvalSettings, label: str | None = None, progress: bool = True) -> dict:
     from qatlm.data.text import token_ids
     from qatlm.eval.perplexity import perplexity
-    from qatlm.eval.zeroshot import average, evaluate_lm_eval
+    from qatlm.eval.zeroshot import average, evaluate_lm_eval, evaluate_plain
 
     t0 = time.time()
     model, tok, row = load_any(path, settings.device)
@@ -67,7 +71,13 @@ def evaluate(path, settings: EvalSettings, label: str | None = None, progress: b
     row["heldout_ppl"] = perplexity(model, ids, settings.seqlen, settings.ppl_windows, progress=progress)
     row["ppl_protocol"] = f"{settings.ppl_windows or 'all'} windows x {settings.seqlen} tokens"
     if settings.tasks:
-        zs = evaluate_lm_eval(model, tok, settings.tasks, settings.limit, settings.batch_size, settings.cache_dir)
+        if settings.zeroshot_engine == "plain":
+            zs = evaluate_plain(model, tok, settings.tasks, settings.limit, settings.cache_dir)
+        elif settings.zeroshot_engine == "lm-eval":
+            zs = evaluate_lm_eval(model, tok, settings.tasks, settings.limit, settings.batch_size, settings.cache_dir)
+        else:
+            raise QatlmError(f"unknown zero-shot engine '{settings.zeroshot_engine}': use lm-eval or plain")
+        row["zeroshot_engine"] = settings.zeroshot_engine
         row["zeroshot"] = zs
         row["zeroshot_avg"] = average(zs)
         row["zeroshot_limit"] = settings.limit

@@ -144,6 +144,15 @@ def evaluate_lm_eval(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = No
     return out
 
 
+def evaluate_plain(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None, cache_dir=None) -> dict:
+    """The same items scored by ``score_plain`` (no lm-eval needed); {task: {acc, acc_norm?, n}}."""
+    out = {}
+    for t in tasks:
+        docs = load_docs(t, limit, cache_dir)
+        out[t] = {**score_plain(model, tokenizer, t, docs), "n": len(docs)}
+    return out
+
+
 def average(results: dict) -> float:
     """The EfficientQAT average: mean of per-task ``acc`` over the tasks present."""
     return sum(r["acc"] for r in results.values()) / len(results)
