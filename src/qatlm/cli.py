@@ -21,6 +21,8 @@ def _add_quant_args(p: argparse.ArgumentParser):
     p.add_argument("--group-size", type=int, default=128, help="columns per quantization group, -1 = per output channel (default 128)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric")
     p.add_argument("--lm-head", action="store_true", help="also quantize the LM head (default: keep it in full precision)")
+    p.add_argument("--v1-zeros", action="store_true",
+                   help="keep every zero point >= 1 (initialisation and training), so that `qatlm export --format gptq-v1` is exact")
 
 
 def _add_train_args(p: argparse.ArgumentParser):
@@ -155,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(d)
     _add_eval_args(d, limit=50)
     _add_common(d)
+
+    x = sub.add_parser("export", help="write a packed checkpoint in another runtime's format (gptq, gptq-v1, gguf, compressed-tensors)")
+    x.add_argument("src", help="qatlm / GPTQ checkpoint folder")
+    x.add_argument("--format", required=True, help="gptq (v2), gptq-v1, gguf (llama.cpp) or compressed-tensors (vLLM)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--float-type", default="f16", help="gguf: storage of the tensors that are not quantized, f16 (default) or f32")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    g = sub.add_parser("generate", help="generate text with a checkpoint (qatlm packed or full precision), streamed")
+    g.add_argument("path", nargs="?", help="checkpoint folder (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--prompt", required=True, help="the prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--kernel", default="cache", help="packed layers: cache (dequantize once, fastest; default), int4 (torch's CPU int4 "
+                   "matmul where the grid allows: no float weights in memory), or plain (dequantize every call)")
+    g.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
 
     i = sub.add_parser("info", help="describe a packed checkpoint: bits, group size, size on disk, compression")
     i.add_argument("path", help="checkpoint folder")
@@ -356,7 +374,67 @@ def cmd_train(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}
+def cmd_export(a) -> int:
+    from qatlm.export import FORMATS, export_checkpoint
+
+    fmt = a.format.lower().replace("_", "-")
+    fmt = {"gptq-v2": "gptq", "ct": "compressed-tensors"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise QatlmError(f"unknown export format '{a.format}'; choose one of {', '.join(FORMATS)}")
+    print(f"exporting {a.src} as {fmt} ...", file=sys.stderr)
+    r = export_checkpoint(a.src, fmt, a.out, overwrite=a.overwrite, float_type=a.float_type)
+    if r.get("warning"):
+        print(f"qatlm: warning: {r['warning']}", file=sys.stderr)
+    checks = []
+    if "reload_max_logit_diff" in r:
+        checks.append(f"reloaded, logits identical (max diff {r['reload_max_logit_diff']:.3g})")
+    if "max_abs_error" in r:
+        checks.append(f"{r['tensors']} tensors decoded with gguf's dequantizer, max weight error {r['max_abs_error']:.3g} "
+                      f"({r['max_error_in_steps']:.2g} of a step), type {r['ggml_type']}")
+    if fmt == "compressed-tensors":
+        checks.append("every layer decompressed by compressed-tensors to the identical weights")
+    print(f"wrote {a.out} ({r['size_bytes'] / 2**20:.1f} MiB) in {r['seconds']}s; " + "; ".join(checks), file=sys.stderr)
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from transformers import TextStreamer
+
+    from qatlm.eval.report import load_any
+    from qatlm.quant.apply import packed_layers, set_kernel
+
+    path = a.path or str(_resolve_model(None, a.cache_dir))
+    t0 = time.time()
+    model, tok, desc = load_any(path)
+    kernels = set_kernel(model, a.kernel) if packed_layers(model) else {}
+    load_s = time.time() - t0
+    if a.chat:
+        if not tok.chat_template:
+            raise QatlmError(f"{path} has no chat template; drop --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = a.prompt
+    ids = tok(text, return_tensors="pt", add_special_tokens=not a.chat)
+    if a.max_new_tokens < 1:
+        raise QatlmError("--max-new-tokens must be at least 1")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    t1 = time.time()
+    with torch_no_grad():
+        out = model.generate(**ids, max_new_tokens=a.max_new_tokens, do_sample=False, streamer=streamer,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    n = out.shape[1] - ids["input_ids"].shape[1]
+    dt = time.time() - t1
+    print(f"\n[{desc['setting']}, kernels {kernels or 'fp'}; loaded in {load_s:.1f}s; {n} tokens in {dt:.1f}s = {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,7 @@ class BlockAPConfig:
     bits: int = 2
     group_size: int = 64
     sym: bool = False
+    v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
     lm_head: bool = False
     calib: str = "wikipedia"
     calib_samples: int = 128
@@ -74,7 +75,7 @@ class BlockAPConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
 
     def learning_rates(self, steps: int) -> tuple[float, float]:
         """(lr_quant, lr_weight). Unset ones keep the paper's lr x steps budget: the paper trains each

@@ -113,13 +113,14 @@ class RTNDLQATConfig(DLQATConfig):
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
     lm_head: bool = False
 
     @property
     def spec(self):
         from qatlm.quant.grid import QuantSpec
 
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
 
     def __post_init__(self):
         super().__post_init__()

@@ -15,6 +15,7 @@ class RTNConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
     lm_head: bool = False
 
     def __post_init__(self):
@@ -22,7 +23,7 @@ class RTNConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
 
 
 def quantize_rtn(model: nn.Module, config: RTNConfig, **_) -> dict:

@@ -98,21 +98,24 @@ def _tied_duplicates(sd: dict) -> set[str]:
     return dup
 
 
-def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool = False) -> dict:
+def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool = False, checkpoint_format: str = "gptq_v2") -> dict:
+    meta = dict(meta or {})
+    if spec.zero_min:
+        meta["zero_min"] = spec.zero_min
     return {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
         "sym": spec.sym,
         "desc_act": False,
-        "checkpoint_format": "gptq_v2",
+        "checkpoint_format": checkpoint_format,
         "lm_head": lm_head,
-        "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta or {}},
+        "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta},
     }
 
 
 def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None,
-                   dtype: torch.dtype | None = None) -> Path:
+                   dtype: torch.dtype | None = None, checkpoint_format: str = "gptq_v2", in_place: bool = False) -> Path:
     """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint.
 
     ``dtype``: storage dtype of the tensors that are not quantized (embeddings, norms, head); default:
@@ -136,7 +139,7 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
         cfg = json.loads((tmp / "config.json").read_text())
         if dtype is not None:
             cfg["dtype"] = str(dtype).removeprefix("torch.")
-        cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed))
+        cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed), checkpoint_format=checkpoint_format)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -144,7 +147,10 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    atomic_dir(out, build)
+    if in_place:
+        build(out)
+    else:
+        atomic_dir(out, build)
     return out
 
 
@@ -191,7 +197,8 @@ def read_quant_config(path) -> tuple[Path, dict]:
 
 
 def spec_from_config(qc: dict) -> QuantSpec:
-    return QuantSpec(bits=int(qc["bits"]), group_size=int(qc["group_size"]), sym=bool(qc.get("sym", False)))
+    zmin = int(((qc.get("meta") or {}).get("qatlm") or {}).get("zero_min", 0))
+    return QuantSpec(bits=int(qc["bits"]), group_size=int(qc["group_size"]), sym=bool(qc.get("sym", False)), zero_min=zmin)
 
 
 def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):

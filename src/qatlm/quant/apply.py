@@ -53,3 +53,23 @@ def pack_model(model: nn.Module) -> int:
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def set_kernel(model: nn.Module, kernel: str = "auto") -> dict:
+    """How packed layers compute at inference: ``plain`` (dequantize each call), ``cache`` (dequantize
+    once, keep the float weight), ``int4`` (torch's CPU int4 matmul; layers it does not apply to fall
+    back to ``cache``). Returns {kernel: number of layers}."""
+    if kernel not in ("plain", "cache", "int4"):
+        raise QatlmError(f"unknown kernel '{kernel}': use cache, int4 or plain")
+    counts: dict[str, int] = {}
+    for m in packed_layers(model).values():
+        m._int4, m._cached = None, None
+        used = "plain"
+        if kernel == "int4" and m.use_int4_kernel():
+            used = "int4"
+        elif kernel != "plain":
+            m.cache_weight, used = True, "cache"
+        else:
+            m.cache_weight = False
+        counts[used] = counts.get(used, 0) + 1
+    return counts

@@ -30,8 +30,11 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    zero_min: int = 0  # 1 keeps every zero point >= 1, so that a GPTQ v1 export (stored zero - 1) is exact
 
     def __post_init__(self):
+        if self.zero_min not in (0, 1):
+            raise QatlmError(f"zero_min must be 0 or 1, not {self.zero_min}")
         if self.bits not in SUPPORTED_BITS:
             raise QatlmError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
@@ -86,7 +89,7 @@ def minmax_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
     else:
         scale = ((wmax - wmin) / spec.qmax).clamp_min(MIN_SCALE)
-        zero = (-wmin / scale).round().clamp(0, spec.qmax)
+        zero = (-wmin / scale).round().clamp(spec.zero_min, spec.qmax)
     return scale, zero
 
 
@@ -117,9 +120,9 @@ class _FakeQuantGrouped(torch.autograd.Function):
     dŵ/ds = q − z, dŵ/dz = −s."""
 
     @staticmethod
-    def forward(ctx, w, scale, zero, qmax):
+    def forward(ctx, w, scale, zero, qmax, zmin):
         s = scale.unsqueeze(-1)
-        z = zero.round().clamp(0, qmax).unsqueeze(-1)
+        z = zero.round().clamp(zmin, qmax).unsqueeze(-1)
         ws = w / s
         raw = torch.round(ws) + z
         inside = (raw >= 0) & (raw <= qmax)
@@ -133,7 +136,7 @@ class _FakeQuantGrouped(torch.autograd.Function):
         gw = g * inside
         gs = (g * (qz - ws * inside)).sum(-1)
         gz = -(g * ~inside * s).sum(-1)
-        return gw, gs, gz, None
+        return gw, gs, gz, None, None
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -145,7 +148,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     out_f, in_f = w.shape
     n, g = scale.shape[1], spec.group_width(in_f)
     if n * g == in_f:
-        return _FakeQuantGrouped.apply(w.reshape(out_f, n, g), scale, zero, spec.qmax).reshape(out_f, in_f)
+        return _FakeQuantGrouped.apply(w.reshape(out_f, n, g), scale, zero, spec.qmax, spec.zero_min).reshape(out_f, in_f)
     return fake_quantize_reference(w, scale, zero, spec)
 
 
@@ -153,7 +156,7 @@ def fake_quantize_reference(w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     """The same function composed from autograd ops (any group layout, ragged last group included)."""
     in_f = w.shape[1]
     s = expand_groups(scale, spec, in_f)
-    z = expand_groups(round_ste(zero).clamp(0, spec.qmax), spec, in_f)
+    z = expand_groups(round_ste(zero).clamp(spec.zero_min, spec.qmax), spec, in_f)
     q = torch.clamp(round_ste(w / s) + z, 0, spec.qmax)
     return s * (q - z)
 
@@ -162,7 +165,7 @@ def fake_quantize_reference(w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 def quantize_to_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
     """Integers of ``w`` on the grid: ``(q[out, in] int32, z[out, groups] int32)``, both clamped to range."""
     in_f = w.shape[1]
-    z = zero.round().clamp(0, spec.qmax)
+    z = zero.round().clamp(spec.zero_min, spec.qmax)
     q = torch.clamp(torch.round(w.float() / expand_groups(scale.float(), spec, in_f)) + expand_groups(z, spec, in_f), 0, spec.qmax)
     return q.to(torch.int32), z.to(torch.int32)
 

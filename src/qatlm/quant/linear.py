@@ -71,6 +71,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.cache_weight = False
         self._cached: torch.Tensor | None = None
+        self._int4 = None  # (int4-packed weight, scales-and-offsets, group) for torch's CPU int4 matmul
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``/``.half()``/``.bfloat16()`` must not touch the stored step sizes: they stay fp16
@@ -106,11 +107,30 @@ class PackedLinear(nn.Module):
             self._cached = w
         return w
 
+    def use_int4_kernel(self) -> bool:
+        """Compute with torch's CPU int4 matmul (no float weight is ever materialised), when the grid
+        is 4-bit with a group of 32/64/128/256 dividing the width. ``w = s·(q − z) = s·(q − 8) + s·(8 − z)``
+        is exactly the kernel's ``scale·(q − 8) + offset`` form. Returns whether it applies."""
+        g = self.spec.group_width(self.in_features)
+        op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+        if self.spec.bits != 4 or g not in (32, 64, 128, 256) or self.in_features % g or self.qweight.device.type != "cpu" or op is None:
+            return False
+        q, z = self.integers()
+        s = self.scales.t().float()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self._int4 = (packed, torch.stack([s.t(), (s * (8 - z.float())).t()], dim=-1).contiguous(), g)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int4 is not None and x.device.type == "cpu":
+            packed, sz, g = self._int4
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed, g, sz.to(x.dtype))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed"
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed{', int4 kernel' if self._int4 else ''}"
 
 
 class _ScaleOnlyLinearFn(torch.autograd.Function):
@@ -136,7 +156,7 @@ class _ScaleOnlyLinearFn(torch.autograd.Function):
         gx = gy.matmul(w.to(gy.dtype))
         gw = gy.reshape(-1, gy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # [out, in]
         g = layer.spec.group_width(layer.in_features)
-        z_full = torch.clamp(torch.round(zero), 0, layer.spec.qmax)
+        z_full = torch.clamp(torch.round(zero), layer.spec.zero_min, layer.spec.qmax)
         qz = q.float() - z_full.repeat_interleave(g, dim=1)[:, : layer.in_features]
         gs = _group_sum(gw * qz, layer.spec, layer.in_features)
         gz = None
@@ -173,19 +193,19 @@ class ScaleTrainLinear(nn.Module):
 
     def weight_from(self, scale, zero) -> torch.Tensor:
         q, _ = self.integers()
-        z = torch.clamp(torch.round(zero), 0, self.spec.qmax)
+        z = torch.clamp(torch.round(zero), self.spec.zero_min, self.spec.qmax)
         return dequantize(q, scale.float(), z, self.spec)
 
     def forward(self, x):
         s = fp16_ste(self.scale.clamp_min(MIN_SCALE))
-        z = self.zero + (torch.round(self.zero).clamp(0, self.spec.qmax) - self.zero).detach()  # STE round+clamp
+        z = self.zero + (torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax) - self.zero).detach()  # STE round+clamp
         y = _ScaleOnlyLinearFn.apply(x, s, z, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def to_packed(self) -> PackedLinear:
         q, _ = self.integers()
-        z = torch.round(self.zero).clamp(0, self.spec.qmax).to(torch.int32)
+        z = torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax).to(torch.int32)
         s16 = self.scale.float().clamp_min(MIN_SCALE).to(torch.float16)
         return PackedLinear.from_integers(q, z, s16, self.bias, self.spec, dtype=self.compute_dtype)
 
@@ -212,7 +232,7 @@ class DLQATLinear(nn.Module):
         self.compute_dtype = dtype
         self.register_buffer("base", base.float().contiguous())
         self.register_buffer("s0", scale.float().contiguous())
-        self.register_buffer("z0", zero.round().clamp(0, spec.qmax).float().contiguous())
+        self.register_buffer("z0", zero.round().clamp(spec.zero_min, spec.qmax).float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         groups = scale.shape[1]
         self.m = nn.Parameter(torch.ones(self.out_features, groups if magnitude == "group" else 1))

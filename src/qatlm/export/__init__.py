@@ -1,0 +1,133 @@
+"""``qatlm export SRC --format F --out DIR``: a packed qatlm checkpoint in the layout another runtime loads.
+
+| format               | for                                   | exact?                                                  |
+|----------------------|---------------------------------------|---------------------------------------------------------|
+| `gptq` (v2)          | transformers + gptqmodel, vLLM, qatlm | bit-exact (the native layout)                           |
+| `gptq-v1`            | older GPTQ loaders (stored zero − 1)  | bit-exact; refused when a zero point is 0 (`--v1-zeros`) |
+| `gguf`               | llama.cpp                             | see ``gguf_file``: 4/8-bit grids exact up to fp16 mins  |
+| `compressed-tensors` | vLLM, transformers                    | bit-exact (`pack-quantized`, sym and asym)              |
+
+Every export is checked before the folder is put in place: GPTQ forms are reloaded with qatlm's
+loader and their logits compared with the source; GGUF tensors are decoded with the ``gguf``
+package's dequantizer; compressed-tensors layers are decompressed with the library and compared.
+A format that cannot hold the checkpoint exactly is refused with the reason, never written lossy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qatlm.errors import QatlmError
+from qatlm.fsutil import atomic_dir
+
+FORMATS = ("gptq", "gptq-v1", "gguf", "compressed-tensors")
+
+
+def _probe_ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids).logits.float()
+
+
+def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: str = "f16") -> dict:
+    """Export the qatlm/GPTQ checkpoint ``src`` to ``out`` in format ``fmt``; returns a report (also
+    written to ``out/export_report.json``)."""
+    from qatlm.model.checkpoint import (
+        check_out_dir,
+        load_quantized,
+        load_tokenizer,
+        read_quant_config,
+        save_quantized,
+        spec_from_config,
+    )
+    from qatlm.quant.apply import packed_layers
+
+    if fmt not in FORMATS:
+        raise QatlmError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    src = Path(src).expanduser()
+    _, qc = read_quant_config(src)
+    spec = spec_from_config(qc)
+    out = Path(out).expanduser()
+    check_out_dir(out, overwrite)
+    t0 = time.time()
+    model = load_quantized(src, dtype=torch.float32)
+    tok = load_tokenizer(src)
+    layers = packed_layers(model)
+    ids = _probe_ids(model.config.vocab_size)
+    ref = _logits(model, ids)
+    meta = dict((qc.get("meta") or {}).get("qatlm") or {})
+    report = {"source": str(src), "format": fmt, "grid": spec.tag}
+
+    def build(tmp: Path):
+        if fmt in ("gptq", "gptq-v1"):
+            from qatlm.export.gptq import to_v1_zeros
+
+            if fmt == "gptq-v1":
+                to_v1_zeros(layers)
+            save_quantized(model, tmp, spec, tokenizer=tok, overwrite=True, meta=meta,
+                           checkpoint_format="gptq" if fmt == "gptq-v1" else "gptq_v2", in_place=True)
+            back = load_quantized(tmp, dtype=torch.float32)
+            report["reload_max_logit_diff"] = (_logits(back, ids) - ref).abs().max().item()
+            if report["reload_max_logit_diff"] != 0.0:
+                raise QatlmError(f"{fmt} export does not reload to the same model (logits differ by {report['reload_max_logit_diff']:.3g})")
+        elif fmt == "gguf":
+            from qatlm.export.gguf_file import write_gguf
+
+            name = f"{src.name}-{spec.tag}.gguf"
+            report.update(write_gguf(model, spec, src, tmp / name, float_type=float_type))
+            report["file"] = name
+            if spec.bits in (2, 3):
+                report["warning"] = (f"{spec.bits}-bit codes are stored losslessly in 4-bit {report['ggml_type']} blocks "
+                                     "(llama.cpp's 2/3-bit K-quants cannot hold these step sizes exactly): the file is ~5 bits per weight")
+        else:
+            _write_compressed(model, layers, spec, tmp, tok, meta)
+            report["max_abs_weight_error"] = 0.0  # checked per layer by compress_layer
+        report["seconds"] = round(time.time() - t0, 1)
+        report["size_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    atomic_dir(out, build)
+    return report
+
+
+def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
+    from torch import nn
+
+    from qatlm.export.compressed import compress_layer, quantization_config, scheme_for
+    from qatlm.model.checkpoint import _tied_duplicates, _write_shards
+
+    scheme = scheme_for(spec)
+    sd = model.state_dict()
+    for k in _tied_duplicates(sd):
+        sd.pop(k)
+    out = {}
+    for k, v in sd.items():
+        mod, _, leaf = k.rpartition(".")
+        if mod in layers:
+            continue
+        out[k] = v.detach().contiguous().cpu()
+    for name, layer in layers.items():
+        for leaf, t in compress_layer(layer, scheme).items():
+            out[f"{name}.{leaf}"] = t.contiguous().cpu()
+        if layer.bias is not None:
+            out[f"{name}.bias"] = layer.bias.detach().contiguous().cpu()
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    _write_shards(out, folder)
+    model.config.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    qcfg = quantization_config(spec, ignore)
+    qcfg["qatlm"] = meta
+    cfg["quantization_config"] = qcfg
+    cfg["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tok is not None:
+        tok.save_pretrained(folder)

@@ -1,0 +1,164 @@
+"""Exports, each checked by an independent reader: GPTQ v1/v2 (qatlm's loader + raw words), GGUF
+(transformers' GGUF loader and gguf's dequantizer), compressed-tensors (transformers + the library)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_ids, tiny_model, tiny_tokenizer
+
+from qatlm import RTNConfig, load_quantized, quantize, save_quantized
+from qatlm.errors import QatlmError
+from qatlm.export import export_checkpoint
+from qatlm.export.gguf_file import encode_layer
+from qatlm.quant.apply import packed_layers, set_kernel
+from qatlm.quant.grid import QuantSpec, dequantize
+from qatlm.quant.packing import unpack_cols
+
+
+def make(tmp_path, family="llama", bits=4, group=32, sym=False, v1_zeros=False, name="q", **over):
+    model = tiny_model(family, **over)
+    cfg = RTNConfig(bits, group, sym=sym, v1_zeros=v1_zeros)
+    quantize(model, cfg)
+    save_quantized(model, tmp_path / name, cfg.spec, tokenizer=tiny_tokenizer(), meta={"method": "rtn"})
+    return tmp_path / name
+
+
+@torch.no_grad()
+def logits(model, ids=None):
+    return model(tiny_ids() if ids is None else ids).logits.float()
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, False), (3, True), (4, False), (4, True), (8, True)])
+def test_gguf_blocks_decode_with_gguf_dequantizer(bits, sym):
+    """Our block bytes, read by the gguf package's reference dequantizer, are our grid's weights."""
+    import gguf
+
+    spec = QuantSpec(bits, 64, sym)
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (6, 128), generator=g)
+    z = torch.full((6, 2), 2 ** (bits - 1)) if sym else torch.randint(0, 2**bits, (6, 2), generator=g)
+    s16 = (torch.rand(6, 2, generator=g) * 0.05 + 0.001).half()
+    data, kind = encode_layer(q, z, s16, spec, "x")
+    got = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind)).reshape(6, 128)
+    want = dequantize(q, s16.float(), z, spec).numpy()
+    err = np.abs(got - want)
+    if kind == "Q4_1":  # the block minimum -s*z is stored in fp16: at most half an fp16 ulp of it
+        bound = (s16.float() * z.float()).abs().repeat_interleave(64, 1).numpy() * 2.0**-11 + 1e-12
+        assert (err <= bound).all()
+    else:
+        assert err.max() == 0.0
+    assert kind == {8: "Q8_0"}.get(bits, "Q4_0" if sym else "Q4_1")
+
+
+def test_gguf_refuses_what_it_cannot_hold(tmp_path):
+    with pytest.raises(QatlmError, match="multiple of 32"):
+        export_checkpoint(make(tmp_path, group=16), "gguf", tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+    q = torch.zeros(2, 64, dtype=torch.int64)
+    q[0, 0] = 255
+    with pytest.raises(QatlmError, match="int8 range"):
+        encode_layer(q, torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1).half(), QuantSpec(8, 64), "layer.x")
+    with pytest.raises(QatlmError, match="architectures"):
+        export_checkpoint(make(tmp_path, family="phi3", name="phi"), "gguf", tmp_path / "p")
+
+
+@pytest.mark.parametrize("family,sym", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)])
+def test_gguf_loads_in_transformers_with_the_same_logits(tmp_path, family, sym):
+    """transformers' own GGUF reader (which undoes llama.cpp's q/k row order) gives qatlm's logits."""
+    from transformers import AutoModelForCausalLM
+
+    # transformers' GGUF reader ignores qwen3's key_length and assumes head_dim 128: build it so
+    src = make(tmp_path, family=family, sym=sym, **({"head_dim": 128} if family == "qwen3" else {}))
+    rep = export_checkpoint(src, "gguf", tmp_path / "g", float_type="f32")
+    assert rep["ggml_type"] == ("Q4_0" if sym else "Q4_1")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=rep["file"], dtype=torch.float32)
+    ref = logits(load_quantized(src))
+    got = logits(m)
+    if sym:  # Q4_0 is bit-exact: only float summation order differs
+        assert rep["max_abs_error"] == 0.0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    else:  # Q4_1 rounds each block's minimum to fp16
+        assert (got - ref).abs().max().item() < 5e-3 * ref.abs().max().item()
+
+
+def test_gptq_v2_and_v1_exports_reload_identically(tmp_path):
+    src = make(tmp_path, v1_zeros=True)
+    ref = logits(load_quantized(src))
+    for fmt, stored in (("gptq", "gptq_v2"), ("gptq-v1", "gptq")):
+        out = tmp_path / fmt
+        rep = export_checkpoint(src, fmt, out)
+        assert rep["reload_max_logit_diff"] == 0.0
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert cfg["checkpoint_format"] == stored
+        assert torch.equal(logits(load_quantized(out)), ref)
+    # the v1 file's stored zeros are the true zeros minus one
+    v2, v1 = load_file(tmp_path / "gptq" / "model.safetensors"), load_file(tmp_path / "gptq-v1" / "model.safetensors")
+    k = "model.layers.0.self_attn.q_proj.qzeros"
+    out_f = v2["model.layers.0.self_attn.q_proj.scales"].shape[1]
+    assert torch.equal(unpack_cols(v1[k], 4, out_f), unpack_cols(v2[k], 4, out_f) - 1)
+
+
+def test_gptq_v1_refuses_zero_points_of_zero_and_v1_zeros_fixes_it(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():  # a group whose weights are all positive gets zero point 0 from min-max
+        model.model.layers[1].mlp.up_proj.weight[3, :32] = torch.rand(32) + 0.1
+    quantize(model, RTNConfig(4, 32))
+    save_quantized(model, tmp_path / "q", QuantSpec(4, 32), tokenizer=tiny_tokenizer())
+    with pytest.raises(QatlmError, match=r"zero point of 0.*model\.layers\.1\.mlp\.up_proj.*--v1-zeros"):
+        export_checkpoint(tmp_path / "q", "gptq-v1", tmp_path / "v1")
+    assert not (tmp_path / "v1").exists()
+    src = make(tmp_path, v1_zeros=True, name="q1")
+    _, z = packed_layers(load_quantized(src))["model.layers.0.self_attn.q_proj"].integers()
+    assert int(z.min()) >= 1
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_compressed_tensors_loads_in_transformers(tmp_path, sym):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    src = make(tmp_path, sym=sym)
+    export_checkpoint(src, "compressed-tensors", tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["symmetric"] == sym
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    ref = logits(load_quantized(src))
+    torch.testing.assert_close(logits(m), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_int4_kernel_matches_dequantized_matmul(tmp_path):
+    model = load_quantized(make(tmp_path))
+    ref = logits(model)
+    counts = set_kernel(model, "int4")
+    if "int4" not in counts:
+        pytest.skip("this torch build has no CPU int4 matmul")
+    torch.testing.assert_close(logits(model), ref, rtol=1e-4, atol=1e-4)
+    assert set_kernel(model, "cache") == {"cache": len(packed_layers(model))}
+    torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export_and_generate(tmp_path):
+    src = make(tmp_path)
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "qatlm.cli", *a], env=env, capture_output=True, text=True)  # noqa: E731
+    r = run("export", str(src), "--format", "gguf", "--out", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr
+    assert "decoded with gguf's dequantizer" in r.stderr
+    r = run("export", str(src), "--format", "onnx", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("qatlm: error: unknown export format")
+    r = run("export", str(tmp_path / "missing"), "--format", "gguf", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("qatlm: error: model path") and "does not exist" in r.stderr
+    outs = []
+    for kernel in ("cache", "int4", "plain"):
+        r = run("generate", str(src), "--prompt", "the cat sat", "--max-new-tokens", "8", "--kernel", kernel)
+        assert r.returncode == 0, r.stderr
+        assert "tok/s" in r.stderr
+        outs.append(r.stdout)
+    assert outs[0] == outs[2] and outs[0].strip()  # greedy text is the same whatever the kernel
