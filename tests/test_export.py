@@ -162,3 +162,16 @@ def test_cli_export_and_generate(tmp_path):
         assert "tok/s" in r.stderr
         outs.append(r.stdout)
     assert outs[0] == outs[2] and outs[0].strip()  # greedy text is the same whatever the kernel
+
+
+def test_gptq_loads_in_transformers_with_gptqmodel(tmp_path):
+    """transformers' own GPTQ loader (optimum + gptqmodel kernels) reads qatlm's v2 checkpoint."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from transformers import AutoModelForCausalLM
+
+    src = make(tmp_path, bits=4, group=32)
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, device_map="cpu")
+    assert "qatlm" not in type(m.model.layers[0].self_attn.q_proj).__module__  # gptqmodel's layer, not ours
+    ref = logits(load_quantized(src))
+    torch.testing.assert_close(logits(m), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
