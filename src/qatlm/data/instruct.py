@@ -45,6 +45,15 @@ def read_records(path) -> list[dict]:
     return recs
 
 
+def resolve_instruction_source(source, cache_dir=None):
+    """A built-in instruction set name (``sciq-instruct``) -> its local file; anything else unchanged."""
+    from qatlm.data.assets import BUILTIN_INSTRUCT
+
+    if str(source) in BUILTIN_INSTRUCT:
+        return BUILTIN_INSTRUCT[str(source)](cache_dir)
+    return source
+
+
 def is_instruction_data(source) -> bool:
     p = Path(str(source))
     if p.suffix not in (".jsonl", ".json", ".parquet") and not (p.is_dir() and list(p.rglob("*.arrow"))):

@@ -82,13 +82,14 @@ def detach_scale_training(model) -> int:
 
 def build_examples(config: E2EQPConfig, tokenizer, max_len: int | None, cache_dir=None):
     """(train, val) lists of (ids, labels): instruction records or text windows."""
-    from qatlm.data.instruct import instruction_examples, is_instruction_data
+    from qatlm.data.instruct import instruction_examples, is_instruction_data, resolve_instruction_source
     from qatlm.data.text import calibration_samples
 
     if max_len and config.seqlen > max_len:
         raise QatlmError(f"sequence length {config.seqlen} is above the model's limit of {max_len} positions")
-    if is_instruction_data(config.data):
-        ex = instruction_examples(config.data, tokenizer, config.seqlen)
+    source = resolve_instruction_source(config.data, cache_dir)
+    if is_instruction_data(source):
+        ex = instruction_examples(source, tokenizer, config.seqlen)
         g = torch.Generator().manual_seed(config.seed)
         order = torch.randperm(len(ex), generator=g).tolist()
         need = config.samples + config.val_samples
