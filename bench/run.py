@@ -188,14 +188,16 @@ def save_rows(new_rows):
 
 
 def markdown(rows) -> str:
-    head = "| recipe | setting | calib | held-out ppl | zero-shot avg | bits/weight | size MiB | wall s (quant) | peak RSS MiB (quant) | train/matmul throughput | device |"
+    head = ("| recipe | setting | calib | held-out ppl | zero-shot avg | bits/weight | size MiB | wall s (quant) | peak RSS MiB (quant) "
+            "| train/matmul throughput | trained params | device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         frac = f"{r['throughput_fraction']:.0%} ({r['train_gflops']:.0f}/{r['matmul_gflops']:.0f} GFLOP/s)" if r.get("throughput_fraction") else "–"
         lines.append(
             f"| {r['recipe']} | {r['setting']} | {r.get('calib') or '–'} | {r['heldout_ppl']:,.2f} | "
             f"{r['zeroshot_avg']:.3f} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
-            f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | {r['device']} |"
+            f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | "
+            f"{format(r['trainable_fraction'], '.2%') if r.get('trainable_fraction') else '–'} | {r['device']} |"
         )
     proto = rows[0]
     engines = sorted({r.get("zeroshot_engine", "lm-eval") for r in rows})
