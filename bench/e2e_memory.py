@@ -1,7 +1,8 @@
 """Peak memory of end-to-end training, controlled: the same loop, data, batch and steps on
 
-  * ``fp-activations``: the fp32 model with every weight frozen but the final norm — i.e. the fp32
-    model's size plus the activations backpropagation keeps (the reference of the E2E-QP issue);
+  * ``fp-activations``: the fp32 model with every weight frozen but the first block's input norm, so
+    that the backward pass runs through every block — i.e. the fp32 model's size plus the activations
+    backpropagation keeps (the reference of the E2E-QP issue);
   * ``e2e-qp``: E2E-QP on a packed checkpoint (step sizes trained, weights packed integers);
   * ``dl-qat``: DL-QAT on the same packed checkpoint.
 
@@ -39,7 +40,9 @@ def one(kind: str, src: str, steps: int, ckpt: bool) -> dict:
         model = load_fp_model(default_model_dir())
 
         def norm_only(m, config, total):
-            p = m.model.norm.weight
+            from qatlm.model.arch import find_parts
+
+            p = next(t for t in find_parts(m).layers[0].parameters() if t.dim() == 1)  # the first norm
             p.requires_grad_(True)
             return Trainable([{"params": [p], "lr": 1e-5}], lambda: 0, {"layers": 0})
 
