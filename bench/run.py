@@ -126,7 +126,9 @@ def run_one(a) -> dict:
             else:
                 del model
                 model = load_base(base_recipe, a.setting, a.device)
-            dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
+            lr_kw = {k: v for k, v in (("lr_lora", a.dl_lr_lora), ("lr_magnitude", a.dl_lr_magnitude)) if v is not None}
+            dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, **lr_kw)
+            row["dl_lr_lora"], row["dl_lr_magnitude"] = dl.lr_lora, dl.lr_magnitude
             summary = train_dl_qat(model, dl, tok, progress=False)
             row["calib"] = (f"{a.calib_samples}x{a.calib_seqlen} + " if base_recipe != "rtn" else "") + f"e2e {a.e2e_samples}x{a.calib_seqlen}"
             row["trainable_fraction"] = summary["trainable_fraction"]
@@ -195,7 +197,7 @@ def markdown(rows) -> str:
         frac = f"{r['throughput_fraction']:.0%} ({r['train_gflops']:.0f}/{r['matmul_gflops']:.0f} GFLOP/s)" if r.get("throughput_fraction") else "–"
         lines.append(
             f"| {r['recipe']} | {r['setting']} | {r.get('calib') or '–'} | {r['heldout_ppl']:,.2f} | "
-            f"{r['zeroshot_avg']:.3f} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
+            f"{'–' if r.get('zeroshot_avg') is None else format(r['zeroshot_avg'], '.3f')} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
             f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | "
             f"{format(r['trainable_fraction'], '.2%') if r.get('trainable_fraction') else '–'} | {r['device']} |"
         )
@@ -220,6 +222,8 @@ def main():
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
+    ap.add_argument("--dl-lr-lora", type=float, default=None, help="DL-QAT LoRA learning rate (default: DLQATConfig's)")
+    ap.add_argument("--dl-lr-magnitude", type=float, default=None, help="DL-QAT magnitude learning rate (default: DLQATConfig's)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 weights, bf16 autocast training with fp32 master copies")
     ap.add_argument("--zeroshot-engine", default="lm-eval", choices=("lm-eval", "plain"),
                     help="plain: qatlm's own PyTorch scorer of the same items (checked equal to lm-eval in the tests); for machines without lm-eval")
@@ -245,6 +249,8 @@ def main():
             f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
             f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
+        cmd += [f"--dl-lr-lora={a.dl_lr_lora}"] if a.dl_lr_lora is not None else []
+        cmd += [f"--dl-lr-magnitude={a.dl_lr_magnitude}"] if a.dl_lr_magnitude is not None else []
         print(f"== {recipe} {setting}", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         rows = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("ROW ")]
@@ -252,7 +258,8 @@ def main():
             print(f"   failed (exit {out.returncode})", file=sys.stderr)
             continue
         r = rows[0]
-        print(f"   ppl {r['heldout_ppl']:.2f}  zero-shot {r['zeroshot_avg']:.3f}  wall {r['wall_s']}s", file=sys.stderr, flush=True)
+        zs = "–" if r.get("zeroshot_avg") is None else f"{r['zeroshot_avg']:.3f}"
+        print(f"   ppl {r['heldout_ppl']:.2f}  zero-shot {zs}  wall {r['wall_s']}s", file=sys.stderr, flush=True)
         save_rows(rows)
 
 
