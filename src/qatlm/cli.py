@@ -399,6 +399,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    import torch
     from transformers import TextStreamer
 
     from qatlm.eval.report import load_any
@@ -420,19 +421,13 @@ def cmd_generate(a) -> int:
         raise QatlmError("--max-new-tokens must be at least 1")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t1 = time.time()
-    with torch_no_grad():
+    with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=a.max_new_tokens, do_sample=False, streamer=streamer,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     n = out.shape[1] - ids["input_ids"].shape[1]
     dt = time.time() - t1
     print(f"\n[{desc['setting']}, kernels {kernels or 'fp'}; loaded in {load_s:.1f}s; {n} tokens in {dt:.1f}s = {n / dt:.1f} tok/s]", file=sys.stderr)
     return 0
-
-
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
 
 
 COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from qatlm.errors import QatlmError
+from qatlm.quant.grid import dequantize
 
 
 def _lib():
@@ -39,7 +40,7 @@ def compress_layer(layer, scheme) -> dict:
         raise QatlmError(f"compressed-tensors needs the group size to divide the input width ({layer.in_features} % {spec.group_size})")
     q, z = layer.integers()
     s16 = layer.scales.t().contiguous()
-    w = s16.float().repeat_interleave(spec.group_width(layer.in_features), 1) * (q.float() - z.float().repeat_interleave(spec.group_width(layer.in_features), 1))
+    w = dequantize(q, s16.float(), z, spec)
     off = 2 ** (spec.bits - 1)
     sd = {"weight": w, "weight_scale": s16}
     if not spec.sym:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qatlm.errors import QatlmError
-from qatlm.quant.grid import QuantSpec, dequantize
+from qatlm.quant.grid import QuantSpec, dequantize, expand_groups
 
 ARCHES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
 QK = 32  # weights per GGML block
@@ -225,7 +225,7 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
             report["float_max_abs_error"] = max(report.get("float_max_abs_error", 0.0), err)
         else:
             report["max_abs_error"] = max(report["max_abs_error"], err)
-            steps = ((got - want.float()).abs() / _blocks(s16.float(), want.shape[1], spec).repeat_interleave(QK, 1)).max().item()
+            steps = ((got - want.float()).abs() / expand_groups(s16.float(), spec, want.shape[1])).max().item()
             report["max_error_in_steps"] = max(report["max_error_in_steps"], steps)
             report["layers"][t.name] = {"type": t.tensor_type.name, "max_abs_error": err}
         report["tensors"] += 1
