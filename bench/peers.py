@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: in
 
 
 def quantize_gptqmodel(fp_dir, train_ids, bits, group, out: Path):
+    # GPTQModel 7.7 sizes its CPU pool as ceil(cores/2) but asks for 2 model-loader workers: on 2 cores it refuses to start
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel, QuantizeConfig
 
     cfg = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False)

@@ -140,7 +140,7 @@ def run_one(a) -> dict:
 
             del model
             model = load_base(a.recipe.split("+")[0], a.setting, a.device)
-            e2e = E2EQPConfig(data=a.e2e_data, samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4)
+            e2e = E2EQPConfig(data=a.e2e_data, samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, lr=a.e2e_lr)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
             base_calib = "" if a.recipe.startswith("rtn+") else f"{a.calib_samples}x{a.calib_seqlen} + "
@@ -189,9 +189,17 @@ def save_rows(new_rows):
     (RESULTS / "results.md").write_text(markdown(rows))
 
 
+def trained(r) -> str:
+    """Trainable fraction, and for DL-QAT rows the learning rates they ran with (the defaults changed once)."""
+    if not r.get("trainable_fraction"):
+        return "–"
+    lrs = f" (lr {r['dl_lr_lora']:g}/{r['dl_lr_magnitude']:g})" if r.get("dl_lr_lora") else ""
+    return f"{r['trainable_fraction']:.2%}{lrs}"
+
+
 def markdown(rows) -> str:
     head = ("| recipe | setting | calib | held-out ppl | zero-shot avg | bits/weight | size MiB | wall s (quant) | peak RSS MiB (quant) "
-            "| train/matmul throughput | trained params | device |")
+            "| train/matmul throughput | trained params (DL-QAT lr LoRA/magnitude) | device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         frac = f"{r['throughput_fraction']:.0%} ({r['train_gflops']:.0f}/{r['matmul_gflops']:.0f} GFLOP/s)" if r.get("throughput_fraction") else "–"
@@ -199,7 +207,7 @@ def markdown(rows) -> str:
             f"| {r['recipe']} | {r['setting']} | {r.get('calib') or '–'} | {r['heldout_ppl']:,.2f} | "
             f"{'–' if r.get('zeroshot_avg') is None else format(r['zeroshot_avg'], '.3f')} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
             f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | "
-            f"{format(r['trainable_fraction'], '.2%') if r.get('trainable_fraction') else '–'} | {r['device']} |"
+            f"{trained(r)} | {r['device']} |"
         )
     proto = rows[0]
     engines = sorted({r.get("zeroshot_engine", "lm-eval") for r in rows})
@@ -222,6 +230,7 @@ def main():
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="E2E-QP step-size learning rate (default: E2EQPConfig's, step-budget scaled)")
     ap.add_argument("--dl-lr-lora", type=float, default=None, help="DL-QAT LoRA learning rate (default: DLQATConfig's)")
     ap.add_argument("--dl-lr-magnitude", type=float, default=None, help="DL-QAT magnitude learning rate (default: DLQATConfig's)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: bf16 weights, bf16 autocast training with fp32 master copies")
@@ -249,6 +258,7 @@ def main():
             f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
             f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
+        cmd += [f"--e2e-lr={a.e2e_lr}"] if a.e2e_lr is not None else []
         cmd += [f"--dl-lr-lora={a.dl_lr_lora}"] if a.dl_lr_lora is not None else []
         cmd += [f"--dl-lr-magnitude={a.dl_lr_magnitude}"] if a.dl_lr_magnitude is not None else []
         print(f"== {recipe} {setting}", file=sys.stderr, flush=True)

@@ -46,13 +46,16 @@ def _add_train_args(p: argparse.ArgumentParser):
 
 
 def _add_dlqat_args(p: argparse.ArgumentParser):
+    from qatlm.methods.dl_qat import DLQATConfig
+
     g = p.add_argument_group("dl-qat")
     g.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the largest <= 16 costing at most 0.2%% of the quantized weights)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     g.add_argument("--magnitude", choices=["group", "channel"], default="group", help="one magnitude per group (default) or per output channel")
     g.add_argument("--no-lora", dest="lora", action="store_false", help="train the magnitudes only")
-    g.add_argument("--lr-lora", type=float, default=5e-3, help="learning rate of the LoRA factors (default 5e-3)")
-    g.add_argument("--lr-magnitude", type=float, default=1e-3, help="learning rate of the magnitudes (default 1e-3)")
+    g.add_argument("--lr-lora", type=float, default=DLQATConfig.lr_lora, help=f"learning rate of the LoRA factors (default {DLQATConfig.lr_lora:g})")
+    g.add_argument("--lr-magnitude", type=float, default=DLQATConfig.lr_magnitude,
+                   help=f"learning rate of the magnitudes (default {DLQATConfig.lr_magnitude:g})")
     g.add_argument("--targets", default=None, help="comma-separated layer-name fragments to train (default: every quantized layer)")
 
 

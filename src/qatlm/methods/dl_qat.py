@@ -33,8 +33,8 @@ class DLQATConfig(E2EQPConfig):
     alpha: float | None = None  # LoRA scaling numerator (default: rank, i.e. scaling 1)
     magnitude: str = "group"  # "group" or "channel"
     lora: bool = True
-    lr_lora: float = 5e-3
-    lr_magnitude: float = 1e-3
+    lr_lora: float = 5e-2  # from bench/lr_sweep.py (16 steps from RTN, SmolLM2): best val loss at w3g128 and w4g128
+    lr_magnitude: float = 1e-2
     targets: str | None = None  # comma-separated name fragments (e.g. "q_proj,v_proj"); None: every quantized layer
 
     def __post_init__(self):
