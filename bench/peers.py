@@ -37,10 +37,11 @@ def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: in
 def quantize_gptqmodel(fp_dir, train_ids, bits, group, out: Path):
     # GPTQModel 7.7 sizes its CPU pool as ceil(cores/2) but asks for 2 model-loader workers: on 2 cores it refuses to start
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     cfg = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False)
-    m = GPTQModel.load(str(fp_dir), cfg)
+    m = GPTQModel.load(str(fp_dir), cfg, dtype=torch.float32)  # its default ("auto") is bf16: ~400x slower matmuls on this CPU
     m.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in train_ids])
     m.save(str(out))
 
