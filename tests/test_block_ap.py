@@ -159,3 +159,34 @@ def test_resume_with_other_settings_is_refused(tiny_dir, tmp_path):
     (work / "progress.json").write_text(json.dumps({"fingerprint": "other", "done": 2, "blocks": 6}))
     r = subprocess.run(cli(model, text, out, "--resume"), env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "other settings" in r.stderr
+
+
+def test_block_loss_mse_is_torch_mse_and_capped_judges_a_massive_token_by_its_relative_error():
+    from qatlm.methods.block_ap import CAP, block_loss
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 10, 16, generator=g)
+    y[:, 0] *= 1000.0  # an attention-sink token: norm ~1000x the others
+    out = y + 0.1 * torch.randn(y.shape, generator=g)
+    out[:, 0] += 10.0 * torch.randn(2, 16, generator=g)  # its error is large in absolute terms, tiny relative to it
+    assert torch.allclose(block_loss(out, y), torch.nn.functional.mse_loss(out, y))
+    # reference computed token by token: weight min(1, (CAP * median norm / token norm)^2)
+    norms = y.norm(dim=-1).flatten()
+    m = norms.pow(2).median().sqrt()
+    ref = sum(min(1.0, float((CAP * m / norms[i]) ** 2)) * float(((out - y).reshape(-1, 16)[i]) .pow(2).sum())
+              for i in range(20)) / y.numel()
+    capped = block_loss(out, y, "mse-capped")
+    assert abs(capped.item() - ref) < 1e-5 * ref
+    # ordinary tokens keep weight 1: without the massive token the two losses agree
+    assert torch.allclose(block_loss(out[:, 1:], y[:, 1:], "mse-capped"), block_loss(out[:, 1:], y[:, 1:]))
+    # the massive token's absolute error dominates plain MSE but not the capped loss
+    assert capped < 0.01 * block_loss(out, y)
+
+
+def test_capped_loss_trains_and_unknown_loss_is_refused():
+    model = tiny_model("llama", num_hidden_layers=2)
+    s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=2, loss="mse-capped", lr_quant=2e-3, lr_weight=2e-4),
+                          calib=calib(16, 4), progress=False)
+    assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
+    with pytest.raises(QatlmError, match="block loss must be one of mse, mse-capped"):
+        BlockAPConfig(loss="l1")

@@ -26,6 +26,8 @@ def _add_quant_args(p: argparse.ArgumentParser):
 
 
 def _add_train_args(p: argparse.ArgumentParser):
+    from qatlm.methods.block_ap import BlockAPConfig
+
     g = p.add_argument_group("training methods (block-ap)")
     g.add_argument("--calib", default="wikipedia", help="calibration text: wikipedia (built-in) or a .txt/.jsonl/.parquet/dataset folder")
     g.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
@@ -38,6 +40,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--lr-weight", type=float, default=None,
                    help="learning rate of weights (default: the paper's 2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3)")
     g.add_argument("--input-mode", choices=["quant", "fp"], default="quant", help="block inputs from the quantized chain (default) or the fp chain")
+    g.add_argument("--block-loss", dest="loss", choices=["mse", "mse-capped"], default=BlockAPConfig.loss,
+                   help=f"reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
+                        f"count by their relative error) (default {BlockAPConfig.loss})")
     g.add_argument("--train-norms", action="store_true", help="also train norms and biases of each block")
     g.add_argument("--early-stop", action="store_true", help="stop a block when its validation loss rises")
     g.add_argument("--ram-budget-gb", type=float, default=8.0, help="activation caches beyond this go to memory-mapped files (default 8)")

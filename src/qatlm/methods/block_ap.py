@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -34,10 +33,29 @@ from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input
 from qatlm.quant.apply import check_packable
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear
-from qatlm.train import JsonLog, Schedule, train_epochs
+from qatlm.train import JsonLog, Schedule, release_freed_memory, train_epochs
 
 
 PAPER_STEPS = 4096
+LOSSES = ("mse", "mse-capped")
+CAP = 4.0  # "mse-capped": a token's squared error counts in full up to CAP x the batch's median target norm
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse", reduction: str = "mean") -> torch.Tensor:
+    """Reconstruction loss of a block's output ``[b, L, d]`` against its full-precision target.
+
+    "mse": plain mean squared error (the paper). "mse-capped": every token's squared error is scaled by
+    ``min(1, (CAP·m / ‖y_t‖)²)``, m the median target norm of the batch: ordinary tokens keep weight 1,
+    while a token whose hidden state is hundreds of times larger than the rest (the attention-sink
+    token of many LLMs, e.g. SmolLM2's first position at norm ~2·10^4 against ~10^2) is judged by its
+    *relative* error instead of dominating the sum with an absolute error that barely matters downstream.
+    """
+    err = (out.float() - target.float()).pow(2)
+    if kind == "mse-capped":
+        norm2 = target.float().pow(2).sum(-1, keepdim=True)
+        ref = norm2.flatten().median() * CAP**2
+        err = err * (ref / norm2.clamp_min(1e-20)).clamp(max=1.0)
+    return err.sum() if reduction == "sum" else err.mean()
 
 
 @dataclass
@@ -59,6 +77,7 @@ class BlockAPConfig:
     min_lr_ratio: float = 0.05
     clip_grad: float = 1.0
     input_mode: str = "quant"  # "quant": quantized-chain inputs; "fp": full-precision-chain inputs
+    loss: str = "mse"  # "mse" (paper) or "mse-capped": tokens of massive norm (attention sinks) weigh as a typical token
     train_norms: bool = False
     early_stop: bool = False
     ram_budget_gb: float = 8.0
@@ -70,6 +89,8 @@ class BlockAPConfig:
             raise QatlmError("block-ap trains decoder blocks only; quantize the LM head with rtn (drop --lm-head)")
         if self.input_mode not in ("quant", "fp"):
             raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
+        if self.loss not in LOSSES:
+            raise QatlmError(f"block loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.epochs < 0 or self.batch_size < 1:
             raise QatlmError("epochs must be >= 0 and batch size >= 1")
 
@@ -148,11 +169,11 @@ def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
 
 
 @torch.no_grad()
-def _mse(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype) -> float:
+def _mse(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype, kind: str = "mse") -> float:
     tot = 0.0
     for i in range(0, len(idx), bs):
         b = idx[i : i + bs]
-        tot += F.mse_loss(run_layer(block, x[b].to(device, dtype), kwargs).float(), y[b].to(device).float(), reduction="sum").item()
+        tot += block_loss(run_layer(block, x[b].to(device, dtype), kwargs), y[b].to(device), kind, "sum").item()
     return tot / (len(idx) * x.t.shape[1] * x.t.shape[2])
 
 
@@ -219,7 +240,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
 
     tr_idx = torch.arange(n_tr)
     va_idx = torch.arange(n_tr, n)
-    flops_time = [0.0, 0.0]  # (training FLOPs, seconds) of the optimisation steps
+    flops_time = [0.0, 0.0]  # (training FLOPs, seconds) of the optimisation steps (validation excluded)
     for bi, block in enumerate(layers):
         kw = kwargs[bi]
         prefix = f"{parts.layers_name}.{bi}"
@@ -235,7 +256,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         block.to(train_dtype)
         fq = _block_fake_quant(block, spec, prefix)
         x_in = q_in if q_in is not None else fp_in
-        rtn_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype)
+        rtn_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
         weights = [m.weight for m in fq.values()]
         quant = [p for m in fq.values() for p in ((m.scale, m.zero) if not spec.sym else (m.scale,))]
         for p in block.parameters():
@@ -263,9 +284,9 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             y = y_out[idx].to(device, torch.float32)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
                 out = run_layer(block, x, kw)
-            return F.mse_loss(out.float(), y)
+            return block_loss(out, y, config.loss)
 
-        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out: _mse(block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype)) if n_va else None
+        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out: _mse(block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype, config.loss)) if n_va else None
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi + 1}/{len(layers)}", unit="step", disable=not progress, leave=False)
         res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
                            schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
@@ -273,16 +294,18 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         bar.close()
         n_lin = sum(m.in_features * m.out_features for m in fq.values())
         flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L
-        flops_time[1] += res.seconds
+        flops_time[1] += res.step_seconds
         for p in block.parameters():
             p.requires_grad_(False)
-        after_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype)
+        after_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
         _pack_block(block)
         block.to(compute_dtype)
         # the next block's quantized-chain input is this (now integer) block on its own quantized input
         if q_in is not None:
             _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
         fp_in, fp_out = fp_out, fp_in
+        del fq, weights, quant, groups
+        release_freed_memory()
         rec = {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
                "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early}
         summary["blocks"].append(rec)
