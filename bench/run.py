@@ -231,7 +231,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--block-loss", default=None, help="Block-AP reconstruction loss: mse or mse-capped (default: BlockAPConfig's)")
+    ap.add_argument("--block-loss", default=None, choices=("mse", "mse-capped"), help="Block-AP reconstruction loss: mse or mse-capped (default: BlockAPConfig's)")
     ap.add_argument("--e2e-samples", type=int, default=64, help="E2E-QP training samples for the +e2e-qp recipes")
     ap.add_argument("--e2e-data", default="wikipedia", help="E2E-QP data: wikipedia (continual pre-training) or sciq-instruct (instruction tuning)")
     ap.add_argument("--ppl-windows", type=int, default=40)

@@ -4,7 +4,7 @@
 
 For each setting: one SmolLM2 decoder block (layer --layer) with every linear fake-quantized, trained
 exactly as Block-AP trains it (batch 2 x 512 tokens, MSE, AdamW on weights + step sizes + zero points,
-gradient clipping); the step time is the median of --steps timed steps after two warm-up steps.
+gradient clipping, through qatlm.train.train_epochs); the step time is the mean of --steps steps after two warm-up steps.
 Counted FLOPs: the linears' forward + backward (6 x weights x tokens), attention is not counted.
 The reference is bench/run.py's matmul_flops on the same linear shapes (best of 3 timings per shape).
 Writes bench/results/throughput.{md,json}; figures vary with the machine's load, tests never read them.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,46 +24,37 @@ from run import RESULTS, device_name, matmul_flops, parse_setting  # noqa: E402
 
 
 def step_profile(block, kwargs, fq, device, steps: int, tokens: int):
-    """Median seconds of one Block-AP optimisation step, and the share of it spent in matmuls (profiler)."""
+    """Mean seconds of one Block-AP optimisation step (qatlm's own training loop, as Block-AP calls it),
+    and the share of a step spent in matmuls / attention (profiler)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from qatlm.methods.block_ap import block_loss
     from qatlm.model.arch import run_layer
+    from qatlm.train import train_epochs
 
     for p in block.parameters():
         p.requires_grad_(False)
     params = [p for m in fq.values() for p in (m.weight, m.scale, m.zero)]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     hidden = next(iter(fq.values())).in_features
     x, y = torch.randn(2, tokens // 2, hidden, device=device), torch.randn(2, tokens // 2, hidden, device=device)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = block_loss(run_layer(block, x, kwargs), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return loss.item()
+    def run(n):
+        return train_epochs([{"params": params, "lr": 1e-5}], lambda _: block_loss(run_layer(block, x, kwargs), y),
+                            lambda e: range(n), 1, n, clip=1.0, recover=False)
 
-    times = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
-        step()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    from torch.profiler import ProfilerActivity, profile
-
+    run(2)  # warm up
+    res = run(steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step()
+        run(3)
     ev = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ev)
     share = {"matmul": sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / total,
              "attention": sum(e.self_cpu_time_total for e in ev if "attention" in e.key) / total}
     share["other"] = 1 - share["matmul"] - share["attention"]
-    return statistics.median(times), share
+    return res.step_seconds / res.steps, share
 
 
 def main():

@@ -26,7 +26,7 @@ def _add_quant_args(p: argparse.ArgumentParser):
 
 
 def _add_train_args(p: argparse.ArgumentParser):
-    from qatlm.methods.block_ap import BlockAPConfig
+    from qatlm.methods.block_ap import LOSSES, BlockAPConfig
 
     g = p.add_argument_group("training methods (block-ap)")
     g.add_argument("--calib", default="wikipedia", help="calibration text: wikipedia (built-in) or a .txt/.jsonl/.parquet/dataset folder")
@@ -40,7 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--lr-weight", type=float, default=None,
                    help="learning rate of weights (default: the paper's 2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3)")
     g.add_argument("--input-mode", choices=["quant", "fp"], default="quant", help="block inputs from the quantized chain (default) or the fp chain")
-    g.add_argument("--block-loss", dest="loss", choices=["mse", "mse-capped"], default=BlockAPConfig.loss,
+    g.add_argument("--block-loss", dest="loss", choices=LOSSES, default=BlockAPConfig.loss,
                    help=f"reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
                         f"count by their relative error) (default {BlockAPConfig.loss})")
     g.add_argument("--train-norms", action="store_true", help="also train norms and biases of each block")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import time
@@ -63,23 +64,23 @@ class LoopResult:
     step_seconds: float = 0.0  # time inside the optimisation steps only (no validation, no snapshots)
 
 
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand heap memory that Python/torch already freed back to the OS (glibc ``malloc_trim``).
 
     Between Block-AP blocks many mid-sized tensors are freed; glibc keeps the pages, so the RSS
     creeps up block after block although nothing is alive. A no-op where glibc is absent."""
-    global _LIBC
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _LIBC = ctypes.CDLL(name) if name else False
-        except OSError:
-            _LIBC = False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def train_epochs(

@@ -169,7 +169,7 @@ def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
 
 
 @torch.no_grad()
-def _mse(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype, kind: str = "mse") -> float:
+def _mean_loss(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype, kind: str = "mse") -> float:
     tot = 0.0
     for i in range(0, len(idx), bs):
         b = idx[i : i + bs]
@@ -256,7 +256,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         block.to(train_dtype)
         fq = _block_fake_quant(block, spec, prefix)
         x_in = q_in if q_in is not None else fp_in
-        rtn_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
+        rtn_val = _mean_loss(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
         weights = [m.weight for m in fq.values()]
         quant = [p for m in fq.values() for p in ((m.scale, m.zero) if not spec.sym else (m.scale,))]
         for p in block.parameters():
@@ -286,7 +286,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
                 out = run_layer(block, x, kw)
             return block_loss(out, y, config.loss)
 
-        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out: _mse(block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype, config.loss)) if n_va else None
+        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out: _mean_loss(block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype, config.loss)) if n_va else None
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi + 1}/{len(layers)}", unit="step", disable=not progress, leave=False)
         res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
                            schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
@@ -297,14 +297,14 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         flops_time[1] += res.step_seconds
         for p in block.parameters():
             p.requires_grad_(False)
-        after_val = _mse(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
+        after_val = _mean_loss(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
         _pack_block(block)
         block.to(compute_dtype)
         # the next block's quantized-chain input is this (now integer) block on its own quantized input
         if q_in is not None:
             _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
         fp_in, fp_out = fp_out, fp_in
-        del fq, weights, quant, groups
+        del fq, weights, quant, groups  # the replaced fake-quant layers still hold the block's fp weights
         release_freed_memory()
         rec = {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
                "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early}
