@@ -90,10 +90,10 @@ def run_one(a) -> dict:
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
 
     torch.manual_seed(0)
-    fp_dir = default_model_dir()
+    fp_dir = Path(a.model) if a.model else default_model_dir()
     settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None, tasks=tuple(a.tasks.split(",")) if a.tasks else (),
                             device=a.device, zeroshot_engine=a.zeroshot_engine)
-    row = {"model": MODEL_NAME, "recipe": a.recipe, "device": device_name()}
+    row = {"model": fp_dir.name if a.model else MODEL_NAME, "recipe": a.recipe, "device": device_name()}
     t0 = time.time()
     if a.recipe == "fp":
         path = fp_dir
@@ -121,6 +121,9 @@ def run_one(a) -> dict:
             row["matmul_gflops"] = mm / 1e9
             row["throughput_fraction"] = summary["train_flops_per_s"] / mm
             row["block_mse"] = [{"block": b["block"], "rtn": b["rtn_mse"], "trained": b["trained_mse"]} for b in summary["blocks"]]
+            row["block_error"] = summary.get("block_error", "mse")
+            row["rtn_fallback_blocks"] = summary.get("rtn_fallback_blocks", [])
+            row["lr_retried_blocks"] = summary.get("lr_retried_blocks", [])
         elif a.recipe.endswith("+dl-qat"):
             from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
             from qatlm.quant.apply import attach_fake_quant
@@ -160,7 +163,7 @@ def run_one(a) -> dict:
         row["quant_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if a.device != "cpu":
             row["quant_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        path = HERE / "work" / f"{a.recipe}-{a.setting}"
+        path = HERE / "work" / (f"{a.recipe}-{a.setting}" if not a.model else f"{fp_dir.name}-{a.recipe}-{a.setting}")
         save_quantized(model, path, cfg.spec, tokenizer=tok, overwrite=True, meta={"method": a.recipe})
         del model
     return finish_row(row, path, settings, f"{a.recipe} {a.setting or ''}".strip(), a.limit, t0)
@@ -227,6 +230,7 @@ def markdown(rows) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default="fp,rtn,block-ap")
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--settings", default="w2g64,w3g128,w4g128")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
@@ -266,6 +270,7 @@ def main():
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
             f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
         cmd += [f"--e2e-lr={a.e2e_lr}"] if a.e2e_lr is not None else []
+        cmd += [f"--model={a.model}"] if a.model else []
         cmd += [f"--block-loss={a.block_loss}"] if a.block_loss else []
         cmd += [f"--dl-lr-lora={a.dl_lr_lora}"] if a.dl_lr_lora is not None else []
         cmd += [f"--dl-lr-magnitude={a.dl_lr_magnitude}"] if a.dl_lr_magnitude is not None else []

@@ -190,3 +190,53 @@ def test_capped_loss_trains_and_unknown_loss_is_refused():
     assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
     with pytest.raises(QatlmError, match="block loss must be one of mse, mse-capped"):
         BlockAPConfig(loss="l1")
+
+
+# ---- defaults that do not depend on the model's scale, and the RTN guard ----
+
+def _scaled_twin(model, c: float):
+    """The same function with hidden states c times larger: embeddings, and every write into the residual
+    stream (o_proj, down_proj), scaled by c; RMSNorm makes each block's reading of the stream scale-free."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(c)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(c)
+            layer.mlp.down_proj.weight.mul_(c)
+    return model
+
+
+def test_hidden_states_scaled_by_1e3_train_as_well_with_the_default_rates():
+    ids = calib(32, 8)
+    plain = tiny_model("llama", num_hidden_layers=3)
+    scaled = _scaled_twin(tiny_model("llama", num_hidden_layers=3), 1e3)
+    with torch.no_grad():  # really the same model, with 1000x larger hidden states
+        torch.testing.assert_close(plain(ids[1]).logits, scaled(ids[1]).logits, rtol=1e-3, atol=1e-3)
+    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2)  # default learning rates
+    s_plain = quantize_block_ap(plain, cfg, calib=ids, progress=False)
+    s_scaled = quantize_block_ap(scaled, cfg, calib=ids, progress=False)
+    assert s_scaled["rtn_fallback_blocks"] == [] and s_scaled["lr_retried_blocks"] == []
+    for a, b in zip(s_plain["blocks"], s_scaled["blocks"]):
+        assert b["trained_mse"] < 0.9 * b["rtn_mse"], b  # training lowers every block's error below RTN's
+        # the relative block error reads the same on both models, before and after training
+        assert b["rtn_mse"] == pytest.approx(a["rtn_mse"], rel=1e-2)
+        assert b["trained_mse"] == pytest.approx(a["trained_mse"], rel=0.1)
+
+
+def test_a_block_that_training_makes_worse_keeps_its_rtn_grid(tmp_path):
+    from qatlm.methods.rtn import RTNConfig, quantize_rtn
+
+    ids = calib(8, 4)
+    model = tiny_model("llama", num_hidden_layers=2)
+    ref = tiny_model("llama", num_hidden_layers=2)
+    quantize_rtn(ref, RTNConfig(bits=2, group_size=32))
+    # a rate of 3 group ranges per step throws every weight across the grid: no block can beat RTN
+    log = tmp_path / "log.jsonl"
+    s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=1, lr_quant=3.0, lr_weight=3.0, train_norms=False),
+                          calib=ids, progress=False, log_path=log)
+    assert s["rtn_fallback_blocks"] == [0, 1] and s["lr_retried_blocks"] == [0, 1]
+    for b in s["blocks"]:
+        assert b["trained_mse"] == b["rtn_mse"] and b["rtn_fallback"]
+    got, want = model.state_dict(), ref.state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k  # bit-for-bit the RTN model
+    assert sum('"event": "rtn_fallback"' in line for line in log.read_text().splitlines()) == 2

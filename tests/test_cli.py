@@ -48,7 +48,7 @@ def test_quantize_then_info_reports_true_size(model_dir, tmp_path, capsys):
         (["--group-size", "100"], "group size 100 is invalid"),
         (["--group-size", "0"], "group size 0 is invalid"),
         (["--method", "magic"], "unknown method 'magic'"),
-        (["--out", "{model}"], "already exists"),
+        (["--out", "{model}"], "is the input"),
     ],
 )
 def test_bad_input_is_one_line_error(args, message, model_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import tiny_model, tiny_tokenizer
 
 from qatlm.data.text import calibration_samples, read_text, token_ids
 from qatlm.errors import QatlmError
@@ -93,3 +93,53 @@ def test_perplexity_matches_direct_computation():
             n += L - 1
     assert math.isclose(got, math.exp(total / n), rel_tol=1e-5)
     assert math.isclose(perplexity(model, ids, seqlen=L, max_windows=2), perplexity(model, ids[: 2 * L], seqlen=L), rel_tol=1e-6)
+
+
+def _bos_tokenizer():
+    """The tiny tokenizer made to put <s> in front of every text, as Llama-2/3 or Gemma tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
+def test_bos_is_read_from_the_tokenizers_own_behaviour():
+    from qatlm.data.text import bos_token
+
+    assert bos_token(tiny_tokenizer()) is None  # has a BOS token but does not add it
+    tok = _bos_tokenizer()
+    assert tok("a cat")["input_ids"][0] == tok.bos_token_id
+    assert bos_token(tok) == tok.bos_token_id
+
+
+def test_perplexity_with_bos_scores_every_text_token_after_a_bos():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 320, (1000,), generator=torch.Generator().manual_seed(1))
+    L, bos = 64, 1
+    got = perplexity(model, ids, seqlen=L, bos=bos)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for w in range(1000 // (L - 1)):  # each window: BOS then the next L-1 text tokens, all of them predicted
+            x = torch.cat([torch.tensor([bos]), ids[w * (L - 1):(w + 1) * (L - 1)]])
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), -1)
+            total -= sum(logp[t, x[t + 1]].item() for t in range(L - 1))
+            n += L - 1
+    assert math.isclose(got, math.exp(total / n), rel_tol=1e-5)
+    assert not math.isclose(got, perplexity(model, ids, seqlen=L), rel_tol=1e-3)
+
+
+def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_it(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text(" ".join(f"the cat sat on the mat {i}" for i in range(400)))
+    tok = _bos_tokenizer()
+    tr, va = calibration_samples(tok, src, n=6, seqlen=40, n_val=2, cache_dir=tmp_path / "c")
+    stream = token_ids(tok, src, cache_dir=tmp_path / "c")
+    assert stream[0] != tok.bos_token_id  # the stream itself is tokenized without special tokens
+    for row in torch.cat([tr, va]):
+        assert row[0] == tok.bos_token_id
+        body = row[1:]
+        starts = [o for o in range(0, stream.numel() - 39, 39) if torch.equal(stream[o:o + 39], body)]
+        assert len(starts) == 1  # the rest is one aligned, contiguous piece of the text
+    plain_tr, _ = calibration_samples(tiny_tokenizer(), src, n=6, seqlen=40, n_val=2, cache_dir=tmp_path / "c")
+    assert (plain_tr[:, 0] != tiny_tokenizer().bos_token_id).all()

@@ -97,3 +97,19 @@ def test_cli_train_dl_qat_from_checkpoint(tmp_path):
     assert "LoRA rank 2" in r.stderr
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert cfg["meta"]["qatlm"]["method"] == "rtn+dl-qat" and cfg["bits"] == 4
+
+
+def test_lora_init_comes_from_the_seed_not_the_global_rng():
+    """LoRA A is drawn from a generator seeded by --seed, not from the global RNG (whose state depends on
+    whatever ran before): two runs with one seed start from the same A, another seed from another A."""
+
+    def lora_a(seed, other_draws):
+        model = tiny_model("llama")
+        quantize(model, RTNConfig(3, 32))
+        torch.randn(other_draws)  # something else used the global RNG in between, differently in each run
+        dlqat_trainable(model, DLQATConfig(seed=seed), total_steps=10)
+        return [m.A.detach().clone() for m in model.modules() if isinstance(m, DLQATLinear)]
+
+    a, b, c = lora_a(0, 10), lora_a(0, 1000), lora_a(1, 10)
+    assert len(a) == 14 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, z) for x, z in zip(a, c))

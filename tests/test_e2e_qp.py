@@ -77,10 +77,13 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path):
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=1e-3)
 
 
-def test_kill_then_resume_equals_uninterrupted(setup, tmp_path):
+@pytest.mark.parametrize("method", ["e2e-qp", "dl-qat"])
+def test_kill_then_resume_equals_uninterrupted(setup, tmp_path, method):
+    """Bit for bit after kill -9, for both end-to-end methods (DL-QAT's LoRA init is seeded from --seed, so two
+    runs and a resumed one all start from the same A)."""
     d, text = setup
     env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
-    extra = ("--epochs", "4", "--save-every", "2")
+    extra = ("--epochs", "4", "--save-every", "2", "--method", method)
     ref = run(args(d, text, tmp_path / "ref", *extra), env)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "out"
@@ -115,6 +118,31 @@ def test_alpaca_and_chat_records_mask_the_prompt():
     assert tok.decode(resp) == "the cat"
     with pytest.raises(QatlmError, match="'instruction' and 'output'"):
         encode_record({"question": "x", "answer": "y"}, tok, 512)
+
+
+def test_instruction_encoding_follows_the_reference_bos_and_separate_truncation():
+    """Reference (EfficientQAT's instruction data): BOS where the tokenizer adds one, prompt truncated to 384
+    and answer to 128 tokens of a 512 window, each on its own; rebuilt here from plain tokenizer calls."""
+    from tokenizers.processors import TemplateProcessing
+
+    from qatlm.data.instruct import ALPACA_PROMPT
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    rec = {"instruction": " ".join(["name the cat"] * 300), "input": "", "output": " ".join(["the cat sat"] * 100)}
+    prompt = ALPACA_PROMPT.format(ctx="", instruction=rec["instruction"], input="")
+    p_ref = ([tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"])[:384]
+    r_ref = (tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:128]
+    assert len(p_ref) == 384 and len(r_ref) == 128  # both sides really are cut
+    ids, labels = encode_record(rec, tok, 512)
+    assert ids == p_ref + r_ref
+    assert labels == [IGNORE] * 384 + r_ref
+    # a prompt that alone fills the window no longer drops the record: its answer keeps a quarter of it
+    ids, labels = encode_record(rec, tok, 64)
+    assert len(ids) == 64 and sum(x != IGNORE for x in labels) == 16 and ids[0] == tok.bos_token_id
+    # no BOS for a tokenizer that adds none (SmolLM2, Qwen)
+    ids, _ = encode_record(rec, tiny_tokenizer(), 512)
+    assert ids[0] != tok.bos_token_id
 
 
 def test_bad_inputs_are_one_line_errors(setup, tmp_path):

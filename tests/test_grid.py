@@ -103,3 +103,29 @@ def test_fused_fake_quant_equals_composed_reference(bits, group, in_f):
         grads.append((out.detach(), w.grad, s.grad, z.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_f", [128, 160])  # divisible (fused kernel) and ragged last group (composed path)
+def test_zero_point_outside_the_range_still_gets_its_gradient(in_f):
+    """A zero point pushed out of [0, qmax] is clamped in the forward pass but passes its gradient straight
+    through (as the fused kernel and the reference do): dŵ/dz = −s on clamped weights, checked against the
+    hand-written formula column by column."""
+    torch.manual_seed(1)
+    spec = QuantSpec(2, 64)
+    w0 = torch.randn(8, in_f)
+    s0, z0 = minmax_init(w0, spec)
+    z0[0] = spec.qmax + 2.0  # far above the range
+    z0[1] = -3.0  # below it
+    w = w0.clone().requires_grad_(True)
+    s = s0.clone().requires_grad_(True)
+    z = z0.clone().requires_grad_(True)
+    up = torch.linspace(-1, 1, w0.numel()).view_as(w0)
+    (fake_quantize(w, s, z, spec) * up).sum().backward()
+    # hand reference: clamped positions are those where round(w/s) + clamp(round(z)) leaves [0, qmax]
+    g_idx = spec.g_idx(in_f).long()
+    zc = z0.round().clamp(0, spec.qmax)
+    raw = torch.round(w0 / s0[:, g_idx]) + zc[:, g_idx]
+    clamped = (raw < 0) | (raw > spec.qmax)
+    ref = torch.zeros_like(z0).index_add_(1, g_idx, -(up * clamped * s0[:, g_idx]))
+    torch.testing.assert_close(z.grad, ref, rtol=1e-5, atol=1e-6)
+    assert z.grad[0].abs().sum() > 0 and z.grad[1].abs().sum() > 0

@@ -6,6 +6,7 @@ Every user error ends as one line on stderr (``qatlm: error: ...``) and exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -36,14 +37,19 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--epochs", type=int, default=2, help="epochs per block (default 2)")
     g.add_argument("--batch-size", type=int, default=2, help="samples per step (default 2)")
     g.add_argument("--lr-quant", type=float, default=None,
-                   help="learning rate of step sizes / zero points (default: the paper's 1e-4 scaled by 4096/steps, at most 1e-2)")
+                   help="learning rate of step sizes (fraction of each group's range per step) and zero points (integer "
+                        "units) (default: 1e-4 scaled by 4096/steps, at most 1e-2)")
     g.add_argument("--lr-weight", type=float, default=None,
-                   help="learning rate of weights (default: the paper's 2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3)")
+                   help="learning rate of weights and norms, as a fraction of each group's range per step "
+                        "(default: 2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3)")
     g.add_argument("--input-mode", choices=["quant", "fp"], default="quant", help="block inputs from the quantized chain (default) or the fp chain")
     g.add_argument("--block-loss", dest="loss", choices=LOSSES, default=BlockAPConfig.loss,
                    help=f"reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
                         f"count by their relative error) (default {BlockAPConfig.loss})")
-    g.add_argument("--train-norms", action="store_true", help="also train norms and biases of each block")
+    g.add_argument("--train-norms", action=argparse.BooleanOptionalAction, default=BlockAPConfig.train_norms,
+                   help="train each block's norm weights with its linear weights, as the reference (default on; biases stay fixed)")
+    g.add_argument("--block-clip-grad", dest="clip_grad", type=float, default=None,
+                   help="Block-AP gradient-norm clip (default: none, as the reference)")
     g.add_argument("--early-stop", action="store_true", help="stop a block when its validation loss rises")
     g.add_argument("--ram-budget-gb", type=float, default=8.0, help="activation caches beyond this go to memory-mapped files (default 8)")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and shuffling (default 0)")
@@ -197,32 +203,42 @@ def _resolve_model(arg, cache_dir=None) -> Path:
     return default_model_dir(cache_dir)
 
 
+def _text_input(source):
+    """A calibration / training source given as a path (None for built-in names)."""
+    return source if source and Path(str(source)).expanduser().exists() else None
+
+
 def cmd_quantize(a) -> int:
     import shutil
 
     import torch
 
-    from qatlm.model.checkpoint import check_out_dir, load_fp_model, load_tokenizer, save_quantized
+    from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
+    from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized
 
     config, fn = _method_config(a)
-    out = Path(a.out)
+    out = Path(a.out).expanduser()
     work = out.parent / f"{out.name}.work"  # resumable state of a training method, removed when done
-    if not a.resume:
-        check_out_dir(out, a.overwrite)
-        if work.exists() and a.overwrite:
+    model_dir = _check_model_dir(_resolve_model(a.model, a.cache_dir))
+    # --resume continues an unfinished run; a finished output is never redone or replaced without --overwrite
+    check_output(out, [model_dir, _text_input(getattr(config, "calib", None)), _text_input(getattr(config, "data", None))],
+                 a.overwrite)
+    with output_lock(out):
+        if not a.resume and work.exists() and a.overwrite:
             shutil.rmtree(work)
-    model_dir = _resolve_model(a.model, a.cache_dir)
-    t0 = time.time()
-    print(f"loading {model_dir}", file=sys.stderr)
-    model = load_fp_model(model_dir, device=a.device)
-    tok = load_tokenizer(model_dir)
-    print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
-    summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
-    meta = {"method": a.method, "source": str(model_dir), "seconds": round(time.time() - t0, 1)}
-    dtype = None if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
-    save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta, dtype=dtype)
-    _save_training_report(summary, work, out)
-    shutil.rmtree(work, ignore_errors=True)
+        claim_work_dir(work, source_fingerprint(model_dir), a.resume)
+        with work_dir_guard(work):
+            t0 = time.time()
+            print(f"loading {model_dir}", file=sys.stderr)
+            model = load_fp_model(model_dir, device=a.device)
+            tok = load_tokenizer(model_dir)
+            print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
+            summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
+            meta = {"method": a.method, "source": model_dir.name, "seconds": round(time.time() - t0, 1)}
+            dtype = None if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
+            save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
+                           report=lambda tmp: _save_training_report(summary, work, tmp))
+        shutil.rmtree(work, ignore_errors=True)
     print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     _print_info(str(out), as_json=False)
     return 0
@@ -243,9 +259,11 @@ def _save_training_report(summary: dict, work: Path, out: Path):
         print(f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_losses'][-1]:.4f}", file=sys.stderr)
     if not summary.get("blocks"):
         return
-    print("block  mse(RTN)     mse(trained)  change", file=sys.stderr)
+    print("block  error(RTN)   error(trained)  change   (squared error / energy of the fp block's contribution)", file=sys.stderr)
     for b in summary["blocks"]:
-        print(f"{b['block']:>5}  {b['rtn_mse']:.4e}   {b['trained_mse']:.4e}    {100 * (b['trained_mse'] / b['rtn_mse'] - 1):+.1f}%", file=sys.stderr)
+        flag = "  kept RTN" if b.get("rtn_fallback") else "  (0.1x lr)" if b.get("lr_retried") else ""
+        print(f"{b['block']:>5}  {b['rtn_mse']:.4e}   {b['trained_mse']:.4e}      {100 * (b['trained_mse'] / b['rtn_mse'] - 1):+.1f}%{flag}",
+              file=sys.stderr)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -313,7 +331,7 @@ def cmd_assets(a) -> int:
 def cmd_demo(a) -> int:
     from qatlm.data import assets
     from qatlm.eval.report import evaluate, markdown_table, write_report
-    from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
+    from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized
 
     config, fn = _method_config(a)
     settings = _eval_settings(a)
@@ -343,7 +361,8 @@ def cmd_train(a) -> int:
     from accelerate import PartialState
 
     from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
-    from qatlm.model.checkpoint import check_out_dir, load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
+    from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
+    from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
 
     from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
 
@@ -353,33 +372,40 @@ def cmd_train(a) -> int:
     cfg_cls, train_fn = methods[a.method]
     state = PartialState(cpu=not torch.cuda.is_available())
     src, qc = read_quant_config(a.src)
-    out = Path(a.out)
+    out = Path(a.out).expanduser()
     work = out.parent / f"{out.name}.work"
-    if not a.resume:
-        check_out_dir(out, a.overwrite)
-        if state.is_main_process and work.exists() and a.overwrite:
-            shutil.rmtree(work)
-    state.wait_for_everyone()
     names = {f.name for f in dataclasses.fields(cfg_cls)}
     config = cfg_cls(**{k: v for k, v in vars(a).items() if k in names})
-    tok = load_tokenizer(src)
-    if tok is None:
-        raise QatlmError(f"{src} has no tokenizer files; training needs one")
-    t0 = time.time()
-    model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
-    summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
-    if "cost" in summary:
-        c = summary["cost"]
-        print(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
-              f"{c['lora_params']:,} ({100 * summary['trainable_fraction']:.2f}% of the model)", file=sys.stderr)
+    lock = contextlib.nullcontext()
     if state.is_main_process:
-        prev = qc.get("meta", {}).get("qatlm", {}).get("method", "gptq")
-        meta = {"method": f"{prev}+{a.method}", "source": str(src), "seconds": round(time.time() - t0, 1)}
-        save_quantized(model, out, spec_from_config(qc), tokenizer=tok, overwrite=a.overwrite or a.resume, meta=meta)
-        _save_training_report(summary, work, out)
-        shutil.rmtree(work, ignore_errors=True)
-        print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
-    state.wait_for_everyone()
+        check_output(out, [src, _text_input(config.data)], a.overwrite)
+        lock = output_lock(out)
+    with lock:
+        if state.is_main_process:
+            if not a.resume and work.exists() and a.overwrite:
+                shutil.rmtree(work)
+            claim_work_dir(work, source_fingerprint(src), a.resume)
+        state.wait_for_everyone()
+        guard = work_dir_guard(work) if state.is_main_process else contextlib.nullcontext()
+        with guard:
+            tok = load_tokenizer(src)
+            if tok is None:
+                raise QatlmError(f"{src} has no tokenizer files; training needs one")
+            t0 = time.time()
+            model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
+            summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
+            if "cost" in summary:
+                c = summary["cost"]
+                print(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
+                      f"{c['lora_params']:,} ({100 * summary['trainable_fraction']:.2f}% of the model)", file=sys.stderr)
+            if state.is_main_process:
+                prev = qc.get("meta", {}).get("qatlm", {}).get("method", "gptq")
+                meta = {"method": f"{prev}+{a.method}", "source": src.name, "seconds": round(time.time() - t0, 1)}
+                save_quantized(model, out, spec_from_config(qc), tokenizer=tok, overwrite=a.overwrite, meta=meta,
+                               report=lambda tmp: _save_training_report(summary, work, tmp))
+                shutil.rmtree(work, ignore_errors=True)
+                print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+        state.wait_for_everyone()
     return 0
 
 
@@ -390,8 +416,11 @@ def cmd_export(a) -> int:
     fmt = {"gptq-v2": "gptq", "ct": "compressed-tensors"}.get(fmt, fmt)
     if fmt not in FORMATS:
         raise QatlmError(f"unknown export format '{a.format}'; choose one of {', '.join(FORMATS)}")
+    from qatlm.fsutil import output_lock
+
     print(f"exporting {a.src} as {fmt} ...", file=sys.stderr)
-    r = export_checkpoint(a.src, fmt, a.out, overwrite=a.overwrite, float_type=a.float_type)
+    with output_lock(Path(a.out).expanduser()):
+        r = export_checkpoint(a.src, fmt, a.out, overwrite=a.overwrite, float_type=a.float_type)
     if r.get("warning"):
         print(f"qatlm: warning: {r['warning']}", file=sys.stderr)
     checks = []

@@ -1,24 +1,218 @@
-"""Folders that appear only when complete: build in a temporary sibling, then rename into place."""
+"""How qatlm touches the file system without ever destroying or mixing a user's data.
+
+- ``check_output``: an output that is, contains or lies inside an input is refused before any work, and so
+  is an output whose place cannot be written.
+- ``atomic_dir``: a folder appears only complete. It is built in ``.<name>.partial-<pid>`` beside the final
+  place; an existing folder is renamed aside (``.<name>.old-<pid>``), the new one renamed in, and only then
+  the old one deleted. A run killed in between leaves the old folder aside, and the next run that touches
+  the same output puts it back (or, if the new one made it in, deletes it) and removes partial folders of
+  dead processes: the output is always the complete old one or the complete new one.
+- ``output_lock``: one run at a time per output (a lock file holding the owner's pid; a dead owner's lock is
+  taken over).
+- ``source_fingerprint`` / ``claim_work_dir``: a resumed run must continue from the same source model.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Callable
 
+from qatlm.errors import QatlmError
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def tidy_output(final: Path) -> None:
+    """Finish or undo what a killed run left beside ``final``: stale partial folders go, a folder renamed
+    aside comes back if nothing replaced it (else it goes)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.partial-*"):
+        if not _pid_alive(_owner(p)):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in final.parent.glob(f".{final.name}.old-*"):
+        if _pid_alive(_owner(p)):
+            continue
+        if final.exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.replace(p, final)
+
 
 def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp)`` in ``.<name>.partial-<pid>`` beside ``final``; replace ``final`` only on success."""
+    """Run ``build(tmp)`` in ``.<name>.partial-<pid>`` beside ``final``; replace ``final`` only on success,
+    never leaving a moment where a kill loses both the old and the new folder."""
     final = Path(final)
+    tidy_output(final)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         build(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a part."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_output(out, inputs=(), overwrite: bool = False, what: str = "output folder") -> Path:
+    """Refuse, in one line and before any work, an output that would destroy an input or cannot be written."""
+    out = Path(out).expanduser()
+    ro = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        rs = Path(src).expanduser().resolve()
+        if ro == rs:
+            raise QatlmError(f"{what} {out} is the input {src}: writing it would destroy the input; choose another --out")
+        if rs.is_relative_to(ro):
+            raise QatlmError(f"{what} {out} contains the input {src}: replacing it would destroy the input; choose another --out")
+        if ro.is_relative_to(rs):
+            raise QatlmError(f"{what} {out} lies inside the input {src}: choose an --out outside it")
+    tidy_output(out)
+    if out.exists() and not out.is_dir():
+        raise QatlmError(f"{what} {out} is a file, not a folder")
+    if out.exists() and not overwrite:
+        raise QatlmError(f"{what} {out} already exists (pass --overwrite to replace it)")
+    parent = ro.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QatlmError(f"cannot create {what} {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QatlmError(f"cannot create {what} {out}: {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def output_lock(out):
+    """Hold ``.<name>.lock`` beside ``out`` for the whole run: a second run on the same output is refused
+    while the owner lives; a dead owner's lock is taken over."""
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    me = str(os.getpid())
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or -1)
+            except (OSError, ValueError):
+                pid = -1
+            if pid != os.getpid() and _pid_alive(pid):
+                raise QatlmError(f"another qatlm run (pid {pid}) is writing {out}; wait for it to finish or stop it") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # its owner is dead: take it over
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    else:
+        raise QatlmError(f"could not take the lock {lock}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == me:
+                lock.unlink()
+
+
+_IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def source_fingerprint(folder) -> str:
+    """What identifies a model folder without reading all its weights: every safetensors file's name, size,
+    header (names, shapes, dtypes, offsets) and 64 samples of 4 KiB spread over its tensor bytes, and the
+    config and tokenizer files' contents."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    if folder.is_file():
+        st = folder.stat()
+        h.update(f"{folder.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) == 8:
+                n = min(struct.unpack("<Q", head)[0], 1 << 26)
+                h.update(fh.read(n))
+                # two models of one architecture share the header: add 64 samples of the tensor bytes
+                start = 8 + n
+                for k in range(64):
+                    fh.seek(start + (size - start) * k // 64)
+                    h.update(fh.read(4096))
+    for name in _IDENTITY_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + (folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def claim_work_dir(work: Path, source: str, resume: bool) -> None:
+    """Record which source a work folder belongs to; refuse to resume it from another one."""
+    work = Path(work)
+    tag = work / "source.json"
+    if tag.is_file():
+        old = json.loads(tag.read_text()).get("source")
+        if old == source:
+            return
+        if resume:
+            raise QatlmError(f"cannot resume from {work}: it was started from another source model or checkpoint "
+                             "(pass --overwrite to start over)")
+        if any(p.name != "source.json" for p in work.iterdir()):
+            return  # another source's unfinished run: the method refuses it without --resume / --overwrite
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(tag, json.dumps({"source": source}))
+
+
+@contextlib.contextmanager
+def work_dir_guard(work: Path):
+    """On failure, remove a work folder that holds nothing resumable yet (only its ``source.json``):
+    a refused input leaves no folder behind, an interrupted training keeps what it can resume from."""
+    try:
+        yield
+    except BaseException:
+        work = Path(work)
+        if work.is_dir() and all(p.name == "source.json" for p in work.iterdir()):
+            shutil.rmtree(work, ignore_errors=True)
+        raise

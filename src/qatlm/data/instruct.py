@@ -3,7 +3,8 @@
 Instruction data is a ``.jsonl`` / ``.parquet`` file or a saved HF dataset folder whose records have
 either Alpaca fields (``instruction``, optional ``input``, ``output``) or chat ``messages``
 (``[{role, content}, ...]``, formatted with the tokenizer's chat template). Only the response tokens
-carry a loss: prompt positions get the label -100.
+carry a loss: prompt positions get the label -100. As in the reference, an example starts with BOS where
+the tokenizer adds one, and prompt and answer are truncated separately (``prompt_budget``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from qatlm.data.text import bos_token
 from qatlm.errors import QatlmError
 
 IGNORE = -100
@@ -86,9 +88,20 @@ def encode_record(rec: dict, tokenizer, seqlen: int, where: str = "record") -> t
             r_ids = r_ids + [tokenizer.eos_token_id]
     else:
         raise QatlmError(f"{where}: needs 'instruction' and 'output' fields (Alpaca) or 'messages' (chat); has {', '.join(rec)}")
-    ids = (p_ids + r_ids)[:seqlen]
-    labels = ([IGNORE] * len(p_ids) + r_ids)[:seqlen]
-    return ids, labels
+    # as the reference: BOS first where the tokenizer adds one, then the prompt and the answer truncated
+    # separately (prompt to 3/4 of the window, 384 of 512; the answer fills the rest), so no record is lost
+    # because its prompt alone fills the window
+    bos = bos_token(tokenizer)
+    if bos is not None and (not p_ids or p_ids[0] != bos):
+        p_ids = [bos] + p_ids
+    p_ids = p_ids[: prompt_budget(seqlen)]
+    r_ids = r_ids[: seqlen - len(p_ids)]
+    return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
+
+
+def prompt_budget(seqlen: int) -> int:
+    """Most prompt tokens one example keeps: 3/4 of the window (the reference's 384 source + 128 target)."""
+    return max(1, seqlen * 3 // 4)
 
 
 def instruction_examples(source, tokenizer, seqlen: int, n: int | None = None) -> list[tuple[list[int], list[int]]]:

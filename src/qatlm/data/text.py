@@ -100,18 +100,44 @@ def token_ids(tokenizer, source, cache_dir=None) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def bos_token(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts one in front of every text it encodes (so the model was trained
+    with it, e.g. Llama-2/3, Gemma), else None (e.g. SmolLM2, Qwen). Read from the tokenizer's own behaviour."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def cut_windows(ids: torch.Tensor, seqlen: int, bos: int | None = None, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seqlen]`` of a token stream. With ``bos`` every window starts with it
+    (as lm-eval feeds such models) followed by ``seqlen − 1`` stream tokens; either way a window predicts
+    ``seqlen − 1`` tokens of the text."""
+    ids = ids.flatten()
+    step = seqlen - (bos is not None)
+    n = ids.numel() // step if step > 0 else 0
+    if max_windows:
+        n = min(n, max_windows)
+    chunks = ids[: n * step].view(n, step)
+    if bos is not None:
+        chunks = torch.cat([torch.full((n, 1), bos, dtype=chunks.dtype), chunks], dim=1)
+    return chunks
+
+
 def calibration_samples(tokenizer, source="wikipedia", n: int = 128, seqlen: int = 512, seed: int = 0, n_val: int = 0, cache_dir=None):
     """``n`` training and ``n_val`` validation samples of ``seqlen`` tokens, reproducible by ``seed``.
 
-    The token stream is cut into non-overlapping windows; a seeded permutation picks the training
-    windows first and the validation windows after them, so the two never share a token.
+    The token stream is cut into non-overlapping windows (each led by BOS where the tokenizer adds one);
+    a seeded permutation picks the training windows first and the validation windows after them, so the
+    two never share a token.
     """
     if n < 1 or seqlen < 2:
         raise QatlmError(f"need at least one calibration sample of 2+ tokens (got n={n}, seqlen={seqlen})")
     ids = token_ids(tokenizer, source, cache_dir)
-    windows = ids.numel() // seqlen
+    chunks = cut_windows(ids, seqlen, bos_token(tokenizer))
+    windows = len(chunks)
     if windows < n + n_val:
         raise QatlmError(f"text source {source} has {ids.numel():,} tokens: only {windows} windows of {seqlen}, asked for {n} + {n_val}")
     order = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))
-    chunks = ids[: windows * seqlen].view(windows, seqlen)
     return chunks[order[:n]].clone(), chunks[order[n : n + n_val]].clone()

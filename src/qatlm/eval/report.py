@@ -59,7 +59,7 @@ def load_any(path, device="cpu"):
 
 
 def evaluate(path, settings: EvalSettings, label: str | None = None, progress: bool = True) -> dict:
-    from qatlm.data.text import token_ids
+    from qatlm.data.text import bos_token, token_ids
     from qatlm.eval.perplexity import perplexity
     from qatlm.eval.zeroshot import average, evaluate_lm_eval, evaluate_plain
 
@@ -68,8 +68,10 @@ def evaluate(path, settings: EvalSettings, label: str | None = None, progress: b
     row = {"label": label or Path(path).name, "path": str(path), **row}
     ids = token_ids(tok, settings.heldout, settings.cache_dir)
     row["heldout"] = settings.heldout
-    row["heldout_ppl"] = perplexity(model, ids, settings.seqlen, settings.ppl_windows, progress=progress)
-    row["ppl_protocol"] = f"{settings.ppl_windows or 'all'} windows x {settings.seqlen} tokens"
+    bos = bos_token(tok)
+    row["heldout_ppl"] = perplexity(model, ids, settings.seqlen, settings.ppl_windows, progress=progress, bos=bos)
+    row["ppl_protocol"] = (f"{settings.ppl_windows or 'all'} windows x {settings.seqlen} tokens"
+                           + (" (BOS + text in each window, as the tokenizer adds BOS)" if bos is not None else " (no BOS: the tokenizer adds none)"))
     if settings.tasks:
         if settings.zeroshot_engine == "plain":
             zs = evaluate_plain(model, tok, settings.tasks, settings.limit, settings.cache_dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir
+from qatlm.fsutil import atomic_dir, check_output
 
 FORMATS = ("gptq", "gptq-v1", "gguf", "compressed-tensors")
 
@@ -40,7 +40,6 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     """Export the qatlm/GPTQ checkpoint ``src`` to ``out`` in format ``fmt``; returns a report (also
     written to ``out/export_report.json``)."""
     from qatlm.model.checkpoint import (
-        check_out_dir,
         load_quantized,
         load_tokenizer,
         read_quant_config,
@@ -52,10 +51,10 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     if fmt not in FORMATS:
         raise QatlmError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     src = Path(src).expanduser()
+    out = Path(out).expanduser()
+    check_output(out, [src], overwrite)
     _, qc = read_quant_config(src)
     spec = spec_from_config(qc)
-    out = Path(out).expanduser()
-    check_out_dir(out, overwrite)
     t0 = time.time()
     model = load_quantized(src, dtype=torch.float32)
     tok = load_tokenizer(src)
@@ -63,7 +62,7 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     ids = _probe_ids(model.config.vocab_size)
     ref = _logits(model, ids)
     meta = dict((qc.get("meta") or {}).get("qatlm") or {})
-    report = {"source": str(src), "format": fmt, "grid": spec.tag}
+    report = {"source": src.name, "format": fmt, "grid": spec.tag}
 
     def build(tmp: Path):
         if fmt in ("gptq", "gptq-v1"):

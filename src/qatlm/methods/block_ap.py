@@ -2,10 +2,18 @@
 points so that the quantized block reproduces the full-precision block (MSE), then fix it to integers.
 
 For block i (default ``input_mode="quant"``): input = the outputs of the already-quantized blocks
-0..i-1; target = the fp block i applied to the fp chain's input. Trained by default: every quantized
-linear's weight (lr_weight), step size and zero point (lr_quant); norms and biases stay fixed unless
-``train_norms``. Starts from RTN min-max grids. After training the block is packed in place and
-its quantized outputs become the next block's inputs.
+0..i-1; target = the fp block i applied to the fp chain's input. Trained by default, as in the
+reference: every quantized linear's weight (lr_weight), step size and zero point (lr_quant), and the
+block's norm weights (lr_weight; biases stay fixed). Starts from RTN min-max grids. After training the
+block is packed in place and its quantized outputs become the next block's inputs.
+
+Nothing depends on the model's weight or activation scale:
+- the loss is the block's squared error divided by the energy of the block's own contribution
+  ``‖fp_out − fp_in‖²`` (a relative error: the same number for a model whose hidden states are 1000x larger);
+- weight and step-size updates are measured in each quantization group's initial range (max − min), so a
+  learning rate means "fraction of the group's range per step" on every model (``RelativeAdamW``);
+- a block whose trained validation error is not below its RTN error is retrained once at a tenth of the
+  rates and otherwise falls back to its RTN grid: Block-AP never ends a block worse than RTN.
 
 Activations live in RAM up to ``ram_budget_gb``, beyond it in memory-mapped files. After every
 finished block its packed tensors are written to ``work_dir``; ``resume=True`` reloads them, rebuilds
@@ -29,9 +37,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from qatlm.errors import QatlmError
+from qatlm.fsutil import atomic_write_text
 from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, replace_module, run_layer
-from qatlm.quant.apply import check_packable
-from qatlm.quant.grid import QuantSpec
+from qatlm.quant.apply import check_target
+from qatlm.quant.grid import QuantSpec, expand_groups
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear
 from qatlm.train import JsonLog, Schedule, release_freed_memory, train_epochs
 
@@ -72,13 +81,13 @@ class BlockAPConfig:
     seed: int = 0
     epochs: int = 2
     batch_size: int = 2
-    lr_quant: float | None = None  # None: step-scaled from the paper's 1e-4 (see learning_rates)
-    lr_weight: float | None = None  # None: step-scaled from the paper's 2e-5 (2-bit) / 1e-5 (3-8 bit)
+    lr_quant: float | None = None  # None: step-scaled from 1e-4 (see learning_rates); in units of each group's range
+    lr_weight: float | None = None  # None: step-scaled from 2e-5 (2-bit) / 1e-5 (3-8 bit); in units of each group's range
     min_lr_ratio: float = 0.05
-    clip_grad: float = 1.0
+    clip_grad: float | None = None  # the reference does not clip Block-AP gradients
     input_mode: str = "quant"  # "quant": quantized-chain inputs; "fp": full-precision-chain inputs
     loss: str = "mse"  # "mse" (paper) or "mse-capped": tokens of massive norm (attention sinks) weigh as a typical token
-    train_norms: bool = False
+    train_norms: bool = True  # the reference trains every block weight that is not quantized (norms), biases stay fixed
     early_stop: bool = False
     ram_budget_gb: float = 8.0
     chain_batch: int = 8  # samples per forward when moving activations through a finished block
@@ -93,15 +102,24 @@ class BlockAPConfig:
             raise QatlmError(f"block loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.epochs < 0 or self.batch_size < 1:
             raise QatlmError("epochs must be >= 0 and batch size >= 1")
+        for name in ("lr_quant", "lr_weight"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise QatlmError(f"{name.replace('_', '-')} must be a positive number, got {v}")
+        if self.clip_grad is not None and not self.clip_grad >= 0:
+            raise QatlmError(f"clip-grad must be >= 0 (0 or unset: no clipping), got {self.clip_grad}")
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
 
     def learning_rates(self, steps: int) -> tuple[float, float]:
-        """(lr_quant, lr_weight). Unset ones keep the paper's lr x steps budget: the paper trains each
-        block for 4096 steps (4096 samples, batch 2, 2 epochs) at 1e-4 / 2e-5 (1e-5 above 2 bits); with
-        fewer steps the rate grows by 4096/steps, capped at 1e-2 / 1e-3."""
+        """(lr_quant, lr_weight), both in units of each quantization group's initial range (max − min) per
+        step (zero points: integer units). Unset ones keep the paper's lr x steps budget: the paper trains
+        each block for 4096 steps (4096 samples, batch 2, 2 epochs) at 1e-4 / 2e-5 (1e-5 above 2 bits); with
+        fewer steps the rate grows by 4096/steps, capped at 1e-2 / 1e-3. (The paper's rates are absolute;
+        on SmolLM2, where these defaults were measured, the group ranges are ~1.0 at every setting, so the
+        numbers coincide there, and they keep their meaning on models whose weights are 10x smaller.)"""
         scale = max(1.0, PAPER_STEPS / max(steps, 1))
         lq = self.lr_quant if self.lr_quant is not None else min(1e-2, 1e-4 * scale)
         lw = self.lr_weight if self.lr_weight is not None else min(1e-3, (2e-5 if self.bits == 2 else 1e-5) * scale)
@@ -110,6 +128,32 @@ class BlockAPConfig:
     def fingerprint(self) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("ram_budget_gb", "chain_batch")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RelativeAdamW(torch.optim.AdamW):
+    """AdamW whose update of some parameters is multiplied element-wise by a per-group unit.
+
+    ``units`` maps a parameter to ``(unit [out, groups], spec)``: a weight ``[out, in]`` (unit expanded over
+    each group's columns) or a per-group tensor ``[out, groups]``. Adam's step is ~lr per element whatever the
+    gradient's scale, so with the unit set to the group's range a learning rate reads "fraction of the
+    group's range per step": the same on a model whose weights are 10x smaller (same as Adam on the
+    reparametrised ``w / unit``, up to where epsilon enters)."""
+
+    def __init__(self, groups, units: dict, **kw):
+        super().__init__(groups, **kw)
+        self.units = units
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        before = [(p, p.detach().clone()) for p in self.units if p.grad is not None]
+        loss = super().step(closure)
+        for p, old in before:
+            unit, spec = self.units[p]
+            delta = p - old
+            if delta.shape != unit.shape:
+                unit = expand_groups(unit, spec, delta.shape[1])
+            p.copy_(old.add_(delta.mul_(unit)))
+        return loss
 
 
 class ActivationCache:
@@ -136,21 +180,25 @@ class ActivationCache:
 
 
 def _atomic_json(path: Path, obj):
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 @torch.no_grad()
-def _run_chain(block, kwargs, src: ActivationCache, dst: ActivationCache, n: int, bs: int, device, dtype):
+def _run_chain(block, kwargs, src: ActivationCache, dst: ActivationCache, n: int, bs: int, device, dtype) -> torch.Tensor:
+    """``dst = block(src)`` batch by batch; returns each sample's ``‖dst − src‖²`` (the block's own contribution)."""
+    energy = torch.empty(n, dtype=torch.float64)
     for i in range(0, n, bs):
-        dst[i : i + bs] = run_layer(block, src[i : i + bs].to(device, dtype), kwargs).float().cpu()
+        x = src[i : i + bs].to(device, dtype)
+        y = run_layer(block, x, kwargs)
+        energy[i : i + len(x)] = (y.float() - x.float()).pow(2).sum((1, 2)).double().cpu()
+        dst[i : i + bs] = y.float().cpu()
+    return energy
 
 
 def _block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
     layers = {}
     for name, lin in quant_targets(block).items():
-        check_packable(f"{prefix}.{name}", lin.in_features, lin.out_features, spec)
+        check_target(f"{prefix}.{name}", lin, spec)
         layers[name] = FakeQuantLinear(lin, spec)
         replace_module(block, name, layers[name])
     return layers
@@ -169,12 +217,24 @@ def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
 
 
 @torch.no_grad()
-def _mean_loss(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype, kind: str = "mse") -> float:
+def _mean_loss(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype, energy: torch.Tensor,
+               kind: str = "mse") -> float:
+    """The block's relative error on samples ``idx``: squared error / energy of the block's own contribution."""
     tot = 0.0
     for i in range(0, len(idx), bs):
         b = idx[i : i + bs]
         tot += block_loss(run_layer(block, x[b].to(device, dtype), kwargs), y[b].to(device), kind, "sum").item()
-    return tot / (len(idx) * x.t.shape[1] * x.t.shape[2])
+    return tot / max(float(energy[idx].sum()), 1e-30)
+
+
+def _snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def _restore(params, snap):
+    for p, v in zip(params, snap):
+        p.copy_(v)
 
 
 def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=None, resume: bool = False, calib=None,
@@ -201,6 +261,9 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
 
     parts = find_parts(model)
     layers = parts.layers
+    for bi, block in enumerate(layers):  # bad weights or widths are refused before any work starts
+        for name, lin in quant_targets(block).items():
+            check_target(f"{parts.layers_name}.{bi}.{name}", lin, spec)
     fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
     progress_file = work / "progress.json" if work else None
     done_blocks = 0
@@ -234,7 +297,9 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     steps_per_epoch = math.ceil(n_tr / config.batch_size)
     log = JsonLog(log_path or (work / "train_log.jsonl" if work else None))
     lrs = config.learning_rates(config.epochs * steps_per_epoch)
-    summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [], "resumed_from_block": done_blocks}
+    summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [],
+               "resumed_from_block": done_blocks,
+               "block_error": "validation squared error / energy of the fp block's own contribution (rtn_mse, trained_mse)"}
     if work and (work / "summary.json").exists() and done_blocks:
         summary["blocks"] = json.loads((work / "summary.json").read_text())["blocks"][:done_blocks]
 
@@ -245,7 +310,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         kw = kwargs[bi]
         prefix = f"{parts.layers_name}.{bi}"
         # the fp target is this block (still full precision) on the fp chain's input
-        _run_chain(block, kw, fp_in, fp_out, n, config.chain_batch, device, compute_dtype)
+        energy = _run_chain(block, kw, fp_in, fp_out, n, config.chain_batch, device, compute_dtype)
         if bi < done_blocks:  # finished before the interruption: reload its integers, move the chain on
             _load_packed_block(block, spec, load_file(work / "blocks" / f"block_{bi:04d}.safetensors"), compute_dtype)
             if q_in is not None:
@@ -256,21 +321,26 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         block.to(train_dtype)
         fq = _block_fake_quant(block, spec, prefix)
         x_in = q_in if q_in is not None else fp_in
-        rtn_val = _mean_loss(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
+        eval_idx = va_idx if n_va else tr_idx
+        rtn_val = _mean_loss(block, kw, x_in, fp_out, eval_idx, config.chain_batch, device, train_dtype, energy, config.loss)
         weights = [m.weight for m in fq.values()]
-        quant = [p for m in fq.values() for p in ((m.scale, m.zero) if not spec.sym else (m.scale,))]
+        scales = [m.scale for m in fq.values()]
+        zeros = [m.zero for m in fq.values()] if not spec.sym else []
+        # updates of weights and step sizes in units of each group's initial range (s0 · qmax)
+        units = {}
+        for m in fq.values():
+            rng = (m.scale.detach().float() * spec.qmax).to(m.weight.dtype)
+            units[m.weight] = units[m.scale] = (rng, spec)
         for p in block.parameters():
             p.requires_grad_(False)
-        for p in weights + quant:
+        fq_params = {id(p) for p in weights + scales + zeros}
+        # the reference trains every other parameter named "weight" (the norms) at the weight rate; biases stay
+        norms = [p for name, p in block.named_parameters() if config.train_norms and id(p) not in fq_params
+                 and name.rsplit(".", 1)[-1] == "weight" and p.is_floating_point()]
+        trained = weights + scales + zeros + norms
+        for p in trained:
             p.requires_grad_(True)
         lr_q, lr_w = config.learning_rates(config.epochs * steps_per_epoch)
-        groups = [{"params": quant, "lr": lr_q}, {"params": weights, "lr": lr_w}]
-        if config.train_norms:
-            fq_params = {id(p) for p in weights + quant}
-            extra = [p for p in block.parameters() if id(p) not in fq_params and p.is_floating_point()]
-            for p in extra:
-                p.requires_grad_(True)
-            groups.append({"params": extra, "lr": lr_w})
         gen = torch.Generator().manual_seed(config.seed * 100003 + bi)
         perms = [torch.randperm(n_tr, generator=gen) for _ in range(config.epochs)]
 
@@ -279,39 +349,59 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             for i in range(0, n_tr, config.batch_size):
                 yield p[i : i + config.batch_size]
 
-        def loss_fn(idx, block=block, kw=kw, x_in=x_in, y_out=fp_out):
+        def loss_fn(idx, block=block, kw=kw, x_in=x_in, y_out=fp_out, energy=energy):
             x = x_in[idx].to(device, train_dtype)
             y = y_out[idx].to(device, torch.float32)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
                 out = run_layer(block, x, kw)
-            return block_loss(out, y, config.loss)
+            return block_loss(out, y, config.loss, "sum") / max(float(energy[idx].sum()), 1e-30)
 
-        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out: _mean_loss(block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype, config.loss)) if n_va else None
-        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi + 1}/{len(layers)}", unit="step", disable=not progress, leave=False)
-        res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad,
-                           schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
-                           early_stop=config.early_stop, log=log, log_extra={"block": bi}, progress=bar)
-        bar.close()
+        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out, energy=energy: _mean_loss(
+            block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype, energy, config.loss)) if n_va else None
+        start = _snapshot(trained)  # the RTN starting point, for the guard
+        attempts, fallback, after_val = [], False, rtn_val
+        for lr_factor in (1.0, 0.1):  # guard: a block that ends worse than RTN is retrained once at a tenth of the rates
+            if attempts:
+                _restore(trained, start)
+            groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
+            opt = RelativeAdamW(groups, units, weight_decay=0.0)
+            bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{len(layers) - 1}", unit="step", disable=not progress, leave=False)
+            res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad or None,
+                               schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
+                               early_stop=config.early_stop, log=log, log_extra={"block": bi, "lr_factor": lr_factor},
+                               progress=bar, optimizer=opt)
+            bar.close()
+            after_val = _mean_loss(block, kw, x_in, fp_out, eval_idx, config.chain_batch, device, train_dtype, energy, config.loss)
+            attempts.append({"lr_factor": lr_factor, "val": after_val, "steps": res.steps})
+            if after_val < rtn_val or res.steps == 0:
+                break
+        else:  # both attempts ended at or above RTN: keep the RTN grid
+            _restore(trained, start)
+            after_val, fallback = rtn_val, True
+            log.write(event="rtn_fallback", block=bi, attempts=attempts)
+        del opt
         n_lin = sum(m.in_features * m.out_features for m in fq.values())
         flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L
         flops_time[1] += res.step_seconds
         for p in block.parameters():
             p.requires_grad_(False)
-        after_val = _mean_loss(block, kw, x_in, fp_out, va_idx if n_va else tr_idx, config.chain_batch, device, train_dtype, config.loss)
         _pack_block(block)
         block.to(compute_dtype)
         # the next block's quantized-chain input is this (now integer) block on its own quantized input
         if q_in is not None:
             _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
         fp_in, fp_out = fp_out, fp_in
-        del fq, weights, quant, groups  # the replaced fake-quant layers still hold the block's fp weights
+        del fq, weights, scales, zeros, norms, trained, start, units, groups  # the fake-quant layers still hold fp weights
         release_freed_memory()
         rec = {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
-               "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early}
+               "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early,
+               "lr_retried": len(attempts) > 1, "rtn_fallback": fallback}
         summary["blocks"].append(rec)
         log.write(event="block_done", **rec)
         if progress:
-            tqdm.write(f"block {bi + 1}/{len(layers)}: mse rtn {rtn_val:.3g} -> trained {after_val:.3g}  ({rec['seconds']:.1f}s{', retried ' + str(res.retries) if res.retries else ''})")
+            note = ", kept the RTN grid (training did not beat it)" if fallback else ", retrained at 0.1x lr" if len(attempts) > 1 else ""
+            tqdm.write(f"block {bi}/{len(layers) - 1}: relative error rtn {rtn_val:.3g} -> trained {after_val:.3g}  "
+                       f"({rec['seconds']:.1f}s{', non-finite retries ' + str(res.retries) if res.retries else ''}{note})")
         if work:
             sd = {k: v.contiguous() for k, v in block.state_dict().items()}
             tmp = work / "blocks" / f".block_{bi:04d}.tmp"
@@ -322,5 +412,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     log.close()
     summary["seconds"] = round(time.time() - t_start, 1)
     summary["train_flops_per_s"] = flops_time[0] / flops_time[1] if flops_time[1] else None
+    summary["rtn_fallback_blocks"] = [b["block"] for b in summary["blocks"] if b.get("rtn_fallback")]
+    summary["lr_retried_blocks"] = [b["block"] for b in summary["blocks"] if b.get("lr_retried")]
     return summary
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from qatlm.errors import QatlmError
@@ -77,9 +78,10 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
         m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
     rank = config.rank or auto_rank(shapes)
     layers = {}
+    gen = torch.Generator().manual_seed(config.seed)  # LoRA A: reproducible from --seed, so resume is exact
     for name, m in src.items():
         make = DLQATLinear.from_fake_quant if isinstance(m, FakeQuantLinear) else DLQATLinear.from_packed
-        layers[name] = make(m, rank=rank, alpha=config.alpha, magnitude=config.magnitude, lora=config.lora)
+        layers[name] = make(m, rank=rank, alpha=config.alpha, magnitude=config.magnitude, lora=config.lora, generator=gen)
         replace_module(model, name, layers[name])
     mags = [m.m for m in layers.values()]
     lora = [p for m in layers.values() if m.rank for p in (m.A, m.B)]

@@ -18,7 +18,7 @@ from torch import nn
 
 from qatlm import __version__
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir
+from qatlm.fsutil import atomic_dir, check_output
 from qatlm.model.arch import replace_module
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
@@ -115,14 +115,16 @@ def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool
 
 
 def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None,
-                   dtype: torch.dtype | None = None, checkpoint_format: str = "gptq_v2", in_place: bool = False) -> Path:
+                   dtype: torch.dtype | None = None, checkpoint_format: str = "gptq_v2", in_place: bool = False,
+                   report=None) -> Path:
     """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint.
 
+    ``report(folder)``, if given, adds files (training summary, curves) before the folder appears.
     ``dtype``: storage dtype of the tensors that are not quantized (embeddings, norms, head); default:
     as they are in memory. Step sizes are always fp16, as the format requires.
     """
     out = Path(out_dir).expanduser()
-    check_out_dir(out, overwrite)
+    check_output(out, (), overwrite)
     packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
     if not packed:
         raise QatlmError("the model has no packed layers: quantize it before saving")
@@ -146,17 +148,14 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if report is not None:
+            report(tmp)
 
     if in_place:
         build(out)
     else:
         atomic_dir(out, build)
     return out
-
-
-def check_out_dir(out: Path, overwrite: bool):
-    if out.exists() and not overwrite:
-        raise QatlmError(f"output folder {out} already exists (pass --overwrite to replace it)")
 
 
 def _write_shards(sd: dict, folder: Path):

@@ -28,12 +28,21 @@ def attach_fake_quant(model: nn.Module, spec: QuantSpec, lm_head: bool = False, 
     for name in names if names is not None else target_names(model, lm_head):
         mod = model.get_submodule(name)
         if isinstance(mod, nn.Linear):
-            check_packable(name, mod.in_features, mod.out_features, spec)
+            check_target(name, mod, spec)
             if lm_head and name.endswith("lm_head"):
                 mod.weight = nn.Parameter(mod.weight.detach().clone())
             layers[name] = FakeQuantLinear(mod, spec)
             replace_module(model, name, layers[name])
     return layers
+
+
+def check_target(name: str, linear: nn.Linear, spec: QuantSpec):
+    """A layer about to be quantized: packable widths and finite weights (a NaN would become NaN step sizes)."""
+    check_packable(name, linear.in_features, linear.out_features, spec)
+    w = linear.weight
+    if w.device.type != "meta" and not bool(w.isfinite().all()):
+        bad = int((~w.isfinite()).sum())
+        raise QatlmError(f"{name}: the source weight has {bad} NaN/inf values; refusing to quantize a broken model")
 
 
 def check_packable(name: str, in_f: int, out_f: int, spec: QuantSpec):

@@ -156,7 +156,10 @@ def fake_quantize_reference(w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     """The same function composed from autograd ops (any group layout, ragged last group included)."""
     in_f = w.shape[1]
     s = expand_groups(scale, spec, in_f)
-    z = expand_groups(round_ste(zero).clamp(spec.zero_min, spec.qmax), spec, in_f)
+    # rounded and clamped zero point with an identity gradient (as the fused path and the reference: a zero
+    # point that has left the range still receives its gradient)
+    zq = zero + (zero.detach().round().clamp(spec.zero_min, spec.qmax) - zero.detach())
+    z = expand_groups(zq, spec, in_f)
     q = torch.clamp(round_ste(w / s) + z, 0, spec.qmax)
     return s * (q - z)
 

@@ -225,7 +225,7 @@ class DLQATLinear(nn.Module):
     """
 
     def __init__(self, base, scale, zero, bias, spec: QuantSpec, rank: int = 4, alpha: float | None = None,
-                 magnitude: str = "group", lora: bool = True, dtype=torch.float32):
+                 magnitude: str = "group", lora: bool = True, dtype=torch.float32, generator: torch.Generator | None = None):
         super().__init__()
         self.spec = spec
         self.out_features, self.in_features = base.shape
@@ -239,7 +239,7 @@ class DLQATLinear(nn.Module):
         self.rank = rank if lora else 0
         self.scaling = (alpha if alpha is not None else float(max(rank, 1))) / max(rank, 1)
         if self.rank:
-            self.A = nn.Parameter(torch.randn(rank, self.in_features) / self.in_features**0.5)
+            self.A = nn.Parameter(torch.randn(rank, self.in_features, generator=generator) / self.in_features**0.5)
             self.B = nn.Parameter(torch.zeros(self.out_features, rank))
         else:
             self.A = self.B = None
