@@ -148,6 +148,9 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["resumed_from_block"] >= 3 and len(summary["blocks"]) == 6
     assert (out / "training_loss.png").stat().st_size > 0 and (out / "training_log.jsonl").exists()
+    # the log reads as one run: the killed attempts' records past the resumed block are gone
+    steps = lambda p: [(r["block"], r["step"]) for r in map(json.loads, (p / "training_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps(out) == steps(ref)
 
 
 def test_resume_with_other_settings_is_refused(tiny_dir, tmp_path):

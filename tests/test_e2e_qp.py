@@ -103,6 +103,25 @@ def test_kill_then_resume_equals_uninterrupted(setup, tmp_path, method):
     a, b = scales(tmp_path / "ref"), scales(out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the killed attempt's steps past the checkpoint are not logged twice
+    steps = lambda p: [json.loads(x)["step"] for x in (p / "training_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps(out) == steps(tmp_path / "ref") == list(range(16))
+
+
+def test_one_epoch_still_checkpoints_by_time(setup, tmp_path):
+    """--save-every defaults to once per epoch, which never fires in a 1-epoch run: the time trigger does."""
+    d, text = setup
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    ck = tmp_path / "out.work" / "checkpoint" / "state.json"
+    p = subprocess.Popen([sys.executable, "-m", "qatlm.cli", *args(d, text, out, "--epochs", "1", "--save-minutes", "0.0001")],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ck.exists() and p.poll() is None:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert ck.exists() and 1 <= json.loads(ck.read_text())["step"] < 4
 
 
 def test_alpaca_and_chat_records_mask_the_prompt():

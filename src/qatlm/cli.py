@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     t.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: each epoch)")
     t.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (default: each epoch)")
+    t.add_argument("--save-minutes", type=float, default=10.0,
+                   help="also a resumable checkpoint at least every N minutes, whatever --save-every says (default 10; 0: off)")
     t.add_argument("--seed", type=int, default=0)
     _add_dlqat_args(t)
     _add_common(t)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from qatlm.errors import QatlmError
+from qatlm.fsutil import atomic_write_text
 
 
 @dataclass
@@ -35,12 +36,26 @@ class Schedule:
 
 
 class JsonLog:
-    """Append-only JSON-lines log (one object per step or event)."""
+    """Append-only JSON-lines log (one object per step or event).
 
-    def __init__(self, path=None):
+    ``keep(record) -> bool``: a resumed run first drops what the killed attempt logged past the point it
+    resumes from, so the log reads as one uninterrupted run."""
+
+    def __init__(self, path=None, keep=None):
         self.path = path
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if keep is not None and Path(path).exists():
+                lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+                kept = []
+                for ln in lines:
+                    try:
+                        rec = json.loads(ln)
+                    except json.JSONDecodeError:  # a line cut by the kill
+                        continue
+                    if keep(rec):
+                        kept.append(ln)
+                atomic_write_text(Path(path), "".join(ln + "\n" for ln in kept))
         self.fh = open(path, "a") if path else None
 
     def write(self, **rec):

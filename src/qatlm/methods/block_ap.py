@@ -295,7 +295,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     compute_dtype = next(model.parameters()).dtype
     train_dtype = torch.float32
     steps_per_epoch = math.ceil(n_tr / config.batch_size)
-    log = JsonLog(log_path or (work / "train_log.jsonl" if work else None))
+    log = JsonLog(log_path or (work / "train_log.jsonl" if work else None), keep=lambda r: r.get("block", 0) < done_blocks)
     lrs = config.learning_rates(config.epochs * steps_per_epoch)
     summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [],
                "resumed_from_block": done_blocks,

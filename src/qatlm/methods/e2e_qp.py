@@ -48,7 +48,8 @@ class E2EQPConfig:
     train_zeros: bool = False
     grad_checkpointing: bool = False
     val_every: int = 0  # steps between validations (0: at the end of every epoch only)
-    save_every: int = 0  # steps between resumable checkpoints (0: only with a work dir, every epoch)
+    save_every: int = 0  # steps between resumable checkpoints (0: every epoch); also every save_minutes
+    save_minutes: float = 10.0  # a resumable checkpoint at least this often (0: by steps only)
     seed: int = 0
 
     def learning_rate(self, bits: int, steps: int = PAPER_E2E_STEPS) -> float:
@@ -203,7 +204,8 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
             raise QatlmError(f"cannot resume from {work}: it was started with other settings")
         first_step, first_epoch = state["step"], state["epoch"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    log = JsonLog(work / "train_log.jsonl" if (work and acc.is_main_process) else None)
+    log = JsonLog(work / "train_log.jsonl" if (work and acc.is_main_process) else None,
+                  keep=lambda r: r.get("step", 0) < first_step or (r.get("step") == first_step and "loss" not in r))
 
     def batches(epoch):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch)).tolist()
@@ -239,6 +241,7 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
         return tot
 
     vals = []
+    last_save = [time.time()]
 
     def on_step(done, optimizer):  # done = optimizer steps taken so far
         if config.val_every and done % config.val_every == 0 and done < total:
@@ -246,9 +249,15 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
             vals.append((done, v))
             log.write(step=done, val_loss=v)
         every = config.save_every or steps_per_epoch
-        if work and done % every == 0 and done < total:
+        due = done % every == 0 or (config.save_minutes > 0 and time.time() - last_save[0] >= 60 * config.save_minutes)
+        if world > 1:  # every process must take the same decision (the main process's clock decides)
+            flag = torch.tensor([int(due)], device=acc.device)
+            torch.distributed.broadcast(flag, 0)
+            due = bool(flag.item())
+        if work and due and done < total:
             if acc.is_main_process:
                 _save_state(ckpt, named, optimizer, done, done // steps_per_epoch, {"config": asdict(config)})
+            last_save[0] = time.time()
             acc.wait_for_everyone()
 
     before = val_fn()
