@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from qatlm.errors import QatlmError
+from qatlm.errors import QatlmError, check_device
 
 DEFAULT_MODEL_HELP = "local HF model folder (safetensors); default: the built-in SmolLM2-135M-Instruct"
 
@@ -70,8 +70,15 @@ def _add_dlqat_args(p: argparse.ArgumentParser):
     g.add_argument("--targets", default=None, help="comma-separated layer-name fragments to train (default: every quantized layer)")
 
 
+# quantize's data flags, for the end-to-end configs whose fields carry the end-to-end names
+_E2E_ALIASES = {"calib": "data", "calib_samples": "samples", "calib_seqlen": "seqlen"}
+# arguments of the command itself, not of a method
+_COMMAND_ARGS = {"command", "model", "method", "out", "overwrite", "save_dtype", "device", "cache_dir", "resume"}
+
+
 def _method_config(a):
-    """The method's config dataclass, filled from the arguments it has fields for."""
+    """The method's config dataclass, filled from the arguments it has fields for; an option the user set
+    that the chosen method does not take is refused (never silently dropped)."""
     import dataclasses
 
     from qatlm.api import METHODS
@@ -80,7 +87,18 @@ def _method_config(a):
         raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(METHODS)}")
     cfg_cls, fn = METHODS[a.method]
     names = {f.name for f in dataclasses.fields(cfg_cls)}
-    return cfg_cls(**{k: v for k, v in vars(a).items() if k in names}), fn
+    defaults = vars(build_parser().parse_args(["quantize", "--out", "-"]))
+    values = {}
+    for k, v in vars(a).items():
+        if k in _COMMAND_ARGS:
+            continue
+        if v == defaults.get(k):
+            continue  # not given: the method's own default holds
+        field = k if k in names else _E2E_ALIASES.get(k) if _E2E_ALIASES.get(k) in names else None
+        if field is None:
+            raise QatlmError(f"--{k.replace('_', '-')} does not apply to --method {a.method}")
+        values[field] = v
+    return cfg_cls(**values), fn
 
 
 def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
@@ -479,6 +497,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(a, "device", None):
+            check_device(a.device)
         return COMMANDS[a.command](a)
     except QatlmError as e:
         print(f"qatlm: error: {e}", file=sys.stderr)

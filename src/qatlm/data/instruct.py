@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qatlm.data.text import bos_token
+from qatlm.data.text import bos_token, read_utf8
 from qatlm.errors import QatlmError
 
 IGNORE = -100
@@ -26,13 +26,25 @@ def read_records(path) -> list[dict]:
     if not p.exists():
         raise QatlmError(f"instruction data {p} does not exist")
     if p.suffix == ".jsonl":
-        recs = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        recs = []
+        for i, line in enumerate(read_utf8(p).splitlines()):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise QatlmError(f"{p}:{i + 1}: not a JSON record ({e.msg})") from None
     elif p.suffix == ".json":
-        recs = json.loads(p.read_text(encoding="utf-8"))
+        try:
+            recs = json.loads(read_utf8(p))
+        except json.JSONDecodeError as e:
+            raise QatlmError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     elif p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        recs = pq.read_table(p).to_pylist()
+        try:
+            recs = pq.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise QatlmError(f"{p}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     elif p.is_dir():
         import pyarrow.ipc as ipc
 

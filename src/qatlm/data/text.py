@@ -38,6 +38,19 @@ def resolve_source(source, cache_dir=None) -> Path:
     return p
 
 
+def read_utf8(p: Path) -> str:
+    """A text file's content; a binary or non-UTF-8 file is refused (never decoded into replacement characters)."""
+    if p.is_dir():
+        raise QatlmError(f"{p} is a folder, not a text file")
+    data = p.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise QatlmError(f"{p} looks binary (NUL bytes), not UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QatlmError(f"{p} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
 def read_text(source, cache_dir=None) -> str:
     """The whole text of a source, documents separated by blank lines."""
     p = resolve_source(source, cache_dir)
@@ -54,9 +67,12 @@ def read_text(source, cache_dir=None) -> str:
         text = "\n\n".join(docs)
     elif p.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_utf8(p).splitlines()):
             if line.strip():
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise QatlmError(f"{p}:{i + 1}: not a JSON record ({e.msg})") from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise QatlmError(f"{p}:{i + 1}: every jsonl record needs a 'text' string field "
                                      "(or, for instruction tuning, 'instruction' and 'output' fields, or 'messages')")
@@ -65,9 +81,13 @@ def read_text(source, cache_dir=None) -> str:
     elif p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        text = "\n\n".join(_text_column(pq.read_table(p), str(p)))
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise QatlmError(f"{p}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        text = "\n\n".join(_text_column(table, str(p)))
     else:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = read_utf8(p)
     if not text.strip():
         raise QatlmError(f"text source {source} is empty")
     return text

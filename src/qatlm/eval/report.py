@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qatlm.errors import QatlmError
+from qatlm.errors import QatlmError, check_number
 
 
 @dataclass
@@ -23,6 +23,12 @@ class EvalSettings:
     device: str = "cpu"
     cache_dir: str | None = None
     zeroshot_engine: str = "lm-eval"  # or "plain": the independent PyTorch scorer (same items, same prompts)
+
+    def __post_init__(self):
+        check_number("seqlen", self.seqlen, at_least=2)
+        check_number("ppl_windows", self.ppl_windows, at_least=0)
+        check_number("limit", self.limit, at_least=0)
+        check_number("eval_batch_size", self.batch_size, at_least=1)
 
 
 def load_any(path, device="cpu"):

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from qatlm.errors import QatlmError
+from qatlm.errors import QatlmError, check_number
 from qatlm.fsutil import atomic_write_text
 from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, replace_module, run_layer
 from qatlm.quant.apply import check_target
@@ -69,8 +69,8 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse", reduc
 
 @dataclass
 class BlockAPConfig:
-    bits: int = 2
-    group_size: int = 64
+    bits: int = 4
+    group_size: int = 128
     sym: bool = False
     v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
     lm_head: bool = False
@@ -100,14 +100,15 @@ class BlockAPConfig:
             raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
         if self.loss not in LOSSES:
             raise QatlmError(f"block loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise QatlmError("epochs must be >= 0 and batch size >= 1")
-        for name in ("lr_quant", "lr_weight"):
-            v = getattr(self, name)
-            if v is not None and not (v > 0 and math.isfinite(v)):
-                raise QatlmError(f"{name.replace('_', '-')} must be a positive number, got {v}")
-        if self.clip_grad is not None and not self.clip_grad >= 0:
-            raise QatlmError(f"clip-grad must be >= 0 (0 or unset: no clipping), got {self.clip_grad}")
+        for name in ("calib_samples", "epochs", "batch_size", "chain_batch"):
+            check_number(name, getattr(self, name), at_least=1)
+        check_number("calib_seqlen", self.calib_seqlen, at_least=2)
+        check_number("val_samples", self.val_samples, at_least=0)
+        check_number("lr_quant", self.lr_quant, above=0)
+        check_number("lr_weight", self.lr_weight, above=0)
+        check_number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)
+        check_number("block_clip_grad", self.clip_grad, at_least=0)
+        check_number("ram_budget_gb", self.ram_budget_gb, at_least=0)
 
     @property
     def spec(self) -> QuantSpec:

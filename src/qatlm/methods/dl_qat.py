@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qatlm.errors import QatlmError
+from qatlm.errors import QatlmError, check_number
 from qatlm.methods.e2e_qp import E2EQPConfig, Trainable, train_end_to_end
 from qatlm.model.arch import replace_module
 from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear
@@ -39,6 +39,11 @@ class DLQATConfig(E2EQPConfig):
     targets: str | None = None  # comma-separated name fragments (e.g. "q_proj,v_proj"); None: every quantized layer
 
     def __post_init__(self):
+        super().__post_init__()
+        check_number("rank", self.rank, at_least=1)
+        check_number("alpha", self.alpha, above=0)
+        check_number("lr_lora", self.lr_lora, above=0)
+        check_number("lr_magnitude", self.lr_magnitude, above=0)
         if self.magnitude not in ("group", "channel"):
             raise QatlmError(f"magnitude must be 'group' or 'channel', got '{self.magnitude}'")
 
@@ -155,7 +160,7 @@ def quantize_blockap_dlqat(model, config: BlockAPDLQATConfig, tokenizer=None, wo
 
     from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
 
-    bap = BlockAPConfig(bits=config.bits, group_size=config.group_size, sym=config.sym, calib=config.calib,
+    bap = BlockAPConfig(bits=config.bits, group_size=config.group_size, sym=config.sym, v1_zeros=config.v1_zeros, calib=config.calib,
                         calib_samples=config.calib_samples, calib_seqlen=config.calib_seqlen, val_samples=config.val_samples,
                         seed=config.seed, epochs=config.blockap_epochs, input_mode=config.input_mode)
     work = Path(work_dir) if work_dir else None

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from qatlm.errors import QatlmError
+from qatlm.errors import QatlmError, check_number
 from qatlm.methods.block_ap import BlockAPConfig
 from qatlm.model.arch import replace_module
 from qatlm.quant.linear import PackedLinear, ScaleTrainLinear
@@ -51,6 +51,16 @@ class E2EQPConfig:
     save_every: int = 0  # steps between resumable checkpoints (0: every epoch); also every save_minutes
     save_minutes: float = 10.0  # a resumable checkpoint at least this often (0: by steps only)
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("samples", "epochs", "batch_size", "grad_accum"):
+            check_number(name, getattr(self, name), at_least=1)
+        check_number("seqlen", self.seqlen, at_least=2)
+        for name in ("val_samples", "val_every", "save_every", "save_minutes", "clip_grad"):
+            check_number(name, getattr(self, name), at_least=0)
+        check_number("lr", self.lr, above=0)
+        check_number("warmup_ratio", self.warmup_ratio, at_least=0, below=1)
+        check_number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)
 
     def learning_rate(self, bits: int, steps: int = PAPER_E2E_STEPS) -> float:
         """The paper's E2E-QP takes 128 steps (4096 samples, global batch 32, 1 epoch) at 2e-5 (2-bit) / 1e-5.
@@ -292,6 +302,13 @@ class EfficientQATConfig(BlockAPConfig):
     e2e_batch_size: int = 4
     e2e_lr: float | None = None
     train_zeros: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("e2e_samples", self.e2e_samples, at_least=1)
+        check_number("e2e_epochs", self.e2e_epochs, at_least=1)
+        check_number("e2e_batch_size", self.e2e_batch_size, at_least=1)
+        check_number("e2e_lr", self.e2e_lr, above=0)
 
 
 def quantize_efficientqat(model, config: EfficientQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:

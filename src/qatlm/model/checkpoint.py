@@ -38,7 +38,28 @@ def _check_model_dir(path) -> Path:
         raise QatlmError(f"model path {p} does not exist")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise QatlmError(f"{p} is not a Hugging Face model folder (no config.json)")
+    check_safetensors(p)
     return p
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every ``.safetensors`` file of a folder must open and hold all the bytes its header promises:
+    an empty, truncated or corrupt file is named in one line before anything is loaded."""
+    import struct
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(n))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise QatlmError(f"{f} is not a valid safetensors file ({'empty' if size == 0 else e})") from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise QatlmError(f"{f} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}")
 
 
 def _load_config(p: Path):
@@ -54,10 +75,14 @@ def _load_config(p: Path):
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
+    p = Path(path)
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        return None  # a folder without tokenizer files is still a valid model
     try:
-        return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
-    except Exception:  # a folder without tokenizer files is still a valid model
-        return None
+        return AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+    except Exception as e:  # its files are there but broken: say so instead of dropping the tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QatlmError(f"the tokenizer in {p} does not load: {first}") from None
 
 
 def is_quantized_dir(path) -> bool:
@@ -78,11 +103,18 @@ def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
     if not list(p.glob("*.safetensors")):
         raise QatlmError(f"{p} has no .safetensors weights (qatlm does not load pickled .bin files)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            p, dtype=dtype or default_dtype(device), use_safetensors=True, trust_remote_code=False
+        model, info = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype or default_dtype(device), use_safetensors=True, trust_remote_code=False, output_loading_info=True
         )
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, RuntimeError) as e:
         raise QatlmError(f"cannot load {p} as a causal LM: {str(e).strip().splitlines()[0]}") from None
+    # transformers fills a missing tensor with random values and only warns: a quantized copy of that is garbage
+    missing = [k for k in info.get("missing_keys", []) if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing:
+        raise QatlmError(f"{p} lacks {len(missing)} weight(s) the {type(model).__name__} needs (e.g. {missing[0]}); "
+                         "transformers would fill them with random values")
+    if info.get("mismatched_keys"):
+        raise QatlmError(f"{p}: tensor shapes do not match config.json (e.g. {info['mismatched_keys'][0][0]})")
     return model.to(device).eval()
 
 
