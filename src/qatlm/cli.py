@@ -128,11 +128,18 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--cache-dir", default=None, help="where built-in assets are cached (default $QATLM_CACHE or ~/.cache/qatlm)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other qatlm error."""
+
+    def error(self, message):
+        self.exit(2, f"qatlm: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qatlm.api import METHODS
 
-    ap = argparse.ArgumentParser(prog="qatlm", description="Quantization-aware training of Hugging Face causal LMs into packed low-bit integer models.")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    ap = _Parser(prog="qatlm", description="Quantization-aware training of Hugging Face causal LMs into packed low-bit integer models.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model and save a packed GPTQ-format checkpoint")
     q.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)

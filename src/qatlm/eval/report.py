@@ -72,6 +72,9 @@ def evaluate(path, settings: EvalSettings, label: str | None = None, progress: b
     t0 = time.time()
     model, tok, row = load_any(path, settings.device)
     row = {"label": label or Path(path).name, "path": str(path), **row}
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and settings.seqlen > max_pos:
+        raise QatlmError(f"--seqlen {settings.seqlen} is above the model's limit of {max_pos} positions")
     ids = token_ids(tok, settings.heldout, settings.cache_dir)
     row["heldout"] = settings.heldout
     bos = bos_token(tok)

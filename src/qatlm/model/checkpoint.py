@@ -102,11 +102,16 @@ def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
         raise QatlmError(f"{p} is already a quantized checkpoint; load it with qatlm.load_quantized")
     if not list(p.glob("*.safetensors")):
         raise QatlmError(f"{p} has no .safetensors weights (qatlm does not load pickled .bin files)")
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise QatlmError(f"{p} is not a causal language model (architectures: {', '.join(archs)}); qatlm quantizes decoder LMs")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype or default_dtype(device), use_safetensors=True, trust_remote_code=False, output_loading_info=True
         )
     except (ValueError, KeyError, RuntimeError) as e:
+        if "ignore_mismatched_sizes" in str(e):
+            raise QatlmError(f"{p}: the tensor shapes in its safetensors do not match its config.json") from None
         raise QatlmError(f"cannot load {p} as a causal LM: {str(e).strip().splitlines()[0]}") from None
     # transformers fills a missing tensor with random values and only warns: a quantized copy of that is garbage
     missing = [k for k in info.get("missing_keys", []) if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
