@@ -76,9 +76,9 @@ _E2E_ALIASES = {"calib": "data", "calib_samples": "samples", "calib_seqlen": "se
 _COMMAND_ARGS = {"command", "model", "method", "out", "overwrite", "save_dtype", "device", "cache_dir", "resume"}
 
 
-def _method_config(a):
+def _method_config(a, ignore=()):
     """The method's config dataclass, filled from the arguments it has fields for; an option the user set
-    that the chosen method does not take is refused (never silently dropped)."""
+    that the chosen method does not take is refused (never silently dropped). ``ignore``: the command's own."""
     import dataclasses
 
     from qatlm.api import METHODS
@@ -90,7 +90,7 @@ def _method_config(a):
     defaults = vars(build_parser().parse_args(["quantize", "--out", "-"]))
     values = {}
     for k, v in vars(a).items():
-        if k in _COMMAND_ARGS:
+        if k in _COMMAND_ARGS or k in ignore:
             continue
         if v == defaults.get(k):
             continue  # not given: the method's own default holds
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run) if it exists")
     q.add_argument("--save-dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-                   help="storage dtype of the unquantized tensors (embeddings, norms, head); auto = as computed (fp32 on CPU)")
+                   help="storage dtype of the unquantized tensors (embeddings, norms, head); auto (default) = the source "
+                        "checkpoint's dtype as shipped (float16 for the built-in model)")
     _add_train_args(q)
     _add_dlqat_args(q)
     _add_common(q)
@@ -193,12 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="only list, fetch nothing")
     _add_common(s)
 
-    d = sub.add_parser("demo", help="first-run demo: fetch assets, quantize SmolLM2 (RTN w4g128), evaluate fp vs quantized, write the report")
-    d.add_argument("--out", default="qatlm-demo", help="demo folder (checkpoint + report), default ./qatlm-demo")
-    d.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    d = sub.add_parser("demo", help="first-run demo (~10 min on 2 CPU cores): quantize the built-in SmolLM2 to 3 bits with RTN and "
+                       "with Block-AP (quantization-aware), evaluate both against full precision, write report.md/png with the training curves")
+    d.add_argument("--out", default="qatlm-demo", help="demo folder (checkpoints + report), default ./qatlm-demo")
+    d.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
+    d.add_argument("--method", default="block-ap", choices=list(METHODS),
+                   help="the QAT recipe shown beside RTN (default block-ap; rtn shows RTN alone)")
     _add_quant_args(d)
+    _add_train_args(d)
+    _add_dlqat_args(d)
     _add_eval_args(d, limit=50)
     _add_common(d)
+    # a budget sized to ~10 minutes on 2 CPU cores, at a setting where QAT's gain over RTN is plain
+    d.set_defaults(bits=3, group_size=128, calib_samples=32, calib_seqlen=256, val_samples=4, epochs=2)
 
     x = sub.add_parser("export", help="write a packed checkpoint in another runtime's format (gptq, gptq-v1, gguf, compressed-tensors)")
     x.add_argument("src", help="qatlm / GPTQ checkpoint folder")
@@ -241,7 +249,7 @@ def cmd_quantize(a) -> int:
     import torch
 
     from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
-    from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized
+    from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
 
     config, fn = _method_config(a)
     out = Path(a.out).expanduser()
@@ -261,8 +269,9 @@ def cmd_quantize(a) -> int:
             tok = load_tokenizer(model_dir)
             print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
             summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
-            meta = {"method": a.method, "source": model_dir.name, "seconds": round(time.time() - t0, 1)}
-            dtype = None if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
+            dtype = source_dtype(model_dir, a.cache_dir) if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
+            meta = {"method": a.method, "source": model_dir.name, "seconds": round(time.time() - t0, 1),
+                    "source_dtype": str(source_dtype(model_dir, a.cache_dir, builtin_fp16=False)).removeprefix("torch.")}
             save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
                            report=lambda tmp: _save_training_report(summary, work, tmp))
         shutil.rmtree(work, ignore_errors=True)
@@ -309,15 +318,37 @@ def _print_info(path: str, as_json: bool):
         print(json.dumps(info, indent=2))
         return
     g = "per-channel" if info["group_size"] == -1 else str(info["group_size"])
+    src = f" from {info['source']}" if info.get("source") else ""
+    vs_src = (f"; {info['compression_vs_source']:.2f}x vs the source in {info['source_dtype']}"
+              if info.get("compression_vs_source") else "")
     rows = [
         ("checkpoint", info["path"]),
-        ("method", info["method"]),
+        ("method", f"{info['method']}{src}"),
         ("grid", f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"),
         ("quantized weights", f"{info['quantized_params']:,} at {info['bits_per_quantized_weight']:.3f} bits each (scales, zeros, g_idx included)"),
-        ("other parameters", f"{info['other_params']:,} (embeddings, norms, unquantized head)"),
-        ("size on disk", f"{_fmt_bytes(info['size_on_disk_bytes'])} ({info['size_on_disk_bytes']:,} bytes; weights {_fmt_bytes(info['weights_bytes'])})"),
-        ("fp16 equivalent", _fmt_bytes(info["fp16_size_bytes"])),
-        ("compression vs fp16", f"{info['compression_vs_fp16']:.2f}x"),
+        ("full precision", f"{info['other_params']:,} parameters in {info['other_dtype'] or '-'}: {', '.join(info['kept_in_full_precision']) or 'nothing'}"),
+        ("bits per weight", f"{info['bits_per_weight_all']:.2f} over all parameters"),
+        ("size on disk", f"{_fmt_bytes(info['size_on_disk_bytes'])} (weights {_fmt_bytes(info['weights_bytes'])}, of which "
+                         f"embeddings/head {100 * info['embedding_share']:.0f}%)"),
+        ("compression", f"{info['compression_vs_fp16']:.2f}x vs fp16 ({_fmt_bytes(info['fp16_size_bytes'])}){vs_src}"),
+    ]
+    t = info.get("training")
+    if t:
+        if "blocks" in t:
+            fb = t.get("rtn_fallback_blocks") or []
+            rows.append(("training", f"Block-AP over {t['blocks']} blocks, {t['steps_per_block']} steps each; mean block error "
+                                     f"{t['block_error_rtn_mean']:.3g} (RTN) -> {t['block_error_trained_mean']:.3g} (trained)"
+                                     + (f"; blocks kept at RTN: {fb}" if fb else "")))
+        for key, name in (("e2e_val_loss", "E2E-QP"), ("dl_qat_val_loss", "DL-QAT")):
+            if t.get(key):
+                rows.append(("", f"{name} validation loss {t[key][0]:.4f} -> {t[key][1]:.4f}"))
+        if t.get("val_loss_after") is not None and t.get("val_loss_before") is not None:
+            rows.append(("training", f"{t.get('method')}: {t.get('steps')} steps, validation loss {t['val_loss_before']:.4f} -> "
+                                     f"{t['val_loss_after']:.4f}"))
+    rows += [
+        ("loads in", "qatlm (load_quantized, qatlm eval/generate); transformers + gptqmodel as it is (pip install 'qatlm[gptq]')"),
+        ("", f"vLLM: qatlm export {info['path']} --format gptq (or compressed-tensors) --out DIR"),
+        ("", f"llama.cpp: qatlm export {info['path']} --format gguf --out DIR"),
     ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -355,28 +386,78 @@ def cmd_assets(a) -> int:
     return 0
 
 
-def cmd_demo(a) -> int:
-    from qatlm.data import assets
-    from qatlm.eval.report import evaluate, markdown_table, write_report
-    from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized
+class _StageClock:
+    """Overall progress of a multi-stage job with a time estimate: each stage has a prior estimate (seconds on
+    a 2-core CPU); the remaining time is the remaining estimates scaled by how fast the done stages went."""
 
-    config, fn = _method_config(a)
+    def __init__(self, stages: list[tuple[str, float]]):
+        self.stages, self.t0, self.done = stages, time.time(), []
+
+    def start(self, i: int):
+        name = self.stages[i][0]
+        elapsed = time.time() - self.t0
+        est_done = sum(e for _, e in self.stages[:i])
+        speed = elapsed / est_done if est_done and elapsed > 5 else 1.0
+        left = speed * sum(e for _, e in self.stages[i:])
+        print(f"[qatlm demo] step {i + 1}/{len(self.stages)}: {name}  (elapsed {elapsed / 60:.1f} min, "
+              f"about {left / 60:.1f} min left)", file=sys.stderr, flush=True)
+
+
+DEMO_EVAL_ARGS = {"heldout", "seqlen", "ppl_windows", "tasks", "limit", "eval_batch_size"}
+
+
+def cmd_demo(a) -> int:
+    import shutil
+
+    from qatlm.data import assets
+    from qatlm.eval.plots import loss_curve
+    from qatlm.eval.report import evaluate, markdown_table, write_report
+    from qatlm.methods.rtn import RTNConfig, quantize_rtn
+    from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
+
+    if a.method == "rtn":
+        config, fn = RTNConfig(a.bits, a.group_size, a.sym), quantize_rtn
+    else:
+        config, fn = _method_config(a, ignore=DEMO_EVAL_ARGS)
     settings = _eval_settings(a)
-    t0 = time.time()
+    out = Path(a.out).expanduser()
+    tag = config.spec.tag
+    methods = ["rtn"] if a.method == "rtn" else ["rtn", a.method]
+    stages = [("fetch the built-in assets", 30), ("evaluate full precision", 70)]
+    for m in methods:
+        stages += [(f"quantize with {m} at {tag}", 10 if m == "rtn" else 300), (f"evaluate {m} {tag}", 70)]
+    stages.append(("write the report", 5))
+    clock = _StageClock(stages)
+    clock.start(0)
     assets.fetch_all(a.cache_dir)
-    fp_dir = assets.default_model_dir(a.cache_dir)
-    out = Path(a.out)
-    qdir = out / f"{assets.MODEL_NAME}-{a.method}-{config.spec.tag}"
-    print(f"[qatlm] assets ready after {time.time() - t0:.1f}s; quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
-    model = load_fp_model(fp_dir, device=a.device)
-    fn(model, config, tokenizer=load_tokenizer(fp_dir))
-    save_quantized(model, qdir, config.spec, tokenizer=load_tokenizer(fp_dir), overwrite=True, meta={"method": a.method, "source": str(fp_dir)})
-    del model
-    print(f"[qatlm] evaluating fp32 and {a.method} ({time.time() - t0:.1f}s so far)", file=sys.stderr)
-    rows = [evaluate(fp_dir, settings, label=f"{assets.MODEL_NAME} fp32"), evaluate(qdir, settings, label=f"{a.method} {config.spec.tag}")]
-    files = write_report(rows, out, title=f"qatlm demo: {assets.MODEL_NAME}, {a.method} {config.spec.tag}")
+    model_dir = _check_model_dir(_resolve_model(a.model, a.cache_dir))
+    name = model_dir.name
+    tok = load_tokenizer(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clock.start(1)
+    rows = [evaluate(model_dir, settings, label=f"{name} (full precision)")]
+    for k, m in enumerate(methods):
+        clock.start(2 + 2 * k)
+        cfg, run = (RTNConfig(config.bits, config.group_size, config.sym), quantize_rtn) if m == "rtn" else (config, fn)
+        qdir = out / f"{name}-{m}-{tag}"
+        work = out / f".{qdir.name}.work"
+        shutil.rmtree(work, ignore_errors=True)
+        model = load_fp_model(model_dir, device=a.device)
+        summary = run(model, cfg, tokenizer=tok, work_dir=work) or {}
+        meta = {"method": m, "source": name, "source_dtype": str(source_dtype(model_dir, a.cache_dir, builtin_fp16=False))[6:]}
+        save_quantized(model, qdir, cfg.spec, tokenizer=tok, overwrite=True, meta=meta, dtype=source_dtype(model_dir, a.cache_dir),
+                       report=lambda tmp, summary=summary, work=work: _save_training_report(summary, work, tmp))
+        shutil.rmtree(work, ignore_errors=True)
+        del model
+        clock.start(3 + 2 * k)
+        rows.append(evaluate(qdir, settings, label=f"{m} {tag}"))
+        if (qdir / "training_log.jsonl").exists():
+            loss_curve(qdir / "training_log.jsonl", out / "training_curves.png", summary)
+    clock.start(len(stages) - 1)
+    files = write_report(rows, out, title=f"qatlm demo: {name}, RTN vs {methods[-1]} at {tag}",
+                         curves="training_curves.png" if (out / "training_curves.png").exists() else None)
     print(markdown_table(rows))
-    print(f"report: {files['markdown']}  {files['chart']}  (total {time.time() - t0:.0f}s)", file=sys.stderr)
+    print(f"report: {files['markdown']}  {files['chart']}  (total {(time.time() - clock.t0) / 60:.1f} min)", file=sys.stderr)
     return 0
 
 

@@ -7,31 +7,46 @@ from pathlib import Path
 
 
 def loss_curve(log_path, png_path, summary: dict | None = None):
-    """Per-step training loss (log scale), one colour band per block, and per-block MSE before/after."""
+    """The training curves a log holds: Block-AP's per-step loss and per-block error before/after (with
+    ``summary``), and the end-to-end phase's loss with its validation points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    steps = [r for r in recs if "loss" in r and "block" in r]
-    fig, axes = plt.subplots(1, 2 if summary else 1, figsize=(12 if summary else 7, 3.8), squeeze=False)
-    ax = axes[0][0]
-    ax.plot(range(len(steps)), [r["loss"] for r in steps], lw=0.6)
-    ax.set_yscale("log")
-    ax.set_xlabel("optimisation step (all blocks)")
-    ax.set_ylabel("block MSE loss")
-    ax.set_title("Block-AP training loss")
-    if summary:
-        b = summary["blocks"]
-        ax2 = axes[0][1]
-        ax2.plot([x["block"] for x in b], [x["rtn_mse"] for x in b], "o-", label="RTN init")
-        ax2.plot([x["block"] for x in b], [x["trained_mse"] for x in b], "o-", label="after Block-AP")
-        ax2.set_yscale("log")
-        ax2.set_xlabel("block")
-        ax2.set_ylabel("validation MSE vs fp block")
-        ax2.legend()
-        ax2.set_title("per-block reconstruction error")
+    blocks = [r for r in recs if "loss" in r and "block" in r]
+    e2e = [r for r in recs if "loss" in r and "block" not in r]
+    panels = [p for p in ("blocks" if blocks else None, "errors" if summary and summary.get("blocks") else None,
+                          "e2e" if e2e else None) if p]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "blocks":
+            ax.plot(range(len(blocks)), [r["loss"] for r in blocks], lw=0.6)
+            ax.set_yscale("log")
+            ax.set_xlabel("optimisation step (all blocks)")
+            ax.set_ylabel("block error (relative)")
+            ax.set_title("Block-AP training loss")
+        elif panel == "errors":
+            b = summary["blocks"]
+            ax.plot([x["block"] for x in b], [x["rtn_mse"] for x in b], "o-", ms=3, label="RTN")
+            ax.plot([x["block"] for x in b], [x["trained_mse"] for x in b], "o-", ms=3, label="after Block-AP")
+            ax.set_yscale("log")
+            ax.set_xlabel("block")
+            ax.set_ylabel("validation error vs fp block")
+            ax.legend()
+            ax.set_title("per-block reconstruction error")
+        else:
+            ax.plot([r["step"] for r in e2e], [r["loss"] for r in e2e], lw=0.8, label="train")
+            vals = [r for r in recs if "val_loss" in r and "block" not in r]
+            if vals:
+                ax.plot([r["step"] for r in vals], [r["val_loss"] for r in vals], "o", label="validation")
+            ax.set_xlabel("step")
+            ax.set_ylabel("LM loss")
+            ax.legend()
+            ax.set_title(f"end-to-end phase ({e2e[0].get('method', '')})")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -104,6 +104,11 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def stderr(acc: float, n) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` items (0 when unknown)."""
+    return (acc * (1 - acc) / n) ** 0.5 if n else 0.0
+
+
 def markdown_table(rows: list[dict]) -> str:
     tasks = []
     for r in rows:
@@ -113,9 +118,11 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         zs = r.get("zeroshot", {})
         cells = [r["label"], r["recipe"], r["setting"], _fmt(r["size_on_disk_mib"], 1), _fmt(float(r["bits_per_weight"]), 2), _fmt(r["heldout_ppl"])]
-        cells += [_fmt(zs[t]["acc"], 3) if t in zs else "–" for t in tasks]
+        cells += [f"{zs[t]['acc']:.3f} ±{stderr(zs[t]['acc'], r.get('zeroshot_limit') or zs[t].get('n')):.3f}" if t in zs else "–"
+                  for t in tasks]
         if tasks:
-            cells.append(_fmt(r.get("zeroshot_avg"), 3))
+            n = (r.get("zeroshot_limit") or 0) * len(zs)
+            cells.append(f"{r['zeroshot_avg']:.3f} ±{stderr(r['zeroshot_avg'], n):.3f}" if r.get("zeroshot_avg") is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -144,12 +151,17 @@ def bar_chart(rows: list[dict], path: Path):
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out_dir, title: str = "qatlm comparison") -> dict:
+def write_report(rows: list[dict], out_dir, title: str = "qatlm comparison", curves: str | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = f"# {title}\n\n" + markdown_table(rows)
-    notes = {r.get("ppl_protocol") for r in rows} | {f"zero-shot: first {r.get('zeroshot_limit')} items per task, 0-shot, lm-eval" for r in rows if "zeroshot" in r}
+    notes = {r.get("ppl_protocol") for r in rows} | {
+        f"zero-shot: first {r.get('zeroshot_limit') or 'all'} items per task, 0-shot, {r.get('zeroshot_engine', 'lm-eval')}; "
+        "± is one binomial standard error: differences smaller than about twice it are noise" for r in rows if "zeroshot" in r}
     md += "\n" + "\n".join(f"- {n}" for n in sorted(x for x in notes if x)) + f"\n- held-out text: {rows[0].get('heldout')}\n"
+    md += "\n![size, perplexity and accuracy](report.png)\n"
+    if curves:
+        md += f"\n## Training\n\n![training curves]({curves})\n"
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
     bar_chart(rows, out / "report.png")

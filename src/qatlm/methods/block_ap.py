@@ -307,6 +307,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     tr_idx = torch.arange(n_tr)
     va_idx = torch.arange(n_tr, n)
     flops_time = [0.0, 0.0]  # (training FLOPs, seconds) of the optimisation steps (validation excluded)
+    overall = tqdm(total=len(layers), initial=done_blocks, desc="Block-AP", unit="block", disable=not progress, position=0)
     for bi, block in enumerate(layers):
         kw = kwargs[bi]
         prefix = f"{parts.layers_name}.{bi}"
@@ -366,7 +367,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
                 _restore(trained, start)
             groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
             opt = RelativeAdamW(groups, units, weight_decay=0.0)
-            bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{len(layers) - 1}", unit="step", disable=not progress, leave=False)
+            bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{len(layers) - 1}", unit="step", disable=not progress, leave=False, position=1)
             res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad or None,
                                schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
                                early_stop=config.early_stop, log=log, log_extra={"block": bi, "lr_factor": lr_factor},
@@ -398,6 +399,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
                "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early,
                "lr_retried": len(attempts) > 1, "rtn_fallback": fallback}
         summary["blocks"].append(rec)
+        overall.update(1)
         log.write(event="block_done", **rec)
         if progress:
             note = ", kept the RTN grid (training did not beat it)" if fallback else ", retrained at 0.1x lr" if len(attempts) > 1 else ""
@@ -410,6 +412,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             os.replace(tmp, work / "blocks" / f"block_{bi:04d}.safetensors")
             _atomic_json(work / "summary.json", summary)
             _atomic_json(progress_file, {"fingerprint": fingerprint, "done": bi + 1, "blocks": len(layers)})
+    overall.close()
     log.close()
     summary["seconds"] = round(time.time() - t_start, 1)
     summary["train_flops_per_s"] = flops_time[0] / flops_time[1] if flops_time[1] else None

@@ -19,7 +19,7 @@ from torch import nn
 from qatlm import __version__
 from qatlm.errors import QatlmError
 from qatlm.fsutil import atomic_dir, check_output
-from qatlm.model.arch import replace_module
+from qatlm.model.arch import is_router, replace_module
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import pack_cols, unpack_cols
@@ -60,6 +60,20 @@ def check_safetensors(folder: Path) -> None:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise QatlmError(f"{f} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}")
+
+
+def source_dtype(model_dir, cache_dir=None, builtin_fp16: bool = True) -> torch.dtype:
+    """The dtype a model folder ships its weights in (config.json ``dtype`` / ``torch_dtype``), float32 when
+    unsaid; the built-in model (stored here in float32, dequantized from a 4-bit GGUF) counts as float16."""
+    if builtin_fp16:
+        from qatlm.data.assets import MODEL_NAME, cache_root
+
+        if Path(model_dir).resolve() == (cache_root(cache_dir) / "models" / MODEL_NAME).resolve():
+            return torch.float16
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dt = getattr(torch, str(name), None)
+    return dt if dt in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 def _load_config(p: Path):
@@ -289,7 +303,8 @@ def checkpoint_info(path) -> dict:
     spec = spec_from_config(qc)
     disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     weights_bytes = sum(f.stat().st_size for f in _weight_files(p))
-    n_quant = quant_bytes = n_other = other_bytes = 0
+    n_quant = quant_bytes = n_other = other_bytes = embed_bytes = 0
+    kept, other_dtypes = set(), set()
     for f in _weight_files(p):
         with safe_open(f, framework="pt") as fh:
             for k in fh.keys():
@@ -305,19 +320,53 @@ def checkpoint_info(path) -> dict:
                 else:
                     n_other += numel
                     other_bytes += nbytes
+                    other_dtypes.add(t.get_dtype())
+                    if "embed" in k or "lm_head" in k:
+                        embed_bytes += nbytes
+                    kept.add("embeddings" if "embed" in k else "LM head" if "lm_head" in k else "norms" if "norm" in k
+                             else "biases" if k.endswith(".bias") else "routers" if is_router(k.rsplit(".", 1)[0]) else k.rsplit(".", 1)[0])
     fp16_bytes = 2 * (n_quant + n_other)
+    meta = qc.get("meta", {}).get("qatlm", {})
+    src_dtype = meta.get("source_dtype")
+    src_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(src_dtype, 2) * (n_quant + n_other)
+    summary_file = p / "training_summary.json"
+    training = None
+    if summary_file.is_file():
+        s = json.loads(summary_file.read_text())
+        training = {k: s[k] for k in ("method", "seconds", "lr_quant", "lr_weight", "rtn_fallback_blocks", "lr_retried_blocks",
+                                      "val_loss_before", "steps", "trainable_fraction") if k in s}
+        if s.get("blocks"):
+            b = s["blocks"]
+            training["blocks"] = len(b)
+            training["steps_per_block"] = b[0].get("steps")
+            training["block_error_rtn_mean"] = sum(x["rtn_mse"] for x in b) / len(b)
+            training["block_error_trained_mean"] = sum(x["trained_mse"] for x in b) / len(b)
+        if s.get("val_losses"):
+            training["val_loss_after"] = s["val_losses"][-1]
+        for sub in ("e2e", "dl_qat"):
+            if isinstance(s.get(sub), dict) and s[sub].get("val_losses"):
+                training[f"{sub}_val_loss"] = [s[sub].get("val_loss_before"), s[sub]["val_losses"][-1]]
     return {
         "path": str(p),
         "bits": spec.bits,
         "group_size": spec.group_size,
         "sym": spec.sym,
         "format": qc.get("checkpoint_format", "gptq"),
-        "method": qc.get("meta", {}).get("qatlm", {}).get("method", "unknown"),
+        "method": meta.get("method", "unknown"),
+        "source": meta.get("source"),
         "quantized_params": n_quant,
         "other_params": n_other,
+        "kept_in_full_precision": sorted(kept),
+        "other_dtype": ", ".join(sorted(d.lower() for d in other_dtypes)),
         "size_on_disk_bytes": disk,
         "weights_bytes": weights_bytes,
+        "embedding_bytes": embed_bytes,
+        "embedding_share": embed_bytes / max(weights_bytes, 1),
         "bits_per_quantized_weight": 8 * quant_bytes / max(n_quant, 1),
+        "bits_per_weight_all": 8 * weights_bytes / max(n_quant + n_other, 1),
         "fp16_size_bytes": fp16_bytes,
         "compression_vs_fp16": fp16_bytes / max(weights_bytes, 1),
+        "source_dtype": src_dtype,
+        "compression_vs_source": src_bytes / max(weights_bytes, 1) if src_dtype else None,
+        "training": training,
     }
