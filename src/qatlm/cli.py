@@ -501,7 +501,7 @@ def cmd_train(a) -> int:
                 raise QatlmError(f"{src} has no tokenizer files; training needs one")
             t0 = time.time()
             model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
-            summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
+            summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir, device=a.device)
             if "cost" in summary:
                 c = summary["cost"]
                 print(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "

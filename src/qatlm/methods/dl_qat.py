@@ -108,9 +108,10 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     return Trainable(groups, merge, {"lr_lora": config.lr_lora, "lr_magnitude": config.lr_magnitude, "cost": cost})
 
 
-def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=False, progress=True, cache_dir=None) -> dict:
+def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=False, progress=True, cache_dir=None, device=None) -> dict:
     """DL-QAT in place on a model whose quantized layers are packed or RTN fake-quant; merges at the end."""
-    return train_end_to_end(model, config, tokenizer, dlqat_trainable, "dl-qat", work_dir, resume, progress, cache_dir=cache_dir)
+    return train_end_to_end(model, config, tokenizer, dlqat_trainable, "dl-qat", work_dir, resume, progress, cache_dir=cache_dir,
+                            device=device)
 
 
 @dataclass

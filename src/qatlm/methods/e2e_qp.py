@@ -168,13 +168,14 @@ def scale_trainable(model, config: E2EQPConfig, total_steps: int) -> Trainable:
 
 
 def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: bool = False, progress: bool = True,
-                 accelerator=None, cache_dir=None) -> dict:
+                 accelerator=None, cache_dir=None, device=None) -> dict:
     """Train the step sizes of a packed model in place; returns a summary. Packs the result at the end."""
-    return train_end_to_end(model, config, tokenizer, scale_trainable, "e2e-qp", work_dir, resume, progress, accelerator, cache_dir)
+    return train_end_to_end(model, config, tokenizer, scale_trainable, "e2e-qp", work_dir, resume, progress, accelerator, cache_dir,
+                            device=device)
 
 
 def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, method: str, work_dir=None, resume: bool = False,
-                     progress: bool = True, accelerator=None, cache_dir=None) -> dict:
+                     progress: bool = True, accelerator=None, cache_dir=None, device=None) -> dict:
     """The end-to-end loop every method shares: ``make_trainable(model, config, total_steps)`` turns the
     packed layers into trainable ones and names what to train; the LM loss trains it; the layers are
     packed again at the end. Returns a summary."""
@@ -182,7 +183,9 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
 
     from qatlm.data.instruct import collate
 
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    # --device cpu trains on the CPU even where a GPU is visible; otherwise the GPU when there is one
+    on_cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+    acc = accelerator or Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else "bf16")
     world, rank = acc.num_processes, acc.process_index
     if config.batch_size % (world * config.grad_accum):
         raise QatlmError(f"global batch {config.batch_size} must be divisible by processes x accumulation ({world} x {config.grad_accum})")
