@@ -243,3 +243,17 @@ def test_a_block_that_training_makes_worse_keeps_its_rtn_grid(tmp_path):
     for k in want:
         assert torch.equal(got[k], want[k]), k  # bit-for-bit the RTN model
     assert sum('"event": "rtn_fallback"' in line for line in log.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("dtype,width", [("bfloat16", 2), ("float16", 2), ("float32", 4)])
+def test_two_activation_caches_of_the_chosen_width(tmp_path, dtype, width):
+    """As the reference: the fp chain advances in place beside the quantized chain, so the spilled caches
+    are exactly 2 x n x L x hidden x (2 bytes for bf16/fp16), and training still beats RTN on every block."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    n, n_val, L = 12, 4, 24
+    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, ram_budget_gb=0, cache_dtype=dtype)
+    s = quantize_block_ap(model, cfg, calib=calib(n, n_val, L), progress=False, work_dir=tmp_path / "w")
+    files = sorted((tmp_path / "w" / "activations").glob("*.mmap"))
+    assert [f.name for f in files] == ["fp.mmap", "q.mmap"]
+    assert sum(f.stat().st_size for f in files) == 2 * (n + n_val) * L * model.config.hidden_size * width
+    assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])

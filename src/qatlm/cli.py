@@ -52,6 +52,8 @@ def _add_train_args(p: argparse.ArgumentParser):
                    help="Block-AP gradient-norm clip (default: none, as the reference)")
     g.add_argument("--early-stop", action="store_true", help="stop a block when its validation loss rises")
     g.add_argument("--ram-budget-gb", type=float, default=8.0, help="activation caches beyond this go to memory-mapped files (default 8)")
+    g.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="Block-AP's two activation caches: auto = float32 on CPU, bfloat16 on GPU")
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and shuffling (default 0)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
 

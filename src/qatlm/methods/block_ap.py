@@ -91,6 +91,7 @@ class BlockAPConfig:
     early_stop: bool = False
     ram_budget_gb: float = 8.0
     chain_batch: int = 8  # samples per forward when moving activations through a finished block
+    cache_dtype: str = "auto"  # activation caches: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16
 
     def __post_init__(self):
         self.spec  # validates bits / group size
@@ -98,6 +99,8 @@ class BlockAPConfig:
             raise QatlmError("block-ap trains decoder blocks only; quantize the LM head with rtn (drop --lm-head)")
         if self.input_mode not in ("quant", "fp"):
             raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
+        if self.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise QatlmError(f"--cache-dtype must be auto, float32, bfloat16 or float16, got '{self.cache_dtype}'")
         if self.loss not in LOSSES:
             raise QatlmError(f"block loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         for name in ("calib_samples", "epochs", "batch_size", "chain_batch"):
@@ -113,6 +116,11 @@ class BlockAPConfig:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
+
+    def cache_torch_dtype(self, device) -> torch.dtype:
+        if self.cache_dtype == "auto":
+            return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        return getattr(torch, self.cache_dtype)
 
     def learning_rates(self, steps: int) -> tuple[float, float]:
         """(lr_quant, lr_weight), both in units of each quantization group's initial range (max − min) per
@@ -169,8 +177,8 @@ class ActivationCache:
         else:
             folder.mkdir(parents=True, exist_ok=True)
             self.file = folder / f"{name}.mmap"
-            np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
-            self.t = torch.from_numpy(np.memmap(self.file, dtype=np_dtype, mode="w+", shape=tuple(shape)))
+            np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]
+            self.t = torch.from_numpy(np.memmap(self.file, dtype=np_dtype, mode="w+", shape=tuple(shape))).view(dtype)
         self.nbytes = nbytes
 
     def __getitem__(self, idx):
@@ -284,9 +292,12 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     budget = {"left": int(config.ram_budget_gb * 2**30)}
     caches_dir = work / "activations" if work else None
     hidden = first_layer_input(model, all_ids[:1].to(device), parts).shape[-1]
-    fp_in = ActivationCache((n, L, hidden), torch.float32, budget, caches_dir, "fp_in")
-    fp_out = ActivationCache((n, L, hidden), torch.float32, budget, caches_dir, "fp_out")
-    q_in = ActivationCache((n, L, hidden), torch.float32, budget, caches_dir, "q_in") if config.input_mode == "quant" else None
+    # two caches, as the reference: with quantized-chain inputs the fp chain advances in place (fp_in is
+    # fp_out), beside the quantized chain; with fp inputs the two fp caches alternate
+    cdt = config.cache_torch_dtype(device)
+    fp_in = ActivationCache((n, L, hidden), cdt, budget, caches_dir, "fp")
+    fp_out = ActivationCache((n, L, hidden), cdt, budget, caches_dir, "fp_out") if config.input_mode == "fp" else fp_in
+    q_in = ActivationCache((n, L, hidden), cdt, budget, caches_dir, "q") if config.input_mode == "quant" else None
     for i in range(0, n, config.chain_batch):
         h = first_layer_input(model, all_ids[i : i + config.chain_batch].to(device), parts).float().cpu()
         fp_in[i : i + len(h)] = h
