@@ -36,7 +36,11 @@ def test_quantize_then_info_reports_true_size(model_dir, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["checkpoint_format"] == "gptq_v2" and cfg["desc_act"] is False
     code, text, _ = run_cli(["info", out], capsys)
-    assert "compression vs fp16" in text and "2-bit, group 64" in text
+    assert "x vs fp16" in text and "2-bit, group 64" in text and "full precision" in text and "llama.cpp" in text
+    # the parameters kept in full precision, counted from the tiny model itself
+    fp_params = sum(p.numel() for n, p in tiny_model("llama", hidden_size=128, intermediate_size=256).named_parameters()
+                    if "_proj" not in n)  # embeddings, norms and the untied LM head
+    assert info["other_params"] == fp_params and "embeddings" in info["kept_in_full_precision"]
 
 
 @pytest.mark.parametrize(

@@ -252,6 +252,7 @@ def cmd_quantize(a) -> int:
 
     from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
     from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
+    from qatlm.model.lazy import LazyUnsupported, load_lazy_model
 
     config, fn = _method_config(a)
     out = Path(a.out).expanduser()
@@ -266,8 +267,19 @@ def cmd_quantize(a) -> int:
         claim_work_dir(work, source_fingerprint(model_dir), a.resume)
         with work_dir_guard(work):
             t0 = time.time()
-            print(f"loading {model_dir}", file=sys.stderr)
-            model = load_fp_model(model_dir, device=a.device)
+            # RTN and Block-AP go block by block: the model is read lazily, each block from the shards
+            # when its turn comes, and dropped once packed (host memory flat in the number of blocks)
+            lazy = a.method in ("rtn", "block-ap") and not getattr(config, "lm_head", False)
+            print(f"loading {model_dir}{' (block by block)' if lazy else ''}", file=sys.stderr)
+            model = None
+            if lazy:
+                try:
+                    model = load_lazy_model(model_dir, device=a.device)
+                except LazyUnsupported as e:
+                    print(f"loading the whole model instead: {e}", file=sys.stderr)
+                    lazy = False
+            if model is None:
+                model = load_fp_model(model_dir, device=a.device)
             tok = load_tokenizer(model_dir)
             print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
             summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
@@ -275,7 +287,7 @@ def cmd_quantize(a) -> int:
             meta = {"method": a.method, "source": model_dir.name, "seconds": round(time.time() - t0, 1),
                     "source_dtype": str(source_dtype(model_dir, a.cache_dir, builtin_fp16=False)).removeprefix("torch.")}
             save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
-                           report=lambda tmp: _save_training_report(summary, work, tmp))
+                           report=lambda tmp: _save_training_report(summary, work, tmp), block_files=work if lazy else None)
         shutil.rmtree(work, ignore_errors=True)
     print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     _print_info(str(out), as_json=False)

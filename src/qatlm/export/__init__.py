@@ -116,7 +116,7 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.detach().contiguous().cpu()
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
-    _write_shards(out, folder)
+    _write_shards(out.items(), folder)
     model.config.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     qcfg = quantization_config(spec, ignore)

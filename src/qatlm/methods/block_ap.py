@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from qatlm.errors import QatlmError, check_number
 from qatlm.fsutil import atomic_write_text
+from qatlm.model.lazy import block_file, lazy_source, materialize_block, release_block, save_block
 from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, replace_module, run_layer
 from qatlm.quant.apply import check_target
 from qatlm.quant.grid import QuantSpec, expand_groups
@@ -270,9 +271,11 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
 
     parts = find_parts(model)
     layers = parts.layers
-    for bi, block in enumerate(layers):  # bad weights or widths are refused before any work starts
-        for name, lin in quant_targets(block).items():
-            check_target(f"{parts.layers_name}.{bi}.{name}", lin, spec)
+    lazy = lazy_source(model) is not None  # blocks are read from the shards one at a time, and dropped when packed
+    if not lazy:
+        for bi, block in enumerate(layers):  # bad weights or widths are refused before any work starts
+            for name, lin in quant_targets(block).items():
+                check_target(f"{parts.layers_name}.{bi}.{name}", lin, spec)
     fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
     progress_file = work / "progress.json" if work else None
     done_blocks = 0
@@ -322,13 +325,19 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     for bi, block in enumerate(layers):
         kw = kwargs[bi]
         prefix = f"{parts.layers_name}.{bi}"
+        if lazy:
+            materialize_block(model, bi, compute_dtype, device)
+            for name, lin in quant_targets(block).items():
+                check_target(f"{prefix}.{name}", lin, spec)
         # the fp target is this block (still full precision) on the fp chain's input
         energy = _run_chain(block, kw, fp_in, fp_out, n, config.chain_batch, device, compute_dtype)
         if bi < done_blocks:  # finished before the interruption: reload its integers, move the chain on
-            _load_packed_block(block, spec, load_file(work / "blocks" / f"block_{bi:04d}.safetensors"), compute_dtype)
+            _load_packed_block(block, spec, load_file(block_file(work, bi)), compute_dtype)
             if q_in is not None:
                 _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
             fp_in, fp_out = fp_out, fp_in
+            if lazy:
+                release_block(block)
             continue
         t_block = time.time()
         block.to(train_dtype)
@@ -417,12 +426,11 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             tqdm.write(f"block {bi}/{len(layers) - 1}: relative error rtn {rtn_val:.3g} -> trained {after_val:.3g}  "
                        f"({rec['seconds']:.1f}s{', non-finite retries ' + str(res.retries) if res.retries else ''}{note})")
         if work:
-            sd = {k: v.contiguous() for k, v in block.state_dict().items()}
-            tmp = work / "blocks" / f".block_{bi:04d}.tmp"
-            save_file(sd, tmp)
-            os.replace(tmp, work / "blocks" / f"block_{bi:04d}.safetensors")
+            save_block(work, bi, block)
             _atomic_json(work / "summary.json", summary)
             _atomic_json(progress_file, {"fingerprint": fingerprint, "done": bi + 1, "blocks": len(layers)})
+            if lazy:
+                release_block(block)
     overall.close()
     log.close()
     summary["seconds"] = round(time.time() - t_start, 1)

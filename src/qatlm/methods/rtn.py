@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qatlm.quant.apply import attach_fake_quant, pack_model
+from qatlm.model.arch import find_parts, quant_targets
+from qatlm.quant.apply import attach_fake_quant, pack_model, target_names
 from qatlm.quant.grid import QuantSpec
 
 
@@ -26,6 +27,30 @@ class RTNConfig:
         return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
 
 
-def quantize_rtn(model: nn.Module, config: RTNConfig, **_) -> dict:
-    attach_fake_quant(model, config.spec, lm_head=config.lm_head)
-    return {"method": "rtn", "layers": pack_model(model)}
+def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dict:
+    """RTN in place. A lazily loaded model (``model/lazy.py``) with a ``work_dir`` is done block by block:
+    each block is read from the shards, quantized, written to ``work_dir/blocks`` and dropped, so a model
+    larger than the memory streams through."""
+    from qatlm.model.lazy import lazy_source, materialize_block, release_block, save_block
+
+    if lazy_source(model) is None or work_dir is None:
+        if lazy_source(model) is not None:  # no place to put finished blocks: load them all
+            for i in range(len(find_parts(model).layers)):
+                materialize_block(model, i, next(model.parameters()).dtype, next(model.parameters()).device)
+        attach_fake_quant(model, config.spec, lm_head=config.lm_head)
+        return {"method": "rtn", "layers": pack_model(model)}
+    parts = find_parts(model)
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    n = 0
+    for i, block in enumerate(parts.layers):
+        materialize_block(model, i, dtype, device)
+        names = [f"{parts.layers_name}.{i}.{name}" for name in quant_targets(block)]
+        attach_fake_quant(model, config.spec, names=names)
+        n += pack_model(block)
+        save_block(work_dir, i, block)
+        release_block(block)
+    if config.lm_head:
+        head = [name for name in target_names(model, lm_head=True) if not name.startswith(parts.layers_name + ".")]
+        attach_fake_quant(model, config.spec, lm_head=True, names=head)
+        n += pack_model(model)
+    return {"method": "rtn", "layers": n}

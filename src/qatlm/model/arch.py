@@ -112,6 +112,11 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, parts: Model
         return pre
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(parts.layers)]
+    # a block whose weights are not loaded (lazy loading: on the meta device) passes its input through:
+    # the keyword arguments every layer receives come from the model's own forward, not from the blocks
+    skipped = [layer for layer in parts.layers if any(p.device.type == "meta" for p in layer.parameters())]
+    for layer in skipped:
+        layer.forward = _pass_through
     try:
         model(input_ids=input_ids, use_cache=False)
     except _Stop:
@@ -119,7 +124,13 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, parts: Model
     finally:
         for h in handles:
             h.remove()
+        for layer in skipped:
+            del layer.forward
     return hidden[0], kwargs_list
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -25,6 +25,7 @@ from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import pack_cols, unpack_cols
 
 SHARD_BYTES = 4 * 1024**3
+STREAM_SHARD_BYTES = 512 * 1024**2  # when assembling a lazily loaded model block by block
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
@@ -106,10 +107,8 @@ def is_quantized_dir(path) -> bool:
     return "quantization_config" in json.loads((p / "config.json").read_text())
 
 
-def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
-    """A full-precision causal LM from a local safetensors folder (never unpickles, no remote code)."""
-    from transformers import AutoModelForCausalLM
-
+def check_fp_folder(path):
+    """``(folder, config)`` of a full-precision causal LM in safetensors, or a one-line error."""
     p = _check_model_dir(path)
     config = _load_config(p)
     if getattr(config, "quantization_config", None):
@@ -119,6 +118,14 @@ def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise QatlmError(f"{p} is not a causal language model (architectures: {', '.join(archs)}); qatlm quantizes decoder LMs")
+    return p, config
+
+
+def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
+    """A full-precision causal LM from a local safetensors folder (never unpickles, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    p, config = check_fp_folder(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             p, dtype=dtype or default_dtype(device), use_safetensors=True, trust_remote_code=False, output_loading_info=True
@@ -141,6 +148,8 @@ def _tied_duplicates(sd: dict) -> set[str]:
     """State-dict keys that share storage with an earlier key (tied embeddings)."""
     seen, dup = {}, set()
     for k, v in sd.items():
+        if v.device.type == "meta":
+            continue
         key = (v.data_ptr(), v.shape, v.dtype)
         if v.numel() and key in seen:
             dup.add(k)
@@ -167,10 +176,11 @@ def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool
 
 def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None,
                    dtype: torch.dtype | None = None, checkpoint_format: str = "gptq_v2", in_place: bool = False,
-                   report=None) -> Path:
+                   report=None, block_files=None) -> Path:
     """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint.
 
     ``report(folder)``, if given, adds files (training summary, curves) before the folder appears.
+    ``block_files``: the work folder where a lazily loaded model's packed blocks were written (streamed in).
     ``dtype``: storage dtype of the tensors that are not quantized (embeddings, norms, head); default:
     as they are in memory. Step sizes are always fp16, as the format requires.
     """
@@ -180,14 +190,36 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
     if not packed:
         raise QatlmError("the model has no packed layers: quantize it before saving")
 
-    def build(tmp: Path):
+    def cast(k, v):
+        v = v.detach().contiguous().cpu()
+        return v.to(dtype) if dtype is not None and v.is_floating_point() and not k.endswith(".scales") else v
+
+    def tensors():
+        """Every tensor to store, one at a time: those in memory, then the blocks a lazily loaded model
+        left on disk (``block_files``: its work folder), so the whole packed model is never held at once."""
         sd = model.state_dict()
-        for k in _tied_duplicates(sd):
-            sd.pop(k)
-        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in sd.items()}
-        _write_shards(sd, tmp)
+        dup = _tied_duplicates(sd)
+        on_disk = set()
+        for k, v in sd.items():
+            if v.device.type == "meta":
+                on_disk.add(k)
+            elif k not in dup:
+                yield k, cast(k, v)
+        if not on_disk:
+            return
+        from qatlm.model.lazy import block_file, lazy_source
+
+        src = lazy_source(model)
+        if src is None or block_files is None:
+            raise QatlmError(f"cannot save: {len(on_disk)} tensors (e.g. {min(on_disk)}) are not loaded and no block files were given")
+        prefix = src[1] + "."
+        for i in sorted({int(k[len(prefix):].split(".")[0]) for k in on_disk}):
+            with safe_open(block_file(block_files, i), framework="pt") as fh:
+                for k in fh.keys():
+                    yield f"{prefix}{i}.{k}", cast(k, fh.get_tensor(k))
+
+    def build(tmp: Path):
+        _write_shards(tensors(), tmp, SHARD_BYTES if block_files is None else STREAM_SHARD_BYTES)
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         if dtype is not None:
@@ -209,24 +241,34 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
     return out
 
 
-def _write_shards(sd: dict, folder: Path):
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
+def _write_shards(items, folder: Path, shard_bytes: int = None):
+    """Write ``(name, tensor)`` pairs as safetensors shards of at most ``shard_bytes`` (one file when they
+    fit, else ``model-0000i-of-0000n`` + index), holding one shard in memory at a time."""
+    shard_bytes = shard_bytes or SHARD_BYTES
+    parts, cur, size, total, weight_map = [], {}, 0, 0, {}
+
+    def flush():
+        name = folder / f".shard-{len(parts):05d}.safetensors"
+        save_file(cur, name, metadata={"format": "pt"})
+        parts.append((name, list(cur)))
+
+    for k, v in items:
         nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
+        if cur and size + nbytes > shard_bytes:
+            flush()
             cur, size = {}, 0
         cur[k] = v
         size += nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        total += nbytes
+    flush()
+    if len(parts) == 1:
+        parts[0][0].rename(folder / "model.safetensors")
         return
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": {}}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        index["weight_map"].update({k: name for k in shard})
+    for i, (tmp, keys) in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        tmp.rename(folder / name)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

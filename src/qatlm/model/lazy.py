@@ -1,0 +1,130 @@
+"""Lazy loading: a model skeleton without weights, each decoder block read from the safetensors shards only
+when it is needed and dropped again afterwards, so host memory does not grow with the number of blocks.
+
+``load_lazy_model(path)`` returns the model with everything outside the decoder blocks loaded (embeddings,
+final norm, head: what the embedding path and the final assembly need) and every block on the meta device.
+The methods that work block by block (RTN, Block-AP) call ``materialize_block`` before a block and
+``release_block`` after it; the checkpoint writer then assembles the output from the blocks written to the
+work folder (``save_quantized(..., block_files=...)``). No per-family code: tensors are found by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from qatlm.errors import QatlmError
+
+
+class LazyUnsupported(QatlmError):
+    """The checkpoint's tensor names are not the model's (transformers converts them while loading)."""
+
+
+class ShardReader:
+    """Where every tensor of a folder's safetensors shards lives; reads one tensor at a time."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        for f in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as fh:
+                for k in fh.keys():
+                    self.where[k] = f
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.where[name], framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, device) -> None:
+        """Give every meta parameter / persistent buffer of ``module`` its tensor ``prefix + name``."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        missing = []
+        names = [n for n, t in module.named_parameters() if t.device.type == "meta"]
+        names += [n for n, t in module.named_buffers() if t is not None and t.device.type == "meta"]
+        for name in names:
+            key = prefix + name
+            if key not in self.where:
+                missing.append(key)
+                continue
+            value = self.get(key)
+            if value.is_floating_point():
+                value = value.to(dtype)
+            set_module_tensor_to_device(module, name, device, value=value)
+        if missing:
+            raise QatlmError(f"{self.folder} lacks {len(missing)} tensor(s) the model needs (e.g. {missing[0]})")
+
+
+def lazy_source(model: nn.Module) -> tuple[ShardReader, str] | None:
+    """``(reader, layers prefix)`` when ``model`` was loaded lazily, else None."""
+    return getattr(model, "_qatlm_lazy", None)
+
+
+def load_lazy_model(path, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
+    """The causal LM at ``path`` with its decoder blocks left on the meta device (see the module docstring)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from qatlm.model.arch import find_parts
+    from qatlm.model.checkpoint import check_fp_folder, default_dtype
+
+    p, config = check_fp_folder(path)
+    dtype = dtype or default_dtype(device)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    reader = ShardReader(p)
+    wanted = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
+    renamed = [n for n in wanted if n not in reader.where and not (n.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if renamed:  # e.g. MoE experts that transformers fuses from per-expert tensors while loading
+        raise LazyUnsupported(f"{len(renamed)} parameters are stored under other names (e.g. {renamed[0]})")
+    parts = find_parts(model)
+    prefix = parts.layers_name + "."
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    # everything outside the blocks, now (embeddings, final norm, head; rotary buffers are computed, not stored)
+    outside = [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+    outside += [n for n, b in model.named_buffers() if b is not None and b.device.type == "meta" and not n.startswith(prefix)]
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in outside:
+        if name not in reader.where:
+            if tied and name.endswith("lm_head.weight"):
+                continue  # tied to the embedding: shared after tie_weights
+            raise QatlmError(f"{p} lacks the tensor {name}; transformers would fill it with random values")
+        value = reader.get(name)
+        set_module_tensor_to_device(model, name, device, value=value.to(dtype) if value.is_floating_point() else value)
+    if tied:
+        model.tie_weights()
+    model._qatlm_lazy = (reader, parts.layers_name)
+    return model.eval()
+
+
+def materialize_block(model: nn.Module, index: int, dtype: torch.dtype, device) -> None:
+    reader, layers_name = lazy_source(model)
+    block = model.get_submodule(layers_name)[index]
+    reader.load_into(block, f"{layers_name}.{index}.", dtype, device)
+
+
+def release_block(block: nn.Module) -> None:
+    """Drop a block's tensors (its packed form is on disk by now)."""
+    block.to("meta")
+
+
+def block_file(work_dir, index: int) -> Path:
+    return Path(work_dir) / "blocks" / f"block_{index:04d}.safetensors"
+
+
+def save_block(work_dir, index: int, block: nn.Module) -> Path:
+    """A finished (packed) block's tensors, written atomically to the work folder."""
+    import os
+
+    from safetensors.torch import save_file
+
+    final = block_file(work_dir, index)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, tmp)
+    os.replace(tmp, final)
+    return final
