@@ -205,14 +205,28 @@ def claim_work_dir(work: Path, source: str, resume: bool) -> None:
     atomic_write_text(tag, json.dumps({"source": source}))
 
 
+def resumable(work: Path) -> bool:
+    """Whether a work folder holds progress a ``--resume`` would continue from: a finished Block-AP block
+    (``progress.json`` with done > 0) or an end-to-end checkpoint."""
+    work = Path(work)
+    if not work.is_dir():
+        return False
+    for f in work.rglob("progress.json"):
+        try:
+            if json.loads(f.read_text()).get("done", 0) > 0:
+                return True
+        except (OSError, ValueError):
+            pass
+    return any(p.is_dir() for p in work.rglob("checkpoint"))
+
+
 @contextlib.contextmanager
 def work_dir_guard(work: Path):
-    """On failure, remove a work folder that holds nothing resumable yet (only its ``source.json``):
-    a refused input leaves no folder behind, an interrupted training keeps what it can resume from."""
+    """On failure, remove a work folder that holds nothing resumable: a refused input leaves no folder
+    behind, an interrupted training keeps what it can resume from."""
     try:
         yield
     except BaseException:
-        work = Path(work)
-        if work.is_dir() and all(p.name == "source.json" for p in work.iterdir()):
+        if not resumable(work):
             shutil.rmtree(work, ignore_errors=True)
         raise

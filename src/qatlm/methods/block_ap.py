@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from qatlm.errors import QatlmError, check_number
 from qatlm.fsutil import atomic_write_text
-from qatlm.model.lazy import block_file, lazy_source, materialize_block, release_block, save_block
+from qatlm.model.lazy import block_file, check_source_weights, lazy_source, materialize_block, release_block, save_block
 from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, replace_module, run_layer
 from qatlm.quant.apply import check_target
 from qatlm.quant.grid import QuantSpec, expand_groups
@@ -272,7 +272,9 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     parts = find_parts(model)
     layers = parts.layers
     lazy = lazy_source(model) is not None  # blocks are read from the shards one at a time, and dropped when packed
-    if not lazy:
+    if lazy:
+        check_source_weights(model, spec)
+    else:
         for bi, block in enumerate(layers):  # bad weights or widths are refused before any work starts
             for name, lin in quant_targets(block).items():
                 check_target(f"{parts.layers_name}.{bi}.{name}", lin, spec)

@@ -31,7 +31,7 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dic
     """RTN in place. A lazily loaded model (``model/lazy.py``) with a ``work_dir`` is done block by block:
     each block is read from the shards, quantized, written to ``work_dir/blocks`` and dropped, so a model
     larger than the memory streams through."""
-    from qatlm.model.lazy import lazy_source, materialize_block, release_block, save_block
+    from qatlm.model.lazy import check_source_weights, lazy_source, materialize_block, release_block, save_block
 
     if lazy_source(model) is None or work_dir is None:
         if lazy_source(model) is not None:  # no place to put finished blocks: load them all
@@ -40,6 +40,7 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dic
         attach_fake_quant(model, config.spec, lm_head=config.lm_head)
         return {"method": "rtn", "layers": pack_model(model)}
     parts = find_parts(model)
+    check_source_weights(model, config.spec)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     n = 0
     for i, block in enumerate(parts.layers):

@@ -29,10 +29,12 @@ class ShardReader:
     def __init__(self, folder):
         self.folder = Path(folder)
         self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple] = {}
         for f in sorted(self.folder.glob("*.safetensors")):
             with safe_open(f, framework="pt") as fh:
                 for k in fh.keys():
                     self.where[k] = f
+                    self.shapes[k] = tuple(fh.get_slice(k).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.where[name], framework="pt") as fh:
@@ -80,6 +82,10 @@ def load_lazy_model(path, dtype: torch.dtype | None = None, device="cpu") -> nn.
     renamed = [n for n in wanted if n not in reader.where and not (n.endswith("lm_head.weight") and config.tie_word_embeddings)]
     if renamed:  # e.g. MoE experts that transformers fuses from per-expert tensors while loading
         raise LazyUnsupported(f"{len(renamed)} parameters are stored under other names (e.g. {renamed[0]})")
+    shapes = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if b is not None}
+    bad = [n for n in wanted if n in reader.shapes and tuple(shapes[n].shape) != reader.shapes[n]]
+    if bad:
+        raise QatlmError(f"{p}: the tensor shapes in its safetensors do not match its config.json (e.g. {bad[0]})")
     parts = find_parts(model)
     prefix = parts.layers_name + "."
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -128,3 +134,20 @@ def save_block(work_dir, index: int, block: nn.Module) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, tmp)
     os.replace(tmp, final)
     return final
+
+
+def check_source_weights(model: nn.Module, spec) -> None:
+    """Before any work: every layer to quantize packs at ``spec`` and its stored weight is finite, read
+    tensor by tensor from the shards (one tensor in memory at a time)."""
+    from qatlm.model.arch import quant_targets
+    from qatlm.quant.apply import check_packable
+
+    reader, layers_name = lazy_source(model)
+    for i, block in enumerate(model.get_submodule(layers_name)):
+        for name, lin in quant_targets(block).items():
+            key = f"{layers_name}.{i}.{name}"
+            check_packable(key, lin.in_features, lin.out_features, spec)
+            w = reader.get(f"{key}.weight")
+            if not bool(w.isfinite().all()):
+                raise QatlmError(f"{key}: the source weight has {int((~w.isfinite()).sum())} NaN/inf values; "
+                                 "refusing to quantize a broken model")
