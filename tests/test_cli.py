@@ -27,6 +27,8 @@ def test_quantize_then_info_reports_true_size(model_dir, tmp_path, capsys):
     out = tmp_path / "w2g64"
     code, _, err = run_cli(["quantize", "--model", model_dir, "--method", "rtn", "--bits", 2, "--group-size", 64, "--out", out], capsys)
     assert code == 0, err
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights are as readable as the config (was 0600)
     code, text, _ = run_cli(["info", out, "--json"], capsys)
     info = json.loads(text)
     assert info["size_on_disk_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

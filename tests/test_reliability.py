@@ -170,3 +170,14 @@ def test_nan_weights_in_the_source_are_refused(tmp_path, capsys):
                          *extra, "--out", tmp_path / f"q-{method}"], capsys)
         assert code == 2 and "model.layers.1.mlp.up_proj: the source weight has 1 NaN/inf values" in err, err
         assert not (tmp_path / f"q-{method}").exists() and not (tmp_path / f"q-{method}.work").exists()
+
+
+def test_training_summary_names_the_data_file_not_its_directory(models, tmp_path, capsys):
+    a, _, text = models
+    out = tmp_path / "bap"
+    code, err = run(["quantize", "--model", a, "--method", "block-ap", "--bits", "2", "--group-size", "32", "--calib", text,
+                     "--calib-samples", "4", "--calib-seqlen", "32", "--val-samples", "1", "--epochs", "1", "--out", out], capsys)
+    assert code == 0, err
+    for f in ("training_summary.json", "config.json"):
+        assert str(text.parent) not in (out / f).read_text()
+    assert json.loads((out / "training_summary.json").read_text())["config"]["calib"] == "calib.txt"

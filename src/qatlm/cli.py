@@ -140,7 +140,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from qatlm.api import METHODS
 
+    from qatlm import __version__
+
     ap = _Parser(prog="qatlm", description="Quantization-aware training of Hugging Face causal LMs into packed low-bit integer models.")
+    ap.add_argument("--version", action="version", version=f"qatlm {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model and save a packed GPTQ-format checkpoint")
@@ -180,14 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (default: each epoch)")
     t.add_argument("--save-minutes", type=float, default=10.0,
                    help="also a resumable checkpoint at least every N minutes, whatever --save-every says (default 10; 0: off)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed for data sampling, shuffling and DL-QAT's LoRA init (default 0)")
     _add_dlqat_args(t)
     _add_common(t)
 
     for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
                            ("compare", "evaluate several models and write one table (Markdown + JSON) and a bar chart")):
         e = sub.add_parser(name, help=helptext)
-        e.add_argument("paths", nargs="*" if name == "compare" else 1, help="model folders or qatlm checkpoints (default: the built-in model)")
+        e.add_argument("paths", nargs="*" if name == "compare" else "?", help="model folders or qatlm checkpoints (default: the built-in model)")
         _add_eval_args(e)
         e.add_argument("--out", default=None if name == "eval" else "qatlm-report", help="folder for report.md / report.json / report.png")
         _add_common(e)
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a checkpoint (qatlm packed or full precision), streamed")
     g.add_argument("path", nargs="?", help="checkpoint folder (default: the built-in SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", required=True, help="the prompt")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--kernel", default="cache", help="packed layers: cache (dequantize once, fastest; default), int4 (torch's CPU int4 "
                    "matmul where the grid allows: no float weights in memory), or plain (dequantize every call)")
@@ -252,6 +255,7 @@ def cmd_quantize(a) -> int:
 
     from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
     from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
+    from qatlm.model.arch import find_parts, quant_targets
     from qatlm.model.lazy import LazyUnsupported, load_lazy_model
 
     config, fn = _method_config(a)
@@ -282,6 +286,10 @@ def cmd_quantize(a) -> int:
                 model = load_fp_model(model_dir, device=a.device)
             tok = load_tokenizer(model_dir)
             print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
+            widths = [m.in_features for m in quant_targets(find_parts(model).layers[0]).values()]
+            if widths and config.spec.group_size > max(widths):
+                print(f"note: group size {config.spec.group_size} is larger than every layer's input width (at most "
+                      f"{max(widths)}): each output row is one group, i.e. per-channel quantization", file=sys.stderr)
             summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
             dtype = source_dtype(model_dir, a.cache_dir) if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
             meta = {"method": a.method, "source": model_dir.name, "seconds": round(time.time() - t0, 1),
@@ -294,11 +302,22 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _without_local_paths(obj):
+    """A shared artefact names data files, not the user's directories: path values keep their last part."""
+    if isinstance(obj, dict):
+        return {k: _without_local_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_without_local_paths(v) for v in obj]
+    if isinstance(obj, str) and "/" in obj and Path(obj).expanduser().exists():
+        return Path(obj).name
+    return obj
+
+
 def _save_training_report(summary: dict, work: Path, out: Path):
     """Keep the training log, a loss-curve PNG and the summary beside the checkpoint."""
     if "method" not in summary or summary["method"] == "rtn":
         return
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "training_summary.json").write_text(json.dumps(_without_local_paths(summary), indent=2) + "\n")
     logs = [f for f in (work / "train_log.jsonl", work / "e2e" / "train_log.jsonl", work / "dlqat" / "train_log.jsonl") if f.exists()]
     if logs:
         (out / "training_log.jsonl").write_text("".join(f.read_text() for f in logs))
@@ -378,7 +397,7 @@ def cmd_eval(a) -> int:
     from qatlm.eval.report import evaluate, markdown_table, write_report
 
     settings = _eval_settings(a)
-    paths = a.paths or [str(_resolve_model(None, a.cache_dir))]
+    paths = ([a.paths] if isinstance(a.paths, str) else a.paths) or [str(_resolve_model(None, a.cache_dir))]
     rows = [evaluate(p, settings) for p in paths]
     print(markdown_table(rows))
     if a.out:

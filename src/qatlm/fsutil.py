@@ -85,6 +85,13 @@ def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
+def default_file_mode(path: Path) -> None:
+    """Give a file the permissions an ordinary new file gets (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a part."""
     path = Path(path)

@@ -79,7 +79,8 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
         elif fmt == "gguf":
             from qatlm.export.gguf_file import write_gguf
 
-            name = f"{src.name}-{spec.tag}.gguf"
+            name = f"{src.name}.gguf" if spec.tag in src.name else f"{src.name}-{spec.tag}.gguf"  # no '-w4g128-w4g128'
+
             report.update(write_gguf(model, spec, src, tmp / name, float_type=float_type))
             report["file"] = name
             if spec.bits in (2, 3):

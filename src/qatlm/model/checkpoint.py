@@ -18,7 +18,7 @@ from torch import nn
 
 from qatlm import __version__
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir, check_output
+from qatlm.fsutil import atomic_dir, check_output, default_file_mode
 from qatlm.model.arch import is_router, replace_module
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
@@ -250,6 +250,7 @@ def _write_shards(items, folder: Path, shard_bytes: int = None):
     def flush():
         name = folder / f".shard-{len(parts):05d}.safetensors"
         save_file(cur, name, metadata={"format": "pt"})
+        default_file_mode(name)  # safetensors writes 0600; the other files of the folder follow the umask
         parts.append((name, list(cur)))
 
     for k, v in items:

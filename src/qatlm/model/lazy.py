@@ -114,8 +114,15 @@ def materialize_block(model: nn.Module, index: int, dtype: torch.dtype, device) 
 
 
 def release_block(block: nn.Module) -> None:
-    """Drop a block's tensors (its packed form is on disk by now)."""
+    """Drop a block's tensors (its packed form is on disk by now) and hand the freed heap back to the OS:
+    without the trim glibc keeps the pages and the RSS grows ~35 MiB per 1024-wide block (measured)."""
+    import gc
+
+    from qatlm.train import release_freed_memory
+
     block.to("meta")
+    gc.collect()
+    release_freed_memory()
 
 
 def block_file(work_dir, index: int) -> Path:
