@@ -3,25 +3,16 @@
 Each case must end with exit code 2 and exactly one ``qatlm: error:`` line naming the option or the file,
 no traceback, no output or work folder left behind, and the sources untouched (hash before and after)."""
 
-import hashlib
 import json
-import struct
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, tree_hash
 
 from qatlm import RTNConfig, quantize, save_quantized
 from qatlm.cli import main
 
-
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

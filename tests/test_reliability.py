@@ -1,26 +1,16 @@
 """Never destroy a user's data, never mix two runs: outputs that are inputs, resume of a finished run,
 kill -9 during a replace, two runs on one output, resume from another source model."""
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, tree_hash
 
 from qatlm.cli import main
 
-
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

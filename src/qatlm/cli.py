@@ -446,6 +446,7 @@ def cmd_demo(a) -> int:
     from qatlm.eval.plots import loss_curve
     from qatlm.eval.report import evaluate, markdown_table, write_report
     from qatlm.methods.rtn import RTNConfig, quantize_rtn
+    from qatlm.fsutil import check_output
     from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
 
     if a.method == "rtn":
@@ -464,6 +465,7 @@ def cmd_demo(a) -> int:
     clock.start(0)
     assets.fetch_all(a.cache_dir)
     model_dir = _check_model_dir(_resolve_model(a.model, a.cache_dir))
+    check_output(out, [model_dir], overwrite=True, what="demo folder")  # its runs are replaced, never the model
     name = model_dir.name
     tok = load_tokenizer(model_dir)
     out.mkdir(parents=True, exist_ok=True)
