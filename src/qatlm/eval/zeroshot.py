@@ -128,7 +128,7 @@ def evaluate_lm_eval(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = No
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise QatlmError("zero-shot evaluation needs lm-eval: pip install 'qatlm[eval]'") from None
+        raise QatlmError("zero-shot evaluation with lm-eval needs the lm-eval package (pip install lm-eval), or use the plain engine") from None
     import logging
 
     for name in ("lm-eval", "lm_eval"):

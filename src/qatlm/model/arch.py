@@ -9,7 +9,7 @@ are recorded from one real forward pass of the model itself.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ class ModelParts:
     embed: nn.Module
     norm: nn.Module | None
     lm_head: nn.Module | None
-    rotary: list[nn.Module] = field(default_factory=list)
 
 
 def find_parts(model: nn.Module) -> ModelParts:
@@ -49,14 +48,12 @@ def find_parts(model: nn.Module) -> ModelParts:
         raise QatlmError(f"cannot find the decoder layers of {type(model).__name__}: no list of blocks with linear layers")
     owner = model.get_submodule(best_name.rsplit(".", 1)[0]) if "." in best_name else model
     norms = [m for n, m in owner.named_children() if "norm" in n.lower() or "norm" in type(m).__name__.lower()]
-    rotary = [m for m in owner.modules() if "rotary" in type(m).__name__.lower()]
     return ModelParts(
         layers=best,
         layers_name=best_name,
         embed=model.get_input_embeddings(),
         norm=norms[-1] if norms else None,
         lm_head=model.get_output_embeddings(),
-        rotary=rotary,
     )
 
 
