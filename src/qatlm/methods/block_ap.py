@@ -326,10 +326,8 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     for bi, block in enumerate(layers):
         kw = kwargs[bi]
         prefix = f"{parts.layers_name}.{bi}"
-        if lazy:
+        if lazy:  # its weights were checked before the first block (check_source_weights)
             materialize_block(model, bi, compute_dtype, device)
-            for name, lin in quant_targets(block).items():
-                check_target(f"{prefix}.{name}", lin, spec)
         # the fp target is this block (still full precision) on the fp chain's input
         energy = _run_chain(block, kw, fp_in, fp_out, n, config.chain_batch, device, compute_dtype)
         if bi < done_blocks:  # finished before the interruption: reload its integers, move the chain on
