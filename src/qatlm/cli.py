@@ -243,6 +243,14 @@ def _resolve_model(arg, cache_dir=None) -> Path:
     return default_model_dir(cache_dir)
 
 
+def _source_meta(method: str, model_dir: Path, cache_dir) -> dict:
+    """What a checkpoint records of its origin: the method, the source model's name (not its path) and dtype."""
+    from qatlm.model.checkpoint import source_dtype
+
+    dt = source_dtype(model_dir, cache_dir, builtin_fp16=False)
+    return {"method": method, "source": model_dir.name, "source_dtype": str(dt).removeprefix("torch.")}
+
+
 def _text_input(source):
     """A calibration / training source given as a path (None for built-in names)."""
     return source if source and Path(str(source)).expanduser().exists() else None
@@ -292,8 +300,7 @@ def cmd_quantize(a) -> int:
                       f"{max(widths)}): each output row is one group, i.e. per-channel quantization", file=sys.stderr)
             summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
             dtype = source_dtype(model_dir, a.cache_dir) if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
-            meta = {"method": a.method, "source": model_dir.name, "seconds": round(time.time() - t0, 1),
-                    "source_dtype": str(source_dtype(model_dir, a.cache_dir, builtin_fp16=False)).removeprefix("torch.")}
+            meta = {**_source_meta(a.method, model_dir, a.cache_dir), "seconds": round(time.time() - t0, 1)}
             save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
                            report=lambda tmp: _save_training_report(summary, work, tmp), block_files=work if lazy else None)
         shutil.rmtree(work, ignore_errors=True)
@@ -479,7 +486,7 @@ def cmd_demo(a) -> int:
         shutil.rmtree(work, ignore_errors=True)
         model = load_fp_model(model_dir, device=a.device)
         summary = run(model, cfg, tokenizer=tok, work_dir=work) or {}
-        meta = {"method": m, "source": name, "source_dtype": str(source_dtype(model_dir, a.cache_dir, builtin_fp16=False))[6:]}
+        meta = _source_meta(m, model_dir, a.cache_dir)
         save_quantized(model, qdir, cfg.spec, tokenizer=tok, overwrite=True, meta=meta, dtype=source_dtype(model_dir, a.cache_dir),
                        report=lambda tmp, summary=summary, work=work: _save_training_report(summary, work, tmp))
         shutil.rmtree(work, ignore_errors=True)
