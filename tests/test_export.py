@@ -68,6 +68,21 @@ def test_gguf_refuses_what_it_cannot_hold(tmp_path):
         export_checkpoint(make(tmp_path, family="phi3", name="phi"), "gguf", tmp_path / "p")
 
 
+def test_gguf_refusals_come_before_the_model_is_loaded(tmp_path, monkeypatch):
+    import qatlm.model.checkpoint as ckpt
+
+    phi, g16 = make(tmp_path, family="phi3", name="phi"), make(tmp_path, group=16)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(ckpt, "load_quantized", no_load)
+    with pytest.raises(QatlmError, match="architectures"):
+        export_checkpoint(phi, "gguf", tmp_path / "p")
+    with pytest.raises(QatlmError, match="multiple of 32"):
+        export_checkpoint(g16, "gguf", tmp_path / "g")
+
+
 @pytest.mark.parametrize("family,sym", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)])
 def test_gguf_loads_in_transformers_with_the_same_logits(tmp_path, family, sym):
     """transformers' own GGUF reader (which undoes llama.cpp's q/k row order) gives qatlm's logits."""

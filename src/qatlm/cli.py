@@ -232,7 +232,37 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a packed checkpoint: bits, group size, size on disk, compression")
     i.add_argument("path", help="checkpoint folder")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    r = sub.add_parser("install", help="install an optional runtime beside your torch (gptq: what transformers needs to load GPTQ exports)")
+    r.add_argument("runtime", choices=sorted(RUNTIMES), help="the runtime to install")
+    r.add_argument("--dry-run", action="store_true", help="print the pip command instead of running it")
     return ap
+
+
+# Optional runtimes whose packages pin a torch build that pip would swap in (gptqmodel 7.7 asks for torch>=2.14.1,
+# a multi-GB CUDA wheel on a CPU machine): installed with --no-deps beside the torch already present, with their
+# pure-Python dependencies pinned here (the versions the tests reload GPTQ exports with).
+RUNTIMES = {
+    "gptq": ["gptqmodel==7.7.0", "optimum==2.3.0", "device-smi==0.5.7", "pypcre==0.6.4", "tokenicer==0.0.14",
+             "logbar==0.4.15", "defuser==0.0.28", "threadpoolctl>=3.7"],
+}
+
+
+def cmd_install(a) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *RUNTIMES[a.runtime]]
+    if a.dry_run:
+        print(" ".join(cmd))
+        return 0
+    print(f"installing the {a.runtime} runtime: {' '.join(cmd[3:])}", file=sys.stderr)
+    if subprocess.call(cmd) != 0:
+        raise QatlmError(f"pip could not install the {a.runtime} runtime (command: {' '.join(cmd)})")
+    check = subprocess.run([sys.executable, "-c", "import gptqmodel, optimum"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise QatlmError(f"the {a.runtime} runtime was installed but does not import: {check.stderr.strip().splitlines()[-1]}")
+    print(f"{a.runtime} runtime installed: transformers now loads qatlm's GPTQ exports", file=sys.stderr)
+    return 0
 
 
 def _resolve_model(arg, cache_dir=None) -> Path:
@@ -386,7 +416,7 @@ def _print_info(path: str, as_json: bool):
             rows.append(("training", f"{t.get('method')}: {t.get('steps')} steps, validation loss {t['val_loss_before']:.4f} -> "
                                      f"{t['val_loss_after']:.4f}"))
     rows += [
-        ("loads in", "qatlm (load_quantized, qatlm eval/generate); transformers + gptqmodel as it is (pip install 'qatlm[gptq]')"),
+        ("loads in", "qatlm (load_quantized, qatlm eval/generate); transformers + gptqmodel as it is (qatlm install gptq)"),
         ("", f"vLLM: qatlm export {info['path']} --format gptq (or compressed-tensors) --out DIR"),
         ("", f"llama.cpp: qatlm export {info['path']} --format gguf --out DIR"),
     ]
@@ -617,7 +647,7 @@ def cmd_generate(a) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo}
+COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo, "install": cmd_install}
 
 
 def main(argv=None) -> int:

@@ -135,7 +135,13 @@ def evaluate_lm_eval(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = No
         logging.getLogger(name).setLevel(logging.ERROR)
     docs = docs or {t: load_docs(t, limit, cache_dir) for t in tasks}
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
-    res = lm_eval.simple_evaluate(model=lm, tasks=[_task_config(t, docs[t]) for t in tasks], num_fewshot=0, log_samples=False, verbosity="ERROR")
+    from unittest import mock
+
+    # lm-eval records `git describe` of the working directory, printing git's "fatal: not a git repository"
+    # outside one; the hash is of no use here
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
+        res = lm_eval.simple_evaluate(model=lm, tasks=[_task_config(t, docs[t]) for t in tasks], num_fewshot=0, log_samples=False,
+                                      verbosity="ERROR")
     out = {}
     for t in tasks:
         r = res["results"][f"qatlm_{t}"]

@@ -55,6 +55,12 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     check_output(out, [src], overwrite)
     _, qc = read_quant_config(src)
     spec = spec_from_config(qc)
+    if fmt == "gguf":  # what GGUF cannot express is refused before the model is loaded
+        from transformers import AutoConfig
+
+        from qatlm.export.gguf_file import check_config
+
+        check_config(AutoConfig.from_pretrained(src), spec)
     t0 = time.time()
     model = load_quantized(src, dtype=torch.float32)
     tok = load_tokenizer(src)

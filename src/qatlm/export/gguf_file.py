@@ -120,6 +120,20 @@ def _tokenizer_meta(writer, src: Path, config, gguf):
     special.add_to_gguf(writer, quiet=True)
 
 
+def check_config(config, spec: QuantSpec) -> str:
+    """Refuse, from the config alone (before any weight is read), what this writer cannot express; returns
+    the ``gguf.MODEL_ARCH`` member name."""
+    arch_key = ARCHES.get(config.model_type)
+    if arch_key is None:
+        raise QatlmError(f"GGUF export supports the {', '.join(sorted(set(ARCHES)))} architectures; this model is '{config.model_type}'")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise QatlmError(f"GGUF export does not handle rope scaling '{rope.get('rope_type', rope.get('type'))}' yet")
+    if spec.group_size != -1:
+        check_grid(spec, spec.group_size, "every layer")
+    return arch_key
+
+
 def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: str = "f16") -> dict:
     """Write the loaded packed ``model`` (from ``src``) to ``out_file``; returns a report."""
     import gguf
@@ -127,12 +141,7 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     from qatlm.quant.linear import PackedLinear
 
     config = model.config
-    arch_key = ARCHES.get(config.model_type)
-    if arch_key is None:
-        raise QatlmError(f"GGUF export supports the {', '.join(sorted(set(ARCHES)))} architectures; this model is '{config.model_type}'")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise QatlmError(f"GGUF export does not handle rope scaling '{rope.get('rope_type', rope.get('type'))}' yet")
+    arch_key = check_config(config, spec)
     arch = getattr(gguf.MODEL_ARCH, arch_key)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch, n_layers)
@@ -153,6 +162,7 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta:
         writer.add_rope_freq_base(float(theta))

@@ -1,0 +1,122 @@
+"""Every `qatlm` command shown in the README runs as written, in the README's order, on a tiny model.
+
+The built-in assets (model, texts, zero-shot items) are replaced by tiny local stand-ins so that nothing is
+fetched; the placeholders (PATH, DIR, ...) become folders of this test. Nothing else in a command changes:
+its flags, budgets and defaults are the README's.
+"""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from test_zeroshot import FIXTURES, write_stream
+from tiny import tiny_model, tiny_tokenizer
+
+from qatlm.cli import build_parser, main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+PLACEHOLDERS = {"PATH", "FP_DIR", "DIR", "DIR1", "DIR2", "DIR-gptq", "DIR-v1", "DIR-gguf", "DIR-ct", "CHECKPOINT"}
+
+
+def readme_commands() -> list[str]:
+    """`qatlm ...` and `torchrun ... -m qatlm.cli ...` lines of the README's bash blocks, comments removed."""
+    out, in_bash = [], False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            in_bash = line.strip() in ("```bash", "```sh")
+            continue
+        if in_bash:
+            code = line.strip()  # comments are dropped by to_argv
+            if code.startswith("qatlm ") or (code.startswith("torchrun ") and "qatlm.cli" in code):
+                out.append(code)
+    return out
+
+
+def to_argv(cmd: str) -> list[str] | None:
+    """The argv of a README command; None for an elision (`qatlm quantize ... --resume`)."""
+    cmd = re.sub(r"\s\[[^\]]*\]", "", cmd)  # optional parts: [--kernel cache|int4|plain]
+    if re.search(r"(^|\s)\.\.\.(\s|$)", cmd.split(" #")[0]):  # a bare ... elides a command; a quoted "..." is a prompt
+        return None
+    words = shlex.split(cmd, comments=True)
+    if words[0] == "torchrun":
+        words = words[words.index("qatlm.cli") + 1 :]
+    else:
+        words = words[1:]
+    return words
+
+
+def test_readme_has_the_commands_this_test_runs():
+    cmds = readme_commands()
+    verbs = {to_argv(c)[0] for c in cmds if to_argv(c)}
+    assert {"quantize", "train", "info", "eval", "compare", "export", "generate", "assets", "install"} <= verbs, verbs
+    assert len(cmds) >= 20
+
+
+def test_every_readme_command_parses():
+    parser = build_parser()
+    for cmd in readme_commands():
+        argv = to_argv(cmd)
+        if argv:
+            parser.parse_args(argv)  # an unknown or missing argument exits here (README's `eval --limit 100` bug)
+
+
+@pytest.fixture()
+def stand_ins(tmp_path, monkeypatch):
+    """Built-in model, texts, instruction set and zero-shot files replaced by tiny local ones."""
+    from qatlm.data import assets
+
+    model = tmp_path / "builtin-model"
+    tiny_model("llama", max_position_embeddings=1024).save_pretrained(model)
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.save_pretrained(model)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(3000)))
+    sciq = tmp_path / "sciq.jsonl"
+    sciq.write_text("".join(json.dumps({"instruction": f"what sat on mat {i}?", "output": "the cat"}) + "\n" for i in range(80)))
+    zs = {t: write_stream(rows, tmp_path / f"{t}.arrow") for t, rows in FIXTURES.items()}
+    monkeypatch.setattr(assets, "fetch_all", lambda cache_dir=None: None)
+    monkeypatch.setattr(assets, "default_model_dir", lambda cache_dir=None: model)
+    monkeypatch.setattr(assets, "zeroshot_file", lambda task, cache_dir=None: zs[task])
+    for name in list(assets.BUILTIN_TEXT):
+        monkeypatch.setitem(assets.BUILTIN_TEXT, name, lambda cache_dir=None: text)
+    monkeypatch.setitem(assets.BUILTIN_INSTRUCT, "sciq-instruct", lambda cache_dir=None: sciq)
+    monkeypatch.setenv("QATLM_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "alpaca.jsonl").write_text(sciq.read_text())
+    tiny_model("llama", seed=1, max_position_embeddings=1024).save_pretrained(work / "PATH")
+    tok.save_pretrained(work / "PATH")
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_every_readme_command_runs_as_written(stand_ins, capsys):
+    import shutil
+
+    work = stand_ins
+    ran = []
+    for cmd in readme_commands():
+        argv = to_argv(cmd)
+        if argv is None or argv[0] == "demo":  # the demo has its own test (test_demo.py)
+            continue
+        argv = ["PATH" if w == "FP_DIR" else w for w in argv]
+        out = argv[argv.index("--out") + 1].rstrip("/") if "--out" in argv else None
+        for w in argv[1:]:  # a placeholder input that no earlier line wrote: a copy of the last checkpoint
+            if w in PLACEHOLDERS and w != out and not (work / w).exists():
+                shutil.copytree(work / "DIR", work / w)
+        if out and (work / out).exists():  # each README line is its own example: it writes a fresh output
+            shutil.rmtree(work / out)
+        if argv[0] == "install":
+            argv.append("--dry-run")  # installing packages is not this test's business; the command line is
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert "fatal:" not in err and "Failed to load" not in err  # no third-party noise
+        if argv[:3] == ["export", "DIR", "--format"] and argv[3] == "gptq-v1" and code == 2:
+            assert "--v1-zeros" in err  # the README says so: needs zero points >= 1
+        else:
+            assert code == 0, f"README command failed: {cmd}\n{err[-2000:]}"
+        ran.append(argv[0])
+    assert ran.count("quantize") >= 5 and ran.count("train") >= 3 and ran.count("export") == 4, ran
