@@ -158,6 +158,32 @@ def test_int4_kernel_matches_dequantized_matmul(tmp_path):
     torch.testing.assert_close(logits(model), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_kernel_keeps_float_copies_only_within_its_budget(tmp_path):
+    model = load_quantized(make(tmp_path))
+    layers = list(packed_layers(model).values())
+    ref = logits(model)  # plain: nothing cached
+    assert all(m._cached is None for m in layers)
+    sizes = [m.in_features * m.out_features * 4 for m in layers]
+    budget = sum(sizes[:3])  # room for exactly the first three layers' fp32 weights
+    assert set_kernel(model, "auto", budget_bytes=budget) == {"cache": 3, "plain": len(layers) - 3}
+    torch.testing.assert_close(logits(model), ref, rtol=0, atol=0)
+    held = sum(m._cached.numel() * m._cached.element_size() for m in layers if m._cached is not None)
+    assert held == budget
+    assert set_kernel(model, "auto", budget_bytes=0) == {"plain": len(layers)}
+    logits(model)
+    assert all(m._cached is None for m in layers)
+
+
+def test_available_memory_sees_a_cgroup_limit(monkeypatch):
+    from qatlm import memory
+
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: 64 << 30)
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: 1 << 30)
+    assert memory.available_bytes() == 1 << 30
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: None)
+    assert memory.available_bytes() == 64 << 30
+
+
 def test_cli_export_and_generate(tmp_path):
     src = make(tmp_path)
     env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache")}

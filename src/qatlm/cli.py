@@ -103,6 +103,11 @@ def _method_config(a, ignore=()):
     return cfg_cls(**values), fn
 
 
+KERNEL_HELP = ("packed layers: auto (default: keep dequantized float weights only while they fit in half of the free memory, "
+               "dequantize the rest at every call), cache (keep all: fastest), int4 (torch's CPU int4 matmul where the grid allows: "
+               "no float weights), or plain (dequantize every call: the least memory)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
     p.add_argument("--heldout", default="shakespeare", help="held-out text: shakespeare, wikipedia, or a .txt/.jsonl/.parquet/dataset folder")
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default 512)")
@@ -110,6 +115,7 @@ def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated zero-shot tasks, or 'none'")
     p.add_argument("--limit", type=int, default=limit, help=f"items per zero-shot task, 0 = all (default {limit})")
     p.add_argument("--eval-batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
+    p.add_argument("--kernel", default="auto", choices=["auto", "cache", "int4", "plain"], help=KERNEL_HELP)
 
 
 def _eval_settings(a):
@@ -122,7 +128,8 @@ def _eval_settings(a):
         if t not in PAPER_TASKS:
             raise QatlmError(f"unknown zero-shot task '{t}'; choose from {', '.join(PAPER_TASKS)}")
     return EvalSettings(heldout=a.heldout, seqlen=a.seqlen, ppl_windows=a.ppl_windows or None, tasks=tasks,
-                        limit=a.limit or None, batch_size=a.eval_batch_size, device=a.device, cache_dir=a.cache_dir)
+                        limit=a.limit or None, batch_size=a.eval_batch_size, device=a.device, cache_dir=a.cache_dir,
+                        kernel=a.kernel)
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -225,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--kernel", default="cache", help="packed layers: cache (dequantize once, fastest; default), int4 (torch's CPU int4 "
-                   "matmul where the grid allows: no float weights in memory), or plain (dequantize every call)")
+    g.add_argument("--kernel", default="auto", choices=["auto", "cache", "int4", "plain"], help=KERNEL_HELP)
     g.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
 
     i = sub.add_parser("info", help="describe a packed checkpoint: bits, group size, size on disk, compression")
@@ -620,12 +626,11 @@ def cmd_generate(a) -> int:
     from transformers import TextStreamer
 
     from qatlm.eval.report import load_any
-    from qatlm.quant.apply import packed_layers, set_kernel
 
     path = a.path or str(_resolve_model(None, a.cache_dir))
     t0 = time.time()
-    model, tok, desc = load_any(path)
-    kernels = set_kernel(model, a.kernel) if packed_layers(model) else {}
+    model, tok, desc = load_any(path, kernel=a.kernel)
+    kernels = desc.get("kernels", {})
     load_s = time.time() - t0
     if a.chat:
         if not tok.chat_template:

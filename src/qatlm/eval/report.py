@@ -23,6 +23,7 @@ class EvalSettings:
     device: str = "cpu"
     cache_dir: str | None = None
     zeroshot_engine: str = "lm-eval"  # or "plain": the independent PyTorch scorer (same items, same prompts)
+    kernel: str = "auto"  # packed layers: float copies cached only while they fit in memory (quant.apply.set_kernel)
 
     def __post_init__(self):
         check_number("seqlen", self.seqlen, at_least=2)
@@ -31,17 +32,16 @@ class EvalSettings:
         check_number("eval_batch_size", self.batch_size, at_least=1)
 
 
-def load_any(path, device="cpu"):
+def load_any(path, device="cpu", kernel: str = "auto"):
     """(model, tokenizer, description) for an fp HF folder or a qatlm/GPTQ checkpoint."""
     from qatlm.model.checkpoint import checkpoint_info, is_quantized_dir, load_fp_model, load_quantized, load_tokenizer
-    from qatlm.quant.apply import packed_layers
+    from qatlm.quant.apply import set_kernel
 
     p = Path(path)
     if is_quantized_dir(p):
         info = checkpoint_info(p)
         model = load_quantized(p, device=device)
-        for m in packed_layers(model).values():
-            m.cache_weight = True  # evaluation runs many forwards: dequantize each layer once
+        kernels = set_kernel(model, kernel)
         g = "c" if info["group_size"] == -1 else info["group_size"]
         desc = {
             "recipe": info["method"],
@@ -50,6 +50,7 @@ def load_any(path, device="cpu"):
             "setting": f"w{info['bits']}g{g}",
             "bits_per_weight": round(info["bits_per_quantized_weight"], 3),
             "size_on_disk_mib": info["size_on_disk_bytes"] / 2**20,
+            "kernels": kernels,
         }
     else:
         model = load_fp_model(p, device=device)
@@ -70,7 +71,7 @@ def evaluate(path, settings: EvalSettings, label: str | None = None, progress: b
     from qatlm.eval.zeroshot import average, evaluate_lm_eval, evaluate_plain
 
     t0 = time.time()
-    model, tok, row = load_any(path, settings.device)
+    model, tok, row = load_any(path, settings.device, settings.kernel)
     row = {"label": label or Path(path).name, "path": str(path), **row}
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and settings.seqlen > max_pos:

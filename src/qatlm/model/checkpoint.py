@@ -312,26 +312,39 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
 
-    sd = {}
-    for f in _weight_files(p):
+    # layers first, from the tensor names alone; then the tensors shard by shard, each assigned in place
+    # (never a whole-checkpoint dict: the peak is the packed model plus one shard's conversions)
+    files = _weight_files(p)
+    keys = set()
+    for f in files:
         with safe_open(f, framework="pt") as fh:
-            for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
-    for name in [k[: -len(".qweight")] for k in sd if k.endswith(".qweight")]:
+            keys.update(fh.keys())
+    for name in sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise QatlmError(f"{p}: quantized tensor {name}.qweight matches no layer of {type(model).__name__}") from None
-        replace_module(model, name, PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in sd, dtype=dtype))
-        if v1:
-            z = unpack_cols(sd[f"{name}.qzeros"], spec.bits, old.out_features)
-            sd[f"{name}.qzeros"] = pack_cols((z + 1).clamp(0, spec.qmax), spec.bits)
-    for k, v in sd.items():
-        if v.is_floating_point() and not k.endswith(".scales"):
-            sd[k] = v.to(dtype)
-    result = model.load_state_dict(sd, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise QatlmError(f"{p}: tensors that match no layer: {', '.join(result.unexpected_keys[:5])}")
+        with torch.device("meta"):  # its tensors come from the shards below
+            layer = PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
+        replace_module(model, name, layer)
+    for f in files:
+        sd = {}
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                v = fh.get_tensor(k)
+                if v1 and k.endswith(".qzeros"):
+                    out_f = model.get_submodule(k[: -len(".qzeros")]).out_features
+                    v = pack_cols((unpack_cols(v, spec.bits, out_f) + 1).clamp(0, spec.qmax), spec.bits)
+                elif v.is_floating_point() and not k.endswith(".scales"):
+                    v = v.to(dtype)
+                sd[k] = v
+        result = model.load_state_dict(sd, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise QatlmError(f"{p}: tensors that match no layer: {', '.join(result.unexpected_keys[:5])}")
+        del sd
+    for m in model.modules():  # g_idx is optional in GPTQ files: without it, the plain group order
+        if isinstance(m, PackedLinear) and m.g_idx.device.type == "meta":
+            m.g_idx = spec.g_idx(m.in_features)
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]

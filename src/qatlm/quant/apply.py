@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from qatlm.errors import QatlmError
@@ -64,21 +65,32 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def set_kernel(model: nn.Module, kernel: str = "auto") -> dict:
-    """How packed layers compute at inference: ``plain`` (dequantize each call), ``cache`` (dequantize
-    once, keep the float weight), ``int4`` (torch's CPU int4 matmul; layers it does not apply to fall
-    back to ``cache``). Returns {kernel: number of layers}."""
-    if kernel not in ("plain", "cache", "int4"):
-        raise QatlmError(f"unknown kernel '{kernel}': use cache, int4 or plain")
+def set_kernel(model: nn.Module, kernel: str = "auto", budget_bytes: int | None = None) -> dict:
+    """How packed layers compute at inference: ``plain`` (dequantize each layer at each call: no float
+    weights held), ``cache`` (dequantize once and keep the float weight: fastest, costs the float model's
+    size), ``int4`` (torch's CPU int4 matmul; layers it does not apply to fall back to ``cache``), or
+    ``auto``: ``cache`` for layers, in order, while their float copies fit in ``budget_bytes`` (default:
+    half of the memory still available to this process, cgroup limits included), ``plain`` beyond. A model
+    whose float weights do not fit in memory thus still evaluates. Returns {kernel: number of layers}."""
+    if kernel not in ("auto", "plain", "cache", "int4"):
+        raise QatlmError(f"unknown kernel '{kernel}': use auto, cache, int4 or plain")
+    layers = packed_layers(model)
+    if kernel == "auto" and budget_bytes is None and layers:
+        from qatlm.memory import available_bytes
+
+        budget_bytes = available_bytes(next(iter(layers.values())).qweight.device) // 2
     counts: dict[str, int] = {}
-    for m in packed_layers(model).values():
+    spent = 0
+    for m in layers.values():
         m._int4, m._cached = None, None
-        used = "plain"
+        m.cache_weight, used = False, "plain"
         if kernel == "int4" and m.use_int4_kernel():
             used = "int4"
-        elif kernel != "plain":
+        elif kernel in ("cache", "int4"):
             m.cache_weight, used = True, "cache"
-        else:
-            m.cache_weight = False
+        elif kernel == "auto":
+            need = m.in_features * m.out_features * torch.empty((), dtype=m.compute_dtype).element_size()
+            if spent + need <= budget_bytes:
+                m.cache_weight, used, spent = True, "cache", spent + need
         counts[used] = counts.get(used, 0) + 1
     return counts
