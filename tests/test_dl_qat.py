@@ -113,3 +113,78 @@ def test_lora_init_comes_from_the_seed_not_the_global_rng():
     a, b, c = lora_a(0, 10), lora_a(0, 1000), lora_a(1, 10)
     assert len(a) == 14 and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not any(torch.equal(x, z) for x, z in zip(a, c))
+
+
+def _trained_layer(bits=2, start="packed", seed=0):
+    model = tiny_model("llama", seed=seed)
+    if start == "packed":
+        quantize(model, RTNConfig(bits, 32))
+    else:
+        attach_fake_quant(model, QuantSpec(bits, 32))
+    dlqat_trainable(model, DLQATConfig(rank=8), total_steps=10)
+    layer = next(m for m in model.modules() if isinstance(m, DLQATLinear))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.7)
+        layer.A.copy_(torch.randn(layer.A.shape, generator=g))
+    return model, layer
+
+
+@pytest.mark.parametrize("start", ["rtn-fp", "packed"])
+def test_codes_are_the_same_under_bf16_autocast_as_in_merge(start):
+    """Training under bf16 autocast must round the same integers that merge() stores (the LoRA product in fp32)."""
+    _, layer = _trained_layer(start=start)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes_in_training = layer._codes(ste=True)
+        assert (layer.B @ layer.A).dtype == torch.bfloat16  # autocast is really on: a plain product would be bf16
+    merged, _ = layer.merge().integers()
+    assert torch.equal(codes_in_training.to(torch.int32), merged.to(torch.int32))
+
+
+def test_base_is_held_in_at_most_bits_plus_8_bits_per_weight():
+    """No full-size fp32 base: packed start = the packed integers; float start = integers + an int8 fraction."""
+    for start, budget_bits in (("packed", 2), ("rtn-fp", 2 + 8)):
+        model, layer = _trained_layer(bits=2, start=start)
+        held = sum(b.numel() * b.element_size() for n, b in layer.named_buffers() if n in ("qweight", "frac"))
+        assert held * 8 <= budget_bits * layer.in_features * layer.out_features, (start, held)
+
+
+def test_float_start_fraction_keeps_the_rtn_codes_and_w_over_s_to_a_255th():
+    model = tiny_model("llama")
+    attach_fake_quant(model, QuantSpec(3, 32))
+    fq = next(m for m in model.modules() if type(m).__name__ == "FakeQuantLinear")
+    q, z, s16 = fq.integers()
+    exact = fq.weight.detach().float() / s16.float().repeat_interleave(32, dim=1) + z.float().repeat_interleave(32, dim=1)
+    layer = DLQATLinear.from_fake_quant(fq, rank=4)
+    inside = (exact > -0.5) & (exact < 7.5)  # weights inside the grid (the fraction is clipped at +-127/255 outside)
+    assert (layer.base() - exact)[inside].abs().max() <= 0.5 / 255 + 1e-6
+    with torch.no_grad():  # B = 0: exactly the RTN codes
+        assert torch.equal(layer._codes(ste=False).to(torch.int32), q.to(torch.int32))
+
+
+def test_static_training_memory_from_a_packed_checkpoint(tmp_path):
+    """Tensor bytes while training (weights, buffers, gradients, AdamW state) <= the packed model's bytes +
+    LoRA and magnitudes with their gradients and optimizer state, + 5 %."""
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, vocab_size=320)
+    quantize(model, RTNConfig(2, 64))
+    save_quantized(model, tmp_path / "q", QuantSpec(2, 64))
+    model = load_quantized(tmp_path / "q")
+    packed = _tensor_bytes(model)
+    t = dlqat_trainable(model, DLQATConfig(rank=4), total_steps=1)
+    params = [p for g in t.groups for p in g["params"]]
+    opt = torch.optim.AdamW(t.groups)
+    model(torch.randint(3, 320, (1, 16)), labels=torch.randint(3, 320, (1, 16))).loss.backward()
+    opt.step()
+    trainable = sum(p.numel() * 4 for p in params)  # fp32 values
+    static = _tensor_bytes(model) + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    assert static <= 1.05 * (packed + 4 * trainable), (static, packed, trainable)
+
+
+def _tensor_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

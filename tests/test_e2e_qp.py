@@ -62,13 +62,14 @@ def test_trains_scales_only_and_saved_model_matches(setup, tmp_path):
         torch.testing.assert_close(load_quantized(tmp_path / "out")(ids).logits, ref, rtol=0, atol=1e-5)
 
 
-def test_two_gloo_processes_equal_one_process(setup, tmp_path):
+@pytest.mark.parametrize("method", ["e2e-qp", "dl-qat"])
+def test_two_gloo_processes_equal_one_process(setup, tmp_path, method):
     d, text = setup
     env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    one = run(args(d, text, tmp_path / "one"), env)
+    one = run(args(d, text, tmp_path / "one", "--method", method), env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "qatlm.cli",
-                          *args(d, text, tmp_path / "two")], env=env, capture_output=True, text=True)
+                          *args(d, text, tmp_path / "two", "--method", method)], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr
     assert json.loads((tmp_path / "two" / "training_summary.json").read_text())["processes"] == 2
     a, b, src = scales(tmp_path / "one"), scales(tmp_path / "two"), scales(d / "q")
@@ -211,3 +212,39 @@ def test_efficientqat_recipe_runs_block_ap_then_e2e(setup, tmp_path):
     assert s["method"] == "efficientqat" and len(s["blocks"]) == 2 and s["e2e"]["steps"] == 2
     assert json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["meta"]["qatlm"]["method"] == "efficientqat"
     assert not (tmp_path / "o.work").exists()
+
+
+@pytest.mark.parametrize("train_zeros", [False, True])
+def test_static_training_memory_on_a_packed_model(tmp_path, train_zeros):
+    """Tensor bytes while training (weights, buffers, gradients, AdamW state) <= packed model + 16 bytes per
+    quantization group (fp32 step size, its gradient, two AdamW moments) + 5 %; trained zero points add
+    their own 16 bytes per group, frozen ones stay packed integers (no float copy, no optimizer state)."""
+    from qatlm.methods.e2e_qp import scale_trainable
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512)
+    quantize(model, RTNConfig(2, 64))
+    save_quantized(model, tmp_path / "q", RTNConfig(2, 64).spec)
+    model = load_quantized(tmp_path / "q")
+    packed = _tensor_bytes(model)
+    groups = sum(m.scales.numel() for m in model.modules() if isinstance(m, PackedLinear))
+    t = scale_trainable(model, E2EQPConfig(train_zeros=train_zeros), total_steps=1)
+    params = [p for g in t.groups for p in g["params"]]
+    assert sum(p.numel() for p in params) == groups * (2 if train_zeros else 1)
+    opt = torch.optim.AdamW(t.groups)
+    ids = torch.randint(3, 320, (1, 16))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    static = _tensor_bytes(model) + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    assert static <= 1.05 * (packed + 16 * groups * (2 if train_zeros else 1)), (static, packed, groups)
+    if not train_zeros:
+        assert not any(n.endswith(".zero") for n, _ in model.named_parameters())
+
+
+def _tensor_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

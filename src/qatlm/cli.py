@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction (default 0.03)")
     t.add_argument("--clip-grad", type=float, default=0.3, help="gradient-norm clip (default 0.3)")
     t.add_argument("--train-zeros", action="store_true", help="also train the zero points")
-    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    t.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each block's activations in the backward pass: memory flat in depth, ~1/3 more compute "
+                        "(default on; --no-grad-checkpointing to trade memory for speed)")
     t.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: each epoch)")
     t.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (default: each epoch)")
     t.add_argument("--save-minutes", type=float, default=10.0,

@@ -46,7 +46,7 @@ class E2EQPConfig:
     min_lr_ratio: float = 0.0
     clip_grad: float = 0.3
     train_zeros: bool = False
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = True  # recompute each block's activations in the backward pass (the paper's setting)
     val_every: int = 0  # steps between validations (0: at the end of every epoch only)
     save_every: int = 0  # steps between resumable checkpoints (0: every epoch); also every save_minutes
     save_minutes: float = 10.0  # a resumable checkpoint at least this often (0: by steps only)
@@ -162,7 +162,7 @@ def scale_trainable(model, config: E2EQPConfig, total_steps: int) -> Trainable:
     """E2E-QP: step sizes (and optionally zero points) of every packed layer."""
     bits = next(m.spec.bits for m in model.modules() if isinstance(m, PackedLinear))
     layers = attach_scale_training(model, config.train_zeros)
-    params = [m.scale for m in layers.values()] + [m.zero for m in layers.values() if m.zero.requires_grad]
+    params = [m.scale for m in layers.values()] + [m.zero for m in layers.values() if m.zero is not None]
     lr = config.learning_rate(bits, total_steps)
     return Trainable([{"params": params, "lr": lr}], lambda: detach_scale_training(model), {"lr": lr, "layers": len(layers)})
 
@@ -199,9 +199,8 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
     trainable = make_trainable(model, config, total)
     groups = trainable.groups
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if config.grad_checkpointing:
+    if config.grad_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     model.to(acc.device)
     model.train()
     ddp_model = acc.prepare_model(model) if world > 1 else model
@@ -283,7 +282,7 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
     bar.close()
     log.close()
     model.eval()
-    if config.grad_checkpointing:
+    if config.grad_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     n = trainable.merge()
     n_train = sum(p.numel() for p in named.values())

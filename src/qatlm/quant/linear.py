@@ -174,7 +174,11 @@ def _group_sum(t: torch.Tensor, spec: QuantSpec, in_f: int) -> torch.Tensor:
 
 
 class ScaleTrainLinear(nn.Module):
-    """E2E-QP layer: frozen packed integers, trainable step sizes (and optionally zero points)."""
+    """E2E-QP layer: frozen packed integers, trainable step sizes (and optionally zero points).
+
+    Memory: the integer weights stay packed (``qweight``); frozen zero points stay packed integers
+    (``qzeros``: no float copy, no optimizer state); the step sizes become one fp32 parameter per group.
+    """
 
     def __init__(self, packed: PackedLinear, train_zeros: bool = False):
         super().__init__()
@@ -183,13 +187,20 @@ class ScaleTrainLinear(nn.Module):
         self.register_buffer("qweight", packed.qweight)
         self.register_buffer("g_idx", packed.g_idx)
         self.register_buffer("bias", packed.bias)
-        q_z = unpack_cols(packed.qzeros, self.spec.bits, self.out_features).t().float()
         self.scale = nn.Parameter(packed.scales.t().float().contiguous())
-        self.zero = nn.Parameter(q_z.contiguous(), requires_grad=train_zeros and not self.spec.sym)
+        if train_zeros and not self.spec.sym:
+            self.zero = nn.Parameter(unpack_cols(packed.qzeros, self.spec.bits, self.out_features).t().float().contiguous())
+            self.register_buffer("qzeros", None)
+        else:
+            self.zero = None
+            self.register_buffer("qzeros", packed.qzeros)
         self.compute_dtype = packed.compute_dtype
 
     def integers(self):
         return unpack_rows(self.qweight, self.spec.bits, self.in_features).t(), None
+
+    def frozen_zeros(self) -> torch.Tensor:
+        return unpack_cols(self.qzeros, self.spec.bits, self.out_features).t()
 
     def weight_from(self, scale, zero) -> torch.Tensor:
         q, _ = self.integers()
@@ -198,84 +209,105 @@ class ScaleTrainLinear(nn.Module):
 
     def forward(self, x):
         s = fp16_ste(self.scale.clamp_min(MIN_SCALE))
-        z = self.zero + (torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax) - self.zero).detach()  # STE round+clamp
+        if self.zero is None:
+            z = self.frozen_zeros().float()
+        else:
+            z = self.zero + (torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax) - self.zero).detach()  # STE round+clamp
         y = _ScaleOnlyLinearFn.apply(x, s, z, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def to_packed(self) -> PackedLinear:
         q, _ = self.integers()
-        z = torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax).to(torch.int32)
+        z = self.frozen_zeros() if self.zero is None else torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax)
         s16 = self.scale.float().clamp_min(MIN_SCALE).to(torch.float16)
-        return PackedLinear.from_integers(q, z, s16, self.bias, self.spec, dtype=self.compute_dtype)
+        return PackedLinear.from_integers(q, z.to(torch.int32), s16, self.bias, self.spec, dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed, trainable scales"
 
 
+FRAC_STEPS = 255  # DL-QAT's continuous base from a float weight: code + int8 fraction / 255 (|fraction| <= 127/255 < 1/2)
+
+
 class DLQATLinear(nn.Module):
     """DL-QAT layer: ``W_int = clamp(round_STE(base + (α/r)·B·A), 0, qmax)``, ``Ŵ = (m ⊙ s)·(W_int − z)``.
 
-    ``base`` is ``W0/s + z`` (continuous, when the fp weight is known) or the stored integers (when
-    starting from a packed checkpoint); ``s``, ``z`` are frozen. Trainable: the LoRA factors ``A``
-    [r, in] and ``B`` [out, r] (B starts at 0, so training starts exactly at the initial quantized
-    model) and the magnitude ``m`` (one per group, or one per output channel), initialised to 1.
-    ``merge()`` computes the integers and ``fp16(m ⊙ s)`` with the very same operations, so the
-    packed layer reproduces the training-time forward pass bit for bit.
+    ``base`` is the stored integers when starting from a packed checkpoint, or ``W0/s + z`` when the fp
+    weight is known (RTN init). Neither is held as a float: the integers stay packed (``qweight``, bits per
+    weight) and the continuous base adds an int8 fraction (``frac``, 1/255 of a step), so the base costs
+    at most bits + 8 bits per weight; ``s`` stays fp16 and ``z`` packed, both frozen. Trainable: the LoRA
+    factors ``A`` [r, in] and ``B`` [out, r] (B starts at 0, so training starts exactly at the initial
+    quantized model) and the magnitude ``m`` (one per group, or one per output channel), initialised to 1.
+    The LoRA product is always taken in fp32, outside any autocast, so ``merge()`` — the very same
+    operations — reproduces the training-time integers bit for bit, under bf16 training too.
     """
 
-    def __init__(self, base, scale, zero, bias, spec: QuantSpec, rank: int = 4, alpha: float | None = None,
+    def __init__(self, q, frac, scale16, zero, bias, spec: QuantSpec, rank: int = 4, alpha: float | None = None,
                  magnitude: str = "group", lora: bool = True, dtype=torch.float32, generator: torch.Generator | None = None):
         super().__init__()
         self.spec = spec
-        self.out_features, self.in_features = base.shape
+        self.out_features, self.in_features = q.shape
         self.compute_dtype = dtype
-        self.register_buffer("base", base.float().contiguous())
-        self.register_buffer("s0", scale.float().contiguous())
-        self.register_buffer("z0", zero.round().clamp(spec.zero_min, spec.qmax).float().contiguous())
+        self.register_buffer("qweight", pack_rows(q.t().to(torch.int32).cpu(), spec.bits, "input width").to(q.device))
+        self.register_buffer("frac", None if frac is None else frac.to(torch.int8).contiguous())
+        self.register_buffer("s0", scale16.to(torch.float16).contiguous())
+        z = zero.round().clamp(spec.zero_min, spec.qmax).to(torch.int32)
+        self.register_buffer("qzeros", pack_cols(z.t().cpu(), spec.bits, "output width").to(q.device))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        groups = scale.shape[1]
-        self.m = nn.Parameter(torch.ones(self.out_features, groups if magnitude == "group" else 1))
+        groups = scale16.shape[1]
+        self.m = nn.Parameter(torch.ones(self.out_features, groups if magnitude == "group" else 1, device=q.device))
         self.rank = rank if lora else 0
         self.scaling = (alpha if alpha is not None else float(max(rank, 1))) / max(rank, 1)
         if self.rank:
-            self.A = nn.Parameter(torch.randn(rank, self.in_features, generator=generator) / self.in_features**0.5)
-            self.B = nn.Parameter(torch.zeros(self.out_features, rank))
+            self.A = nn.Parameter((torch.randn(rank, self.in_features, generator=generator) / self.in_features**0.5).to(q.device))
+            self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=q.device))
         else:
             self.A = self.B = None
 
     @classmethod
     def from_fake_quant(cls, fq: FakeQuantLinear, **kw) -> "DLQATLinear":
-        """From an fp weight with its RTN grid: base = W0/s + z (s as stored, fp16)."""
+        """From an fp weight with its RTN grid: base = W0/s + z (s as stored, fp16), kept as code + fraction."""
         q, z, s16 = fq.integers()
-        s = s16.float()
-        base = fq.weight.detach().float() / expand_groups(s, fq.spec, fq.in_features) + expand_groups(z.float(), fq.spec, fq.in_features)
-        return cls(base, s, z.float(), fq.bias, fq.spec, dtype=fq.weight.dtype, **kw)
+        base = fq.weight.detach().float() / expand_groups(s16.float(), fq.spec, fq.in_features) + expand_groups(z.float(), fq.spec, fq.in_features)
+        frac = torch.round((base - q.float()) * FRAC_STEPS).clamp(-127, 127)
+        return cls(q, frac, s16, z.float(), fq.bias, fq.spec, dtype=fq.weight.dtype, **kw)
 
     @classmethod
     def from_packed(cls, pk: PackedLinear, **kw) -> "DLQATLinear":
         """From stored integers (e.g. Block-AP output): base = q."""
         q, z = pk.integers()
-        return cls(q.float(), pk.scales.t().float(), z.float(), pk.bias, pk.spec, dtype=pk.compute_dtype, **kw)
+        return cls(q, None, pk.scales.t(), z.float(), pk.bias, pk.spec, dtype=pk.compute_dtype, **kw)
+
+    def base(self) -> torch.Tensor:
+        q = unpack_rows(self.qweight, self.spec.bits, self.in_features).t().float()
+        return q if self.frac is None else q + self.frac.float() / FRAC_STEPS
+
+    def zeros(self) -> torch.Tensor:
+        return unpack_cols(self.qzeros, self.spec.bits, self.out_features).t().float()
 
     def _codes(self, ste: bool) -> torch.Tensor:
-        v = self.base if not self.rank else self.base + self.scaling * (self.B @ self.A)
+        v = self.base()
+        if self.rank:
+            with torch.autocast(v.device.type, enabled=False):  # fp32 product, in training as in merge()
+                v = v + self.scaling * (self.B.float() @ self.A.float())
         r = round_ste(v) if ste else torch.round(v)
         return torch.clamp(r, 0, self.spec.qmax)
 
     def _scale(self) -> torch.Tensor:
-        m = self.m if self.m.shape[1] == self.s0.shape[1] else self.m.expand_as(self.s0)
-        return (m * self.s0).clamp_min(MIN_SCALE)
+        s0 = self.s0.float()
+        m = self.m if self.m.shape[1] == s0.shape[1] else self.m.expand_as(s0)
+        return (m * s0).clamp_min(MIN_SCALE)
 
     def forward(self, x):
         s = fp16_ste(self._scale())
-        w = expand_groups(s, self.spec, self.in_features) * (self._codes(ste=True) - expand_groups(self.z0, self.spec, self.in_features))
+        w = expand_groups(s, self.spec, self.in_features) * (self._codes(ste=True) - expand_groups(self.zeros(), self.spec, self.in_features))
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def merge(self) -> PackedLinear:
         q = self._codes(ste=False).to(torch.int32)
-        return PackedLinear.from_integers(q, self.z0.to(torch.int32), self._scale().to(torch.float16), self.bias, self.spec,
+        return PackedLinear.from_integers(q, self.zeros().to(torch.int32), self._scale().to(torch.float16), self.bias, self.spec,
                                           dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
