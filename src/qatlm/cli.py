@@ -103,8 +103,8 @@ def _method_config(a, ignore=()):
     return cfg_cls(**values), fn
 
 
-KERNEL_HELP = ("packed layers: auto (default: keep dequantized float weights only while they fit in half of the free memory, "
-               "dequantize the rest at every call), cache (keep all: fastest), int4 (torch's CPU int4 matmul where the grid allows: "
+KERNEL_HELP = ("packed layers: auto (default: cache when the float weights fit in a quarter of the free memory, else plain), "
+               "cache (dequantize once and keep the float weights: fastest), int4 (torch's CPU int4 matmul where the grid allows: "
                "no float weights), or plain (dequantize every call: the least memory)")
 
 
@@ -433,6 +433,10 @@ def _print_info(path: str, as_json: bool):
         print(f"{k:<{w}}  {v}")
 
 
+def _note(msg: str):
+    print(f"qatlm: note: {msg}", file=sys.stderr)
+
+
 def cmd_info(a) -> int:
     _print_info(a.path, a.json)
     return 0
@@ -553,6 +557,7 @@ def cmd_train(a) -> int:
     from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
 
     from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
+    from qatlm.memory import adapt_to_free_memory
 
     methods = {"e2e-qp": (E2EQPConfig, train_e2e_qp), "dl-qat": (DLQATConfig, train_dl_qat)}
     if a.method not in methods:
@@ -581,6 +586,7 @@ def cmd_train(a) -> int:
                 raise QatlmError(f"{src} has no tokenizer files; training needs one")
             t0 = time.time()
             model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
+            adapt_to_free_memory(model, a.device if state.num_processes == 1 else "cpu", say=_note)
             summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir, device=a.device)
             if "cost" in summary:
                 c = summary["cost"]

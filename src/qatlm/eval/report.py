@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ def load_any(path, device="cpu", kernel: str = "auto"):
         info = checkpoint_info(p)
         model = load_quantized(p, device=device)
         kernels = set_kernel(model, kernel)
+        if "cache" not in kernels:  # the float weights did not fit: memory is short, keep the peak down
+            from qatlm.memory import adapt_to_free_memory
+
+            adapt_to_free_memory(model, device, say=lambda m: print(f"qatlm: note: {m}", file=sys.stderr))
         g = "c" if info["group_size"] == -1 else info["group_size"]
         desc = {
             "recipe": info["method"],

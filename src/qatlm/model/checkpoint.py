@@ -312,13 +312,15 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
 
-    # layers first, from the tensor names alone; then the tensors shard by shard, each assigned in place
-    # (never a whole-checkpoint dict: the peak is the packed model plus one shard's conversions)
-    files = _weight_files(p)
-    keys = set()
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            keys.update(fh.keys())
+    # layers first, from the tensor names alone; then the tensors one at a time, each assigned in place: never
+    # a whole-checkpoint dict, and each file mapped only while its tensor is copied out (a mapped shard counts
+    # in the process's memory): the peak is the packed model plus one tensor
+    from accelerate.utils import set_module_tensor_to_device
+
+    from qatlm.model.lazy import ShardReader
+
+    reader = ShardReader(p)
+    keys = set(reader.where)
     for name in sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
         try:
             old = model.get_submodule(name)
@@ -327,21 +329,21 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
         with torch.device("meta"):  # its tensors come from the shards below
             layer = PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
         replace_module(model, name, layer)
-    for f in files:
-        sd = {}
-        with safe_open(f, framework="pt") as fh:
-            for k in fh.keys():
-                v = fh.get_tensor(k)
-                if v1 and k.endswith(".qzeros"):
-                    out_f = model.get_submodule(k[: -len(".qzeros")]).out_features
-                    v = pack_cols((unpack_cols(v, spec.bits, out_f) + 1).clamp(0, spec.qmax), spec.bits)
-                elif v.is_floating_point() and not k.endswith(".scales"):
-                    v = v.to(dtype)
-                sd[k] = v
-        result = model.load_state_dict(sd, strict=False, assign=True)
-        if result.unexpected_keys:
-            raise QatlmError(f"{p}: tensors that match no layer: {', '.join(result.unexpected_keys[:5])}")
-        del sd
+    expected = set(model.state_dict(keep_vars=True))
+    unexpected = sorted(keys - expected)
+    if unexpected:
+        raise QatlmError(f"{p}: tensors that match no layer: {', '.join(unexpected[:5])}")
+    for k in sorted(keys, key=lambda k: (str(reader.where[k]), k)):
+        v = reader.get(k)
+        if v1 and k.endswith(".qzeros"):
+            out_f = model.get_submodule(k[: -len(".qzeros")]).out_features
+            v = pack_cols((unpack_cols(v, spec.bits, out_f) + 1).clamp(0, spec.qmax), spec.bits)
+        elif v.is_floating_point() and not k.endswith(".scales") and v.dtype != dtype:
+            v = v.to(dtype)
+        else:  # safetensors hands out views of the mapped file: copy, so that the file is unmapped and the
+            v = v.clone()  # memory the model holds is its own (what a memory budget or a cgroup limit sees)
+        set_module_tensor_to_device(model, k, "cpu", value=v, dtype=v.dtype)
+        del v
     for m in model.modules():  # g_idx is optional in GPTQ files: without it, the plain group order
         if isinstance(m, PackedLinear) and m.g_idx.device.type == "meta":
             m.g_idx = spec.g_idx(m.in_features)

@@ -69,18 +69,21 @@ def set_kernel(model: nn.Module, kernel: str = "auto", budget_bytes: int | None 
     """How packed layers compute at inference: ``plain`` (dequantize each layer at each call: no float
     weights held), ``cache`` (dequantize once and keep the float weight: fastest, costs the float model's
     size), ``int4`` (torch's CPU int4 matmul; layers it does not apply to fall back to ``cache``), or
-    ``auto``: ``cache`` for layers, in order, while their float copies fit in ``budget_bytes`` (default:
-    half of the memory still available to this process, cgroup limits included), ``plain`` beyond. A model
-    whose float weights do not fit in memory thus still evaluates. Returns {kernel: number of layers}."""
+    ``auto``: ``cache`` when all the float copies together fit in ``budget_bytes`` (default: a quarter of
+    the memory still available to this process, cgroup limits included, leaving the rest to activations
+    and logits), else ``plain`` — a model whose float weights do not fit in memory still evaluates.
+    Returns {kernel: number of layers}."""
     if kernel not in ("auto", "plain", "cache", "int4"):
         raise QatlmError(f"unknown kernel '{kernel}': use auto, cache, int4 or plain")
     layers = packed_layers(model)
-    if kernel == "auto" and budget_bytes is None and layers:
-        from qatlm.memory import available_bytes
+    if kernel == "auto":
+        need = sum(m.in_features * m.out_features * torch.empty((), dtype=m.compute_dtype).element_size() for m in layers.values())
+        if budget_bytes is None and layers:
+            from qatlm.memory import available_bytes
 
-        budget_bytes = available_bytes(next(iter(layers.values())).qweight.device) // 2
+            budget_bytes = available_bytes(next(iter(layers.values())).qweight.device) // 4
+        kernel = "cache" if need <= (budget_bytes or 0) else "plain"
     counts: dict[str, int] = {}
-    spent = 0
     for m in layers.values():
         m._int4, m._cached = None, None
         m.cache_weight, used = False, "plain"
@@ -88,9 +91,5 @@ def set_kernel(model: nn.Module, kernel: str = "auto", budget_bytes: int | None 
             used = "int4"
         elif kernel in ("cache", "int4"):
             m.cache_weight, used = True, "cache"
-        elif kernel == "auto":
-            need = m.in_features * m.out_features * torch.empty((), dtype=m.compute_dtype).element_size()
-            if spent + need <= budget_bytes:
-                m.cache_weight, used, spent = True, "cache", spent + need
         counts[used] = counts.get(used, 0) + 1
     return counts

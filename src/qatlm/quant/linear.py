@@ -16,6 +16,16 @@ from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, expand_groups, fa
 from qatlm.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 
+CHUNK_WEIGHTS = 1 << 22  # per-call paths dequantize at most this many weights at a time (16 MiB in fp32)
+
+
+def row_chunks(out_features: int, in_features: int) -> list[tuple[int, int]]:
+    """Output-row ranges of at most ``CHUNK_WEIGHTS`` weights: the float temporaries of a per-call
+    dequantization (codes, expanded scales and zeros, the weight) stay this size whatever the layer."""
+    rows = max(1, CHUNK_WEIGHTS // max(in_features, 1))
+    return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer whose weight is seen through the quantization grid (straight-through rounding)."""
 
@@ -107,6 +117,12 @@ class PackedLinear(nn.Module):
             self._cached = w
         return w
 
+    def weight_rows(self, r0: int, r1: int, dtype) -> torch.Tensor:
+        """Output rows ``r0:r1`` of the dequantized weight, unpacked from those rows' words only."""
+        q = unpack_rows(self.qweight[:, r0:r1], self.spec.bits, self.in_features).t()
+        z = unpack_cols(self.qzeros, self.spec.bits, self.out_features)[:, r0:r1].t()
+        return dequantize(q, self.scales[:, r0:r1].t().float(), z, self.spec).to(dtype)
+
     def use_int4_kernel(self) -> bool:
         """Compute with torch's CPU int4 matmul (no float weight is ever materialised), when the grid
         is 4-bit with a group of 32/64/128/256 dividing the width. ``w = s·(q − z) = s·(q − 8) + s·(8 − z)``
@@ -127,7 +143,12 @@ class PackedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed, g, sz.to(x.dtype))
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        chunks = row_chunks(self.out_features, self.in_features)
+        if self._cached is not None or self.cache_weight or len(chunks) == 1:
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        y = torch.cat([F.linear(x, self.weight_rows(r0, r1, x.dtype)) for r0, r1 in chunks], dim=-1)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed{', int4 kernel' if self._int4 else ''}"
@@ -137,32 +158,39 @@ class _ScaleOnlyLinearFn(torch.autograd.Function):
     """``y = x · (s ⊙ (q − z))ᵀ`` where only ``s`` (and optionally ``z``) are trainable.
 
     The integer weights stay packed: the float weight is rebuilt from them in the forward pass and
-    again in the backward pass, so no full-size float copy is held between the two.
+    again in the backward pass, a block of output rows at a time (``row_chunks``), so no full-size float
+    copy of a layer — weight or weight gradient — is ever held.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero, layer):
-        w = layer.weight_from(scale, zero).to(x.dtype)
         ctx.save_for_backward(x, scale, zero)
         ctx.layer = layer
-        return F.linear(x, w)
+        ys = [F.linear(x, layer.weight_rows(r0, r1, scale, zero).to(x.dtype)) for r0, r1 in layer.row_chunks()]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
     @staticmethod
     def backward(ctx, gy):
         x, scale, zero = ctx.saved_tensors
         layer = ctx.layer
-        q, _ = layer.integers()
-        w = layer.weight_from(scale, zero)
-        gx = gy.matmul(w.to(gy.dtype))
-        gw = gy.reshape(-1, gy.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()  # [out, in]
-        g = layer.spec.group_width(layer.in_features)
-        z_full = torch.clamp(torch.round(zero), layer.spec.zero_min, layer.spec.qmax)
-        qz = q.float() - z_full.repeat_interleave(g, dim=1)[:, : layer.in_features]
-        gs = _group_sum(gw * qz, layer.spec, layer.in_features)
-        gz = None
-        if ctx.needs_input_grad[2]:
-            gz = -_group_sum(gw, layer.spec, layer.in_features) * scale
-        return gx, gs, gz, None
+        spec, in_f = layer.spec, layer.in_features
+        x2 = x.reshape(-1, in_f)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = torch.zeros_like(x2)
+        gs = torch.zeros_like(scale)
+        gz = torch.zeros_like(zero) if ctx.needs_input_grad[2] else None
+        g = spec.group_width(in_f)
+        for r0, r1 in layer.row_chunks():
+            w = layer.weight_rows(r0, r1, scale, zero)
+            gx += gy2[:, r0:r1].matmul(w.to(gy.dtype))
+            gw = (gy2[:, r0:r1].t().matmul(x2.to(gy.dtype))).float()  # [rows, in]
+            q = layer.codes_rows(r0, r1)
+            z_full = torch.clamp(torch.round(zero[r0:r1]), spec.zero_min, spec.qmax)
+            qz = q.float() - z_full.repeat_interleave(g, dim=1)[:, :in_f]
+            gs[r0:r1] = _group_sum(gw * qz, spec, in_f)
+            if gz is not None:
+                gz[r0:r1] = -_group_sum(gw, spec, in_f) * scale[r0:r1]
+        return gx.reshape(x.shape), gs, gz, None
 
 
 def _group_sum(t: torch.Tensor, spec: QuantSpec, in_f: int) -> torch.Tensor:
@@ -202,10 +230,19 @@ class ScaleTrainLinear(nn.Module):
     def frozen_zeros(self) -> torch.Tensor:
         return unpack_cols(self.qzeros, self.spec.bits, self.out_features).t()
 
+    def row_chunks(self) -> list[tuple[int, int]]:
+        return row_chunks(self.out_features, self.in_features)
+
+    def codes_rows(self, r0: int, r1: int) -> torch.Tensor:
+        return unpack_rows(self.qweight[:, r0:r1], self.spec.bits, self.in_features).t()
+
+    def weight_rows(self, r0: int, r1: int, scale, zero) -> torch.Tensor:
+        """fp32 rows ``r0:r1`` of ``s · (q − round(z))``."""
+        z = torch.clamp(torch.round(zero[r0:r1]), self.spec.zero_min, self.spec.qmax)
+        return dequantize(self.codes_rows(r0, r1), scale[r0:r1].float(), z, self.spec)
+
     def weight_from(self, scale, zero) -> torch.Tensor:
-        q, _ = self.integers()
-        z = torch.clamp(torch.round(zero), self.spec.zero_min, self.spec.qmax)
-        return dequantize(q, scale.float(), z, self.spec)
+        return self.weight_rows(0, self.out_features, scale, zero)
 
     def forward(self, x):
         s = fp16_ste(self.scale.clamp_min(MIN_SCALE))
