@@ -224,3 +224,16 @@ def test_gptq_loads_in_transformers_with_gptqmodel(tmp_path):
     assert "qatlm" not in type(m.model.layers[0].self_attn.q_proj).__module__  # gptqmodel's layer, not ours
     ref = logits(load_quantized(src))
     torch.testing.assert_close(logits(m), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_tight_memory_is_decided_from_the_checkpoint_size(monkeypatch):
+    from qatlm import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "return_freed_memory_promptly", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10 << 30)
+    said = []
+    assert not memory.adapt_to_free_memory(1 << 30, say=said.append)  # 10 GiB free for 1 GiB: not tight
+    assert memory.adapt_to_free_memory(2 << 30, say=said.append) and calls == [1]  # 10 < 8 x 2 GiB
+    assert "memory is tight" in said[0]
+    assert not memory.adapt_to_free_memory(8 << 30, device="meta")  # only the CPU heap is concerned

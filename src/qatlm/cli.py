@@ -557,7 +557,7 @@ def cmd_train(a) -> int:
     from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
 
     from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
-    from qatlm.memory import adapt_to_free_memory
+    from qatlm.memory import adapt_to_free_memory, checkpoint_bytes
 
     methods = {"e2e-qp": (E2EQPConfig, train_e2e_qp), "dl-qat": (DLQATConfig, train_dl_qat)}
     if a.method not in methods:
@@ -585,8 +585,9 @@ def cmd_train(a) -> int:
             if tok is None:
                 raise QatlmError(f"{src} has no tokenizer files; training needs one")
             t0 = time.time()
-            model = load_quantized(src, device=a.device if state.num_processes == 1 else "cpu")
-            adapt_to_free_memory(model, a.device if state.num_processes == 1 else "cpu", say=_note)
+            device = a.device if state.num_processes == 1 else "cpu"
+            adapt_to_free_memory(checkpoint_bytes(src), device, say=_note)
+            model = load_quantized(src, device=device)
             summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir, device=a.device)
             if "cost" in summary:
                 c = summary["cost"]

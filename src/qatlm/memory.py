@@ -76,17 +76,22 @@ def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
 TIGHT_FACTOR = 8  # "tight": less free memory than this many times the model's tensors
 
 
-def adapt_to_free_memory(model, device="cpu", say=print) -> bool:
-    """On CPU, when the memory left after loading ``model`` is under ``TIGHT_FACTOR`` times its tensors,
-    trade speed for memory (:func:`return_freed_memory_promptly`) and say so. Returns whether it did."""
+def adapt_to_free_memory(model_bytes: int, device="cpu", say=print) -> bool:
+    """Before loading a model of ``model_bytes`` (its checkpoint's tensors) on ``device``: on CPU, when the
+    free memory is under ``TIGHT_FACTOR`` times that, trade speed for memory
+    (:func:`return_freed_memory_promptly`) and say so. Returns whether it did."""
     import torch
 
     if torch.device(device).type != "cpu":
         return False
-    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta")
     free = available_bytes("cpu")
-    if free >= TIGHT_FACTOR * held or not return_freed_memory_promptly():
+    if free >= TIGHT_FACTOR * model_bytes or not return_freed_memory_promptly():
         return False
-    say(f"memory is tight ({free / 2**30:.1f} GiB free for {held / 2**30:.2f} GiB of model tensors): freed memory goes back to "
-        "the system at once (slower on CPU, smaller peak)")
+    say(f"memory is tight ({free / 2**30:.1f} GiB free for a {model_bytes / 2**30:.2f} GiB checkpoint): freed memory goes back "
+        "to the system at once (slower on CPU, smaller peak)")
     return True
+
+
+def checkpoint_bytes(folder) -> int:
+    """Bytes of the safetensors weights of a model folder."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

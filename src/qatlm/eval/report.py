@@ -41,12 +41,11 @@ def load_any(path, device="cpu", kernel: str = "auto"):
     p = Path(path)
     if is_quantized_dir(p):
         info = checkpoint_info(p)
+        from qatlm.memory import adapt_to_free_memory, checkpoint_bytes
+
+        adapt_to_free_memory(checkpoint_bytes(p), device, say=lambda m: print(f"qatlm: note: {m}", file=sys.stderr))
         model = load_quantized(p, device=device)
         kernels = set_kernel(model, kernel)
-        if "cache" not in kernels:  # the float weights did not fit: memory is short, keep the peak down
-            from qatlm.memory import adapt_to_free_memory
-
-            adapt_to_free_memory(model, device, say=lambda m: print(f"qatlm: note: {m}", file=sys.stderr))
         g = "c" if info["group_size"] == -1 else info["group_size"]
         desc = {
             "recipe": info["method"],
