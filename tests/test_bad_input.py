@@ -173,6 +173,8 @@ CASES = [
     (["train", "--from", "{src}/nope", "--out", "{tmp}/out"], "nope does not exist"),
     (["train", "--from", "{src}/model", "--out", "{tmp}/out"], "is not a qatlm/GPTQ checkpoint"),
     (T + ["--method", "magic"], "unknown training method 'magic'"),
+    (T + ["--rank", "8"], "--rank does not apply to --method e2e-qp"),
+    (T + ["--lr-lora", "1e-3"], "--lr-lora does not apply to --method e2e-qp"),
     (T + ["--batch-size", "0"], "--batch-size must be >= 1"),
     (T + ["--grad-accum", "0"], "--grad-accum must be >= 1"),
     (T + ["--seqlen", "1"], "--seqlen must be >= 2"),

@@ -568,6 +568,12 @@ def cmd_train(a) -> int:
     out = Path(a.out).expanduser()
     work = out.parent / f"{out.name}.work"
     names = {f.name for f in dataclasses.fields(cfg_cls)}
+    # a DL-QAT flag given to E2E-QP would be dropped silently: refuse it instead
+    others = {f.name for f in dataclasses.fields(DLQATConfig)} - names
+    parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    for k in sorted(others):
+        if k in vars(a) and getattr(a, k) != parser.get_default(k):
+            raise QatlmError(f"--{k.replace('_', '-')} does not apply to --method {a.method}")
     config = cfg_cls(**{k: v for k, v in vars(a).items() if k in names})
     lock = contextlib.nullcontext()
     if state.is_main_process:
