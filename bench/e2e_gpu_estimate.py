@@ -1,6 +1,6 @@
 """E2E-QP training memory of 7B- and 70B-shaped packed models, by byte accounting (no GPU needed).
 
-    python bench/e2e_gpu_estimate.py                   # Llama-2-7B and -70B shapes at w2g64, micro-batches 1x4096 and 4x4096
+    python bench/e2e_gpu_estimate.py                   # Llama-2-7B and -70B shapes at w2g64, micro-batches 1x2048, 1x4096 and 4x4096
 
 No GPU was lent to the session that wrote this, so these figures are computed, not measured with
 ``torch.cuda.max_memory_allocated``. The model is built on the meta device (shapes and dtypes, no data),
@@ -9,12 +9,12 @@ its linear layers swapped for qatlm's packed layers and then for E2E-QP's traina
 
 * static: every parameter and buffer (unique storages), plus a gradient and two AdamW moments for each
   trainable tensor — the same accounting as ``tests/test_e2e_qp.py::test_static_training_memory...``;
-* held activations: the tensors autograd saves during the forward pass with gradient checkpointing on
-  (counted with ``torch.autograd.graph.saved_tensors_hooks`` while the meta model's own modules run: a
-  checkpointed block's saved input times the number of blocks, plus what the final norm, the head and
-  the loss save — logits and their float copy);
-* one block recomputed in the backward pass: the tensors one block saves without checkpointing, minus
-  attention-probability matrices ([.., T, T]: a GPU's fused attention keeps none);
+* held activations: with gradient checkpointing on, each block keeps its input hidden states (B x T x H
+  in bf16), times the number of blocks; plus what the final norm, the head and the loss save — logits
+  and their float copy — counted with ``torch.autograd.graph.saved_tensors_hooks`` (distinct storages)
+  while the meta model's own modules run;
+* one block recomputed in the backward pass: the distinct tensors one block saves without
+  checkpointing, minus attention-probability matrices ([.., T, T]: a GPU's fused attention keeps none);
 * transients: the largest of (the logits' gradient in fp32; one row chunk of a layer's dequantization
   and its gradient, ``CHUNK_WEIGHTS`` weights at ~26 bytes each).
 
@@ -76,11 +76,15 @@ def static_bytes(model) -> dict:
 
 
 def saved_bytes(fn, skip_square: bool = False) -> int:
-    total = [0]
+    """Bytes of the distinct storages autograd saves while ``fn`` runs (a tensor saved by several
+    operations, e.g. the input shared by q/k/v, counts once)."""
+    total, seen = [0], set()
 
     def pack(t):
-        if not (skip_square and t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 64):
-            total[0] += _bytes(t)
+        key = t.untyped_storage()._cdata
+        if key not in seen and not (skip_square and t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 64):
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -103,9 +107,8 @@ def estimate(name: str, shape: dict, batch: int, seqlen: int, bits: int = 2, gro
     def run_block():
         return block(h, position_embeddings=rope, attention_mask=None, position_ids=pos)
 
-    from torch.utils.checkpoint import checkpoint
-
-    per_block_held = saved_bytes(lambda: checkpoint(run_block, use_reentrant=False))
+    # a checkpointed block keeps only its inputs: the hidden states (rope's cos/sin are shared by all blocks)
+    per_block_held = _bytes(h)
     labels = torch.zeros(batch, seqlen, dtype=torch.long, device="meta")
 
     def tail():
@@ -127,8 +130,8 @@ def estimate(name: str, shape: dict, batch: int, seqlen: int, bits: int = 2, gro
 def main():
     rows = []
     for name, shape in SHAPES.items():
-        for batch in (1, 4):
-            r = estimate(name, shape, batch, 4096)
+        for batch, seqlen in ((1, 2048), (1, 4096), (4, 4096)):
+            r = estimate(name, shape, batch, seqlen)
             print(json.dumps(r), flush=True)
             rows.append(r)
     res = HERE / "results"
