@@ -200,7 +200,10 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
     groups = trainable.groups
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if config.grad_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(acc.device)
     model.train()
     ddp_model = acc.prepare_model(model) if world > 1 else model
@@ -283,7 +286,7 @@ def train_end_to_end(model, config: E2EQPConfig, tokenizer, make_trainable, meth
     log.close()
     model.eval()
     if config.grad_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     n = trainable.merge()
     n_train = sum(p.numel() for p in named.values())
     n_total = sum(p.numel() for p in model.parameters()) + sum(
