@@ -147,6 +147,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["resumed_from_block"] >= 3 and len(summary["blocks"]) == 6
+    assert summary["replayed_blocks"] <= 1  # from the chain snapshot (1 only if killed between progress and snapshot)
     assert (out / "training_loss.png").stat().st_size > 0 and (out / "training_log.jsonl").exists()
     # the log reads as one run: the killed attempts' records past the resumed block are gone
     steps = lambda p: [(r["block"], r["step"]) for r in map(json.loads, (p / "training_log.jsonl").read_text().splitlines()) if "loss" in r]
@@ -257,3 +258,44 @@ def test_two_activation_caches_of_the_chosen_width(tmp_path, dtype, width):
     assert [f.name for f in files] == ["fp.mmap", "q.mmap"]
     assert sum(f.stat().st_size for f in files) == 2 * (n + n_val) * L * model.config.hidden_size * width
     assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
+
+
+@pytest.mark.parametrize("input_mode,cache_dtype", [("quant", "float32"), ("fp", "bfloat16")])
+def test_resume_starts_from_the_chain_snapshot_without_replaying(tmp_path, monkeypatch, input_mode, cache_dtype):
+    """Interrupted after block 3 of 6: the resumed run reads the snapshot of both chains at block 3, runs no finished
+    block again, and ends bit for bit where an uninterrupted run ends."""
+    from qatlm.methods import block_ap
+    from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 320, (10, 24), generator=g)
+    calib = (ids[:8], ids[8:])
+    cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, batch_size=4, input_mode=input_mode, cache_dtype=cache_dtype)
+
+    def packed(model):
+        return {k: v for k, v in model.state_dict().items() if k.endswith((".qweight", ".scales", ".qzeros"))}
+
+    ref = tiny_model("llama", num_hidden_layers=6)
+    quantize_block_ap(ref, cfg, calib=calib, progress=False)
+
+    real_save = block_ap.save_block
+
+    def save_then_die(work, bi, block):
+        real_save(work, bi, block)
+        if bi == 3:
+            raise KeyboardInterrupt  # as a kill right after block 3's files and the snapshot for block 3
+    monkeypatch.setattr(block_ap, "save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_block_ap(tiny_model("llama", num_hidden_layers=6), cfg, calib=calib, work_dir=tmp_path / "w", progress=False)
+    assert json.loads((tmp_path / "w" / "chain.json").read_text())["block"] == 3
+    monkeypatch.setattr(block_ap, "save_block", real_save)
+    ran = []
+    real_chain = block_ap._run_chain
+    monkeypatch.setattr(block_ap, "_run_chain", lambda block, *a, **k: ran.append(block) or real_chain(block, *a, **k))
+    model = tiny_model("llama", num_hidden_layers=6)
+    summary = quantize_block_ap(model, cfg, calib=calib, work_dir=tmp_path / "w", resume=True, progress=False)
+    assert summary["resumed_from_block"] == 3 and summary["replayed_blocks"] == 0
+    finished = {id(b) for b in list(model.model.layers)[:3]}
+    assert not any(id(b) in finished for b in ran)  # no finished block ran again
+    a, b = packed(ref), packed(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -188,6 +188,64 @@ class ActivationCache:
         self.t[idx] = v.to(self.t.dtype)
 
 
+_CHAIN_ROWS = 64  # samples copied at a time between a cache and its snapshot file (bounded memory)
+_CHAIN_OVERHEAD = 0.1  # at most this share of the run's time goes into writing chain snapshots
+
+
+def _save_chain(work: Path, block: int, caches: dict) -> None:
+    """Snapshot the activation caches that block ``block`` reads (``{name: ActivationCache}``) so that a resumed
+    run starts there without replaying the finished blocks. ``work/chain.json`` names the complete snapshot;
+    it is switched atomically after the files are written, then the older snapshot is removed."""
+    import shutil
+
+    folder = work / f"chain-{block}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, cache in caches.items():
+        t = cache.t
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bf16: its bits as int16
+        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=raw.numpy().dtype, shape=tuple(t.shape))
+        for i in range(0, t.shape[0], _CHAIN_ROWS):
+            out[i : i + _CHAIN_ROWS] = raw[i : i + _CHAIN_ROWS].numpy()
+        out.flush()
+        del out
+    previous = json.loads((work / "chain.json").read_text()).get("dir") if (work / "chain.json").exists() else None
+    _atomic_json(work / "chain.json", {"block": block, "dir": folder.name, "caches": sorted(caches),
+                                       "dtype": str(next(iter(caches.values())).t.dtype)})
+    if previous and previous != folder.name:
+        shutil.rmtree(work / previous, ignore_errors=True)
+
+
+def _load_chain(work: Path, caches: dict, done_blocks: int) -> int:
+    """Fill ``caches`` from the latest snapshot if it is usable (at most ``done_blocks``, same caches, shapes and
+    dtype); returns the block it belongs to (0: none, start from the embeddings)."""
+    meta_file = work / "chain.json"
+    if not meta_file.exists():
+        return 0
+    meta = json.loads(meta_file.read_text())
+    block, folder = meta["block"], work / meta["dir"]
+    if block > done_blocks or meta["caches"] != sorted(caches) or meta["dtype"] != str(next(iter(caches.values())).t.dtype):
+        return 0
+    arrays = {}
+    for name, cache in caches.items():
+        f = folder / f"{name}.npy"
+        if not f.exists():
+            return 0
+        a = np.load(f, mmap_mode="r", allow_pickle=False)
+        if tuple(a.shape) != tuple(cache.t.shape):
+            return 0
+        arrays[name] = a
+    for name, cache in caches.items():
+        dst = cache.t.view(torch.int16) if cache.t.dtype == torch.bfloat16 else cache.t
+        for i in range(0, dst.shape[0], _CHAIN_ROWS):
+            dst[i : i + _CHAIN_ROWS] = torch.from_numpy(np.array(arrays[name][i : i + _CHAIN_ROWS]))
+    return block
+
+
+def _chain_caches(fp_in, q_in) -> dict:
+    return {"fp": fp_in} if q_in is None else {"fp": fp_in, "q": q_in}
+
+
 def _atomic_json(path: Path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2))
 
@@ -308,13 +366,16 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         if q_in is not None:
             q_in[i : i + len(h)] = h
 
+    # a resumed run starts from the snapshot of the chains (normally at the first unfinished block) instead of
+    # replaying every finished block over both chains
+    chain_start = _load_chain(work, _chain_caches(fp_in, q_in), done_blocks) if (work and done_blocks) else 0
     compute_dtype = next(model.parameters()).dtype
     train_dtype = torch.float32
     steps_per_epoch = math.ceil(n_tr / config.batch_size)
     log = JsonLog(log_path or (work / "train_log.jsonl" if work else None), keep=lambda r: r.get("block", 0) < done_blocks)
     lrs = config.learning_rates(config.epochs * steps_per_epoch)
     summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [],
-               "resumed_from_block": done_blocks,
+               "resumed_from_block": done_blocks, "replayed_blocks": done_blocks - chain_start,
                "block_error": "validation squared error / energy of the fp block's own contribution (rtn_mse, trained_mse)"}
     if work and (work / "summary.json").exists() and done_blocks:
         summary["blocks"] = json.loads((work / "summary.json").read_text())["blocks"][:done_blocks]
@@ -323,9 +384,14 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     va_idx = torch.arange(n_tr, n)
     flops_time = [0.0, 0.0]  # (training FLOPs, seconds) of the optimisation steps (validation excluded)
     overall = tqdm(total=len(layers), initial=done_blocks, desc="Block-AP", unit="block", disable=not progress, position=0)
+    last_snapshot = {"at": time.time(), "cost": 0.0}
     for bi, block in enumerate(layers):
         kw = kwargs[bi]
         prefix = f"{parts.layers_name}.{bi}"
+        if bi < chain_start:  # finished, and the chains were restored past it: only its integers are needed
+            if not lazy:  # (lazily loaded blocks are assembled from their files at save time)
+                _load_packed_block(block, spec, load_file(block_file(work, bi)), compute_dtype)
+            continue
         if lazy:  # its weights were checked before the first block (check_source_weights)
             materialize_block(model, bi, compute_dtype, device)
         # the fp target is this block (still full precision) on the fp chain's input
@@ -428,6 +494,12 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             save_block(work, bi, block)
             _atomic_json(work / "summary.json", summary)
             _atomic_json(progress_file, {"fingerprint": fingerprint, "done": bi + 1, "blocks": len(layers)})
+            # snapshot the chains for block bi + 1 while that costs at most _CHAIN_OVERHEAD of the time since the last
+            # one (after progress.json: a snapshot never runs ahead of the finished blocks)
+            if bi + 1 < len(layers) and last_snapshot["cost"] <= _CHAIN_OVERHEAD * (time.time() - last_snapshot["at"]):
+                t_snap = time.time()
+                _save_chain(work, bi + 1, _chain_caches(fp_in, q_in))
+                last_snapshot.update(at=time.time(), cost=time.time() - t_snap)
             if lazy:
                 release_block(block)
     overall.close()
