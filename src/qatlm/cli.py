@@ -485,7 +485,7 @@ class _StageClock:
               f"about {left / 60:.1f} min left)", file=sys.stderr, flush=True)
 
 
-DEMO_EVAL_ARGS = {"heldout", "seqlen", "ppl_windows", "tasks", "limit", "eval_batch_size"}
+DEMO_EVAL_ARGS = {"heldout", "seqlen", "ppl_windows", "tasks", "limit", "eval_batch_size", "kernel"}
 
 
 def cmd_demo(a) -> int:
