@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import transformers
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tensor_bytes, tiny_model, tiny_tokenizer
 
 from qatlm import RTNConfig, load_quantized, quantize, save_quantized
 from qatlm.methods.dl_qat import DLQATConfig, auto_rank, dlqat_trainable, parameter_cost, train_dl_qat
@@ -169,22 +169,14 @@ def test_static_training_memory_from_a_packed_checkpoint(tmp_path):
     quantize(model, RTNConfig(2, 64))
     save_quantized(model, tmp_path / "q", QuantSpec(2, 64))
     model = load_quantized(tmp_path / "q")
-    packed = _tensor_bytes(model)
+    packed = tensor_bytes(model)
     t = dlqat_trainable(model, DLQATConfig(rank=4), total_steps=1)
     params = [p for g in t.groups for p in g["params"]]
     opt = torch.optim.AdamW(t.groups)
     model(torch.randint(3, 320, (1, 16)), labels=torch.randint(3, 320, (1, 16))).loss.backward()
     opt.step()
     trainable = sum(p.numel() * 4 for p in params)  # fp32 values
-    static = _tensor_bytes(model) + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
+    static = tensor_bytes(model) + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
         v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     assert static <= 1.05 * (packed + 4 * trainable), (static, packed, trainable)
 
-
-def _tensor_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total

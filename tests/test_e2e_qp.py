@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tensor_bytes, tiny_model, tiny_tokenizer
 
 from qatlm import E2EQPConfig, RTNConfig, load_quantized, quantize, save_quantized, train_e2e_qp
 from qatlm.data.instruct import IGNORE, encode_record, instruction_examples
@@ -225,7 +225,7 @@ def test_static_training_memory_on_a_packed_model(tmp_path, train_zeros):
     quantize(model, RTNConfig(2, 64))
     save_quantized(model, tmp_path / "q", RTNConfig(2, 64).spec)
     model = load_quantized(tmp_path / "q")
-    packed = _tensor_bytes(model)
+    packed = tensor_bytes(model)
     groups = sum(m.scales.numel() for m in model.modules() if isinstance(m, PackedLinear))
     t = scale_trainable(model, E2EQPConfig(train_zeros=train_zeros), total_steps=1)
     params = [p for g in t.groups for p in g["params"]]
@@ -234,20 +234,12 @@ def test_static_training_memory_on_a_packed_model(tmp_path, train_zeros):
     ids = torch.randint(3, 320, (1, 16))
     model(ids, labels=ids).loss.backward()
     opt.step()
-    static = _tensor_bytes(model) + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
+    static = tensor_bytes(model) + sum(p.grad.numel() * p.grad.element_size() for p in params) + sum(
         v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     assert static <= 1.05 * (packed + 16 * groups * (2 if train_zeros else 1)), (static, packed, groups)
     if not train_zeros:
         assert not any(n.endswith(".zero") for n, _ in model.named_parameters())
 
-
-def _tensor_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 @pytest.mark.parametrize("chunk", [1 << 22, 72 * 3])  # one chunk; three output rows per chunk

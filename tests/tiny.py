@@ -81,3 +81,13 @@ def tree_hash(folder) -> str:
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
     return h.hexdigest()
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
