@@ -433,10 +433,6 @@ def _print_info(path: str, as_json: bool):
         print(f"{k:<{w}}  {v}")
 
 
-def _note(msg: str):
-    print(f"qatlm: note: {msg}", file=sys.stderr)
-
-
 def cmd_info(a) -> int:
     _print_info(a.path, a.json)
     return 0
@@ -554,10 +550,10 @@ def cmd_train(a) -> int:
 
     from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
     from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
-    from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
+    from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config, weights_size
 
     from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
-    from qatlm.memory import adapt_to_free_memory, checkpoint_bytes
+    from qatlm.memory import adapt_to_free_memory
 
     methods = {"e2e-qp": (E2EQPConfig, train_e2e_qp), "dl-qat": (DLQATConfig, train_dl_qat)}
     if a.method not in methods:
@@ -569,11 +565,9 @@ def cmd_train(a) -> int:
     work = out.parent / f"{out.name}.work"
     names = {f.name for f in dataclasses.fields(cfg_cls)}
     # a DL-QAT flag given to E2E-QP would be dropped silently: refuse it instead
-    others = {f.name for f in dataclasses.fields(DLQATConfig)} - names
-    parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    for k in sorted(others):
-        if k in vars(a) and getattr(a, k) != parser.get_default(k):
-            raise QatlmError(f"--{k.replace('_', '-')} does not apply to --method {a.method}")
+    for f in dataclasses.fields(DLQATConfig):
+        if f.name not in names and f.name in vars(a) and getattr(a, f.name) != f.default:
+            raise QatlmError(f"--{f.name.replace('_', '-')} does not apply to --method {a.method}")
     config = cfg_cls(**{k: v for k, v in vars(a).items() if k in names})
     lock = contextlib.nullcontext()
     if state.is_main_process:
@@ -592,7 +586,7 @@ def cmd_train(a) -> int:
                 raise QatlmError(f"{src} has no tokenizer files; training needs one")
             t0 = time.time()
             device = a.device if state.num_processes == 1 else "cpu"
-            adapt_to_free_memory(checkpoint_bytes(src), device, say=_note)
+            adapt_to_free_memory(weights_size(src), device)
             model = load_quantized(src, device=device)
             summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir, device=a.device)
             if "cost" in summary:

@@ -76,7 +76,13 @@ def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
 TIGHT_FACTOR = 8  # "tight": less free memory than this many times the model's tensors
 
 
-def adapt_to_free_memory(model_bytes: int, device="cpu", say=print) -> bool:
+def _note(msg: str):
+    import sys
+
+    print(f"qatlm: note: {msg}", file=sys.stderr)
+
+
+def adapt_to_free_memory(model_bytes: int, device="cpu", say=_note) -> bool:
     """Before loading a model of ``model_bytes`` (its checkpoint's tensors) on ``device``: on CPU, when the
     free memory is under ``TIGHT_FACTOR`` times that, trade speed for memory
     (:func:`return_freed_memory_promptly`) and say so. Returns whether it did."""
@@ -90,8 +96,3 @@ def adapt_to_free_memory(model_bytes: int, device="cpu", say=print) -> bool:
     say(f"memory is tight ({free / 2**30:.1f} GiB free for a {model_bytes / 2**30:.2f} GiB checkpoint): freed memory goes back "
         "to the system at once (slower on CPU, smaller peak)")
     return True
-
-
-def checkpoint_bytes(folder) -> int:
-    """Bytes of the safetensors weights of a model folder."""
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +40,10 @@ def load_any(path, device="cpu", kernel: str = "auto"):
     p = Path(path)
     if is_quantized_dir(p):
         info = checkpoint_info(p)
-        from qatlm.memory import adapt_to_free_memory, checkpoint_bytes
+        from qatlm.memory import adapt_to_free_memory
+        from qatlm.model.checkpoint import weights_size
 
-        adapt_to_free_memory(checkpoint_bytes(p), device, say=lambda m: print(f"qatlm: note: {m}", file=sys.stderr))
+        adapt_to_free_memory(weights_size(p), device)
         model = load_quantized(p, device=device)
         kernels = set_kernel(model, kernel)
         g = "c" if info["group_size"] == -1 else info["group_size"]

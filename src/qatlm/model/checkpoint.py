@@ -280,6 +280,11 @@ def _weight_files(p: Path) -> list[Path]:
     return files
 
 
+def weights_size(path) -> int:
+    """Bytes of the safetensors weights of a model folder."""
+    return sum(f.stat().st_size for f in _weight_files(Path(path)))
+
+
 def read_quant_config(path) -> tuple[Path, dict]:
     p = _check_model_dir(path)
     cfg = json.loads((p / "config.json").read_text())
@@ -360,7 +365,7 @@ def checkpoint_info(path) -> dict:
     p, qc = read_quant_config(path)
     spec = spec_from_config(qc)
     disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    weights_bytes = sum(f.stat().st_size for f in _weight_files(p))
+    weights_bytes = weights_size(p)
     n_quant = quant_bytes = n_other = other_bytes = embed_bytes = 0
     kept, other_dtypes = set(), set()
     for f in _weight_files(p):

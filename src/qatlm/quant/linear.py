@@ -117,11 +117,11 @@ class PackedLinear(nn.Module):
             self._cached = w
         return w
 
-    def weight_rows(self, r0: int, r1: int, dtype) -> torch.Tensor:
-        """Output rows ``r0:r1`` of the dequantized weight, unpacked from those rows' words only."""
+    def weight_rows(self, r0: int, r1: int, dtype, zeros: torch.Tensor) -> torch.Tensor:
+        """Output rows ``r0:r1`` of the dequantized weight, unpacked from those rows' words only
+        (``zeros``: all unpacked zero points ``[out, groups]``)."""
         q = unpack_rows(self.qweight[:, r0:r1], self.spec.bits, self.in_features).t()
-        z = unpack_cols(self.qzeros, self.spec.bits, self.out_features)[:, r0:r1].t()
-        return dequantize(q, self.scales[:, r0:r1].t().float(), z, self.spec).to(dtype)
+        return dequantize(q, self.scales[:, r0:r1].t().float(), zeros[r0:r1], self.spec).to(dtype)
 
     def use_int4_kernel(self) -> bool:
         """Compute with torch's CPU int4 matmul (no float weight is ever materialised), when the grid
@@ -147,7 +147,8 @@ class PackedLinear(nn.Module):
         chunks = row_chunks(self.out_features, self.in_features)
         if self._cached is not None or self.cache_weight or len(chunks) == 1:
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        y = torch.cat([F.linear(x, self.weight_rows(r0, r1, x.dtype)) for r0, r1 in chunks], dim=-1)
+        z = unpack_cols(self.qzeros, self.spec.bits, self.out_features).t()
+        y = torch.cat([F.linear(x, self.weight_rows(r0, r1, x.dtype, z)) for r0, r1 in chunks], dim=-1)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
@@ -179,14 +180,12 @@ class _ScaleOnlyLinearFn(torch.autograd.Function):
         gx = torch.zeros_like(x2)
         gs = torch.zeros_like(scale)
         gz = torch.zeros_like(zero) if ctx.needs_input_grad[2] else None
-        g = spec.group_width(in_f)
         for r0, r1 in layer.row_chunks():
-            w = layer.weight_rows(r0, r1, scale, zero)
+            z = torch.clamp(torch.round(zero[r0:r1]), spec.zero_min, spec.qmax)
+            qz = layer.codes_rows(r0, r1).float() - expand_groups(z.float(), spec, in_f)  # q − z, unpacked once
+            w = expand_groups(scale[r0:r1].float(), spec, in_f) * qz  # = dequantize(q, s, z)
             gx += gy2[:, r0:r1].matmul(w.to(gy.dtype))
             gw = (gy2[:, r0:r1].t().matmul(x2.to(gy.dtype))).float()  # [rows, in]
-            q = layer.codes_rows(r0, r1)
-            z_full = torch.clamp(torch.round(zero[r0:r1]), spec.zero_min, spec.qmax)
-            qz = q.float() - z_full.repeat_interleave(g, dim=1)[:, :in_f]
             gs[r0:r1] = _group_sum(gw * qz, spec, in_f)
             if gz is not None:
                 gz[r0:r1] = -_group_sum(gw, spec, in_f) * scale[r0:r1]
@@ -240,9 +239,6 @@ class ScaleTrainLinear(nn.Module):
         """fp32 rows ``r0:r1`` of ``s · (q − round(z))``."""
         z = torch.clamp(torch.round(zero[r0:r1]), self.spec.zero_min, self.spec.qmax)
         return dequantize(self.codes_rows(r0, r1), scale[r0:r1].float(), z, self.spec)
-
-    def weight_from(self, scale, zero) -> torch.Tensor:
-        return self.weight_rows(0, self.out_features, scale, zero)
 
     def forward(self, x):
         s = fp16_ste(self.scale.clamp_min(MIN_SCALE))
