@@ -99,7 +99,7 @@ def run_capped(cmd: list[str], cap_bytes: int, name: str) -> dict:
             except OSError:
                 time.sleep(0.1)
     rss = [int(x.split()[1]) for x in r.stderr.splitlines() if x.startswith("MAXRSS_KB")]
-    tail = [x for x in r.stderr.splitlines() if x.startswith(("qatlm: error", "saved", "Killed"))]
+    tail = [x for x in r.stderr.splitlines() if x.startswith(("qatlm: error", "saved", "Killed", "RESULT"))]
     return {"exit": r.returncode, "wall_s": round(wall, 1), "cgroup_peak_mib": round(peak / 2**20), "peak_rss_mib": round(rss[0] / 1024) if rss else None,
             "cap_mib": cap_bytes // 2**20, "limit_hits": failcnt, "oom_killed": oom, "stderr_tail": tail[-3:]}
 

@@ -221,8 +221,10 @@ def test_hidden_states_scaled_by_1e3_train_as_well_with_the_default_rates():
     assert s_scaled["rtn_fallback_blocks"] == [] and s_scaled["lr_retried_blocks"] == []
     for a, b in zip(s_plain["blocks"], s_scaled["blocks"]):
         assert b["trained_mse"] < 0.9 * b["rtn_mse"], b  # training lowers every block's error below RTN's
-        # the relative block error reads the same on both models, before and after training
-        assert b["rtn_mse"] == pytest.approx(a["rtn_mse"], rel=1e-2)
+        # the relative block error reads the same on both models, before and after training (block 0 sees the same
+        # input on both; later blocks see the outputs of trained 2-bit blocks, where float rounding in training
+        # flips a few grid points, so they agree within a few percent)
+        assert b["rtn_mse"] == pytest.approx(a["rtn_mse"], rel=1e-3 if a["block"] == 0 else 0.05)
         assert b["trained_mse"] == pytest.approx(a["trained_mse"], rel=0.1)
 
 
@@ -299,3 +301,50 @@ def test_resume_starts_from_the_chain_snapshot_without_replaying(tmp_path, monke
     assert not any(id(b) in finished for b in ran)  # no finished block ran again
     a, b = packed(ref), packed(model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    """torchrun with 2 CPU processes: each holds half of the samples' activations and half of every batch, the
+    gradients are summed; the packed model is that of one process up to float rounding (a few codes at a rounding
+    boundary may flip), and both differ clearly from RTN (it trained)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tiny import tiny_tokenizer
+
+    src = tmp_path / "src"
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(300)))
+    env = {**os.environ, "QATLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    base = ["quantize", "--model", str(src), "--bits", "2", "--group-size", "32", "--calib", str(text), "--calib-samples", "10",
+            "--calib-seqlen", "32", "--val-samples", "3", "--epochs", "2", "--batch-size", "2", "--lr-quant", "3e-3", "--lr-weight", "3e-4"]
+
+    def quantize_cli(out, method="block-ap", launcher=()):
+        argv = base if method == "block-ap" else base[:7]  # rtn takes the grid flags only
+        r = subprocess.run([sys.executable, *launcher, "-m", "qatlm.cli", *argv, "--method", method, "--out", str(tmp_path / out)],
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return load_file(tmp_path / out / "model.safetensors")
+
+    one = quantize_cli("one")
+    two = quantize_cli("two", launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2"))
+    rtn = quantize_cli("rtn", method="rtn")
+    summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert summary["processes"] == 2
+    ref = json.loads((tmp_path / "one" / "training_summary.json").read_text())
+    for a, b in zip(ref["blocks"], summary["blocks"]):
+        assert b["rtn_mse"] == pytest.approx(a["rtn_mse"], rel=1e-3) and b["trained_mse"] == pytest.approx(a["trained_mse"], rel=1e-2)
+    from qatlm.quant.packing import unpack_rows as unpack
+
+    codes = [k for k in one if k.endswith(".qweight")]
+    same = sum(int((unpack(one[k], 2) == unpack(two[k], 2)).sum()) for k in codes) / sum(unpack(one[k], 2).numel() for k in codes)
+    moved = sum(int((unpack(one[k], 2) != unpack(rtn[k], 2)).sum()) for k in codes) / sum(unpack(one[k], 2).numel() for k in codes)
+    assert same > 0.995 and moved > 0.005, (same, moved)  # (with nothing trained, moved would be 0)
+    for k in one:
+        if k.endswith(".scales"):
+            torch.testing.assert_close(one[k].float(), two[k].float(), rtol=2e-3, atol=1e-5)

@@ -143,3 +143,72 @@ def test_calibration_windows_start_with_bos_where_the_tokenizer_adds_it(tmp_path
         assert len(starts) == 1  # the rest is one aligned, contiguous piece of the text
     plain_tr, _ = calibration_samples(tiny_tokenizer(), src, n=6, seqlen=40, n_val=2, cache_dir=tmp_path / "c")
     assert (plain_tr[:, 0] != tiny_tokenizer().bos_token_id).all()
+
+
+def _big_sources(folder, docs):
+    """The same documents as .txt (blank-line separated), .jsonl, .parquet (several row groups) and a dataset folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "big.txt").write_text("\n\n".join(docs))
+    (folder / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"text": docs}), folder / "big.parquet", row_group_size=7)
+    ds = folder / "bigds"
+    ds.mkdir()
+    with pa.ipc.new_stream(str(ds / "data-00000-of-00001.arrow"), pa.schema([("text", pa.string())])) as w:
+        for i in range(0, len(docs), 9):
+            w.write_table(pa.table({"text": docs[i : i + 9]}))
+    return [folder / "big.txt", folder / "big.jsonl", folder / "big.parquet", ds]
+
+
+def test_large_sources_stream_in_pieces_with_the_same_tokens(cache, monkeypatch):
+    """Above WHOLE_TEXT_LIMIT a source is read and tokenized piece by piece: no tokenizer call sees more than a
+    piece, the ids come back memory-mapped, and (with a tokenizer that has no merges across pieces: one token a
+    byte) they are exactly the UTF-8 bytes of the whole text, for every file kind; calibration windows equal the
+    whole-text ones."""
+    import numpy as np
+
+    import qatlm.data.text as text
+
+    rng = np.random.default_rng(0)
+    docs = [" ".join("wörd%d" % rng.integers(1000) for _ in range(rng.integers(5, 60))) + ("\nline two" if i % 3 else "")
+            for i in range(120)]
+    expected = "\n\n".join(docs).encode("utf-8")
+    sources = _big_sources(cache, docs)
+
+    class Recording(CharTokenizer):
+        longest = 0
+
+        def __call__(self, t, **kw):
+            Recording.longest = max(Recording.longest, len(t.encode("utf-8")))
+            return super().__call__(t, **kw)
+
+    whole = {str(s): calibration_samples(CharTokenizer(), s, n=20, seqlen=64, seed=1, n_val=5) for s in sources}
+    monkeypatch.setattr(text, "WHOLE_TEXT_LIMIT", 0)
+    monkeypatch.setattr(text, "PIECE_BYTES", 500)
+    for s in sources:
+        pieces = list(text.text_pieces(s))
+        assert len(pieces) > 5 and "".join(pieces).encode("utf-8") == expected
+        Recording.longest = 0
+        ids = text.token_stream(Recording(), s)
+        assert isinstance(ids, np.memmap) and ids.dtype == np.int32
+        assert ids.tobytes() == np.frombuffer(expected, dtype=np.uint8).astype(np.int32).tobytes()
+        assert 0 < Recording.longest < 2 * 500 + 600  # a piece (cut at a line end), never the whole text
+        tr, va = calibration_samples(CharTokenizer(), s, n=20, seqlen=64, seed=1, n_val=5)
+        assert torch.equal(tr, whole[str(s)][0]) and torch.equal(va, whole[str(s)][1])
+
+
+def test_streamed_source_errors_are_named(cache, monkeypatch):
+    import qatlm.data.text as text
+
+    monkeypatch.setattr(text, "WHOLE_TEXT_LIMIT", 0)
+    monkeypatch.setattr(text, "PIECE_BYTES", 64)
+    bad = cache / "bad.txt"
+    bad.write_bytes(("a line\n" * 40).encode() + b"\xff\xfe tail\n")
+    with pytest.raises(QatlmError, match=r"not UTF-8 text \(invalid byte at offset 280\)"):
+        text.token_stream(CharTokenizer(), bad)
+    rec = cache / "rec.jsonl"
+    rec.write_text(json.dumps({"text": "fine"}) + "\n" + "{broken\n")
+    with pytest.raises(QatlmError, match=r"rec.jsonl:2: not a JSON record"):
+        text.token_stream(CharTokenizer(), rec)
+    assert not list((cache / "cache" / "tokens").glob("*partial*"))  # nothing half-written left in the cache

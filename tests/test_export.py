@@ -18,7 +18,7 @@ from qatlm.export import export_checkpoint
 from qatlm.export.gguf_file import encode_layer
 from qatlm.quant.apply import packed_layers, set_kernel
 from qatlm.quant.grid import QuantSpec, dequantize
-from qatlm.quant.packing import unpack_cols
+from qatlm.quant.packing import pack_cols, unpack_cols
 
 
 def make(tmp_path, family="llama", bits=4, group=32, sym=False, v1_zeros=False, name="q", **over):
@@ -237,3 +237,40 @@ def test_tight_memory_is_decided_from_the_checkpoint_size(monkeypatch):
     assert memory.adapt_to_free_memory(2 << 30, say=said.append) and calls == [1]  # 10 < 8 x 2 GiB
     assert "memory is tight" in said[0]
     assert not memory.adapt_to_free_memory(8 << 30, device="meta")  # only the CPU heap is concerned
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_v1_files_with_zero_points_of_zero_load_as_gptq_loaders_read_them(tmp_path, bits):
+    """GPTQ v1 writers (GPTQModel's v2->v1 conversion) subtract the per-field ones from each packed 32-bit word, so
+    a true zero of 0 borrows from the field above; GPTQ loaders add them back the same way (3-bit: each field alone,
+    modulo 8). A v1 file written that way, with many zero points of 0, loads into exactly the v2 model. (Adding 1
+    to each field and clipping, as before, read every such group with the zero point 2^bits - 1.)"""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # groups whose weights are all positive get zero point 0 from min-max
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[::3, :32] = torch.rand_like(layer.mlp.up_proj.weight[::3, :32]) + 0.05
+    quantize(model, RTNConfig(bits, 32))
+    save_quantized(model, tmp_path / "v2", QuantSpec(bits, 32), tokenizer=tiny_tokenizer())
+    sd = load_file(tmp_path / "v2" / "model.safetensors")
+    zero_groups = 0
+    for k in [k for k in sd if k.endswith(".qzeros")]:
+        out_f = sd[k.replace(".qzeros", ".scales")].shape[1]
+        z = unpack_cols(sd[k], bits, out_f)
+        zero_groups += int((z == 0).sum())
+        if bits == 3:
+            sd[k] = pack_cols((z - 1) % 8, 3)
+        else:  # the writer's word arithmetic, here on Python integers, one word at a time
+            ones = sum(1 << s for s in range(0, 32, bits))
+            words = [((w & 0xFFFFFFFF) - ones) % 2**32 for w in sd[k].flatten().tolist()]
+            sd[k] = torch.tensor([w - 2**32 if w >= 2**31 else w for w in words], dtype=torch.int32).view(sd[k].shape)
+    assert zero_groups > 20
+    shutil.copytree(tmp_path / "v2", tmp_path / "v1")
+    save_file(sd, tmp_path / "v1" / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "v1" / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "gptq"
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(logits(load_quantized(tmp_path / "v1")), logits(load_quantized(tmp_path / "v2")))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import json
 import sys
 import time
@@ -294,6 +295,24 @@ def _text_input(source):
     return source if source and Path(str(source)).expanduser().exists() else None
 
 
+def _data_parallel(device: str) -> tuple[int, int, str]:
+    """(processes, rank, device) under ``torchrun`` / ``accelerate launch`` (torch.distributed is initialised
+    here: gloo on CPU, NCCL with one GPU per process, ``cuda:LOCAL_RANK``); (1, 0, device) otherwise."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0, device
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_world_size(), dist.get_rank(), device
+
+
 def cmd_quantize(a) -> int:
     import shutil
 
@@ -305,45 +324,64 @@ def cmd_quantize(a) -> int:
     from qatlm.model.lazy import LazyUnsupported, load_lazy_model
 
     config, fn = _method_config(a)
+    world, rank, device = _data_parallel(a.device)
+    if world > 1 and a.method != "block-ap":
+        raise QatlmError(f"--method {a.method} runs in one process; data-parallel quantize (torchrun) is for block-ap "
+                         "(train e2e-qp / dl-qat with torchrun instead)")
+    main = rank == 0
     out = Path(a.out).expanduser()
     work = out.parent / f"{out.name}.work"  # resumable state of a training method, removed when done
     model_dir = _check_model_dir(_resolve_model(a.model, a.cache_dir))
     # --resume continues an unfinished run; a finished output is never redone or replaced without --overwrite
     check_output(out, [model_dir, _text_input(getattr(config, "calib", None)), _text_input(getattr(config, "data", None))],
                  a.overwrite)
-    with output_lock(out):
-        if not a.resume and work.exists() and a.overwrite:
-            shutil.rmtree(work)
-        claim_work_dir(work, source_fingerprint(model_dir), a.resume)
-        with work_dir_guard(work):
+    quiet = contextlib.nullcontext()
+    with output_lock(out) if main else quiet:
+        if main:
+            if not a.resume and work.exists() and a.overwrite:
+                shutil.rmtree(work)
+            claim_work_dir(work, source_fingerprint(model_dir), a.resume)
+        if world > 1:
+            torch.distributed.barrier()  # the work folder is claimed before any process uses it
+        with work_dir_guard(work) if main else quiet:
             t0 = time.time()
             # RTN and Block-AP go block by block: the model is read lazily, each block from the shards
             # when its turn comes, and dropped once packed (host memory flat in the number of blocks)
             lazy = a.method in ("rtn", "block-ap") and not getattr(config, "lm_head", False)
-            print(f"loading {model_dir}{' (block by block)' if lazy else ''}", file=sys.stderr)
+            if main:
+                print(f"loading {model_dir}{' (block by block)' if lazy else ''}"
+                      f"{f', {world} data-parallel processes' if world > 1 else ''}", file=sys.stderr)
             model = None
             if lazy:
                 try:
-                    model = load_lazy_model(model_dir, device=a.device)
+                    model = load_lazy_model(model_dir, device=device)
                 except LazyUnsupported as e:
                     print(f"loading the whole model instead: {e}", file=sys.stderr)
                     lazy = False
             if model is None:
-                model = load_fp_model(model_dir, device=a.device)
+                model = load_fp_model(model_dir, device=device)
             tok = load_tokenizer(model_dir)
-            print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
+            if main:
+                print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
             widths = [m.in_features for m in quant_targets(find_parts(model).layers[0]).values()]
-            if widths and config.spec.group_size > max(widths):
+            if main and widths and config.spec.group_size > max(widths):
                 print(f"note: group size {config.spec.group_size} is larger than every layer's input width (at most "
                       f"{max(widths)}): each output row is one group, i.e. per-channel quantization", file=sys.stderr)
             summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
-            dtype = source_dtype(model_dir, a.cache_dir) if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
-            meta = {**_source_meta(a.method, model_dir, a.cache_dir), "seconds": round(time.time() - t0, 1)}
-            save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
-                           report=lambda tmp: _save_training_report(summary, work, tmp), block_files=work if lazy else None)
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
-    _print_info(str(out), as_json=False)
+            if main:
+                dtype = source_dtype(model_dir, a.cache_dir) if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
+                meta = {**_source_meta(a.method, model_dir, a.cache_dir), "seconds": round(time.time() - t0, 1)}
+                save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
+                               report=lambda tmp: _save_training_report(summary, work, tmp), block_files=work if lazy else None)
+        if world > 1:
+            torch.distributed.barrier()  # nobody removes the work folder while another process still reads it
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if main:
+        print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+        _print_info(str(out), as_json=False)
     return 0
 
 

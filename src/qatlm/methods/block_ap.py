@@ -15,10 +15,15 @@ Nothing depends on the model's weight or activation scale:
 - a block whose trained validation error is not below its RTN error is retrained once at a tenth of the
   rates and otherwise falls back to its RTN grid: Block-AP never ends a block worse than RTN.
 
-Activations live in RAM up to ``ram_budget_gb``, beyond it in memory-mapped files. After every
-finished block its packed tensors are written to ``work_dir``; ``resume=True`` reloads them, rebuilds
-the two input chains by running the finished blocks, and continues with the next block — giving the
-same result as an uninterrupted run with the same seed.
+The parts, top to bottom: ``Shard`` (which calibration samples this process holds when several run data-
+parallel under ``torchrun``), ``ActivationChain`` (the two activation caches, in RAM up to ``ram_budget_gb`` and
+memory-mapped beyond, and how they advance block by block), ``train_block`` (one block: fake-quantize, train
+with the guard, pack; returns the block's record), ``RunState`` (the work folder: finished blocks, summary,
+chain snapshots; what ``resume=True`` continues from) and the driver ``quantize_block_ap``.
+
+Resume: after every finished block its packed tensors are written to ``work_dir``, and (when that costs at
+most a tenth of the time since the last one) the two chains' activations for the next block; a resumed run
+restarts there without replaying finished blocks, and ends bit for bit where an uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -188,66 +193,64 @@ class ActivationCache:
         self.t[idx] = v.to(self.t.dtype)
 
 
+class Shard:
+    """The calibration samples this process holds. One process: all of them. Under ``torchrun`` /
+    ``accelerate launch`` (torch.distributed initialised, ``k`` processes): training sample ``i`` belongs to
+    process ``(i mod batch) mod k`` and validation sample ``j`` to ``j mod k``; every process keeps the
+    activations of its own samples only, computes its share of every batch, and gradients, losses and
+    per-sample energies are summed over processes (``all_sum``). Together with ``epoch_batches`` (every batch
+    holds ``batch/k`` samples of each process, in an order that does not depend on ``k``) the result is that
+    of one process up to float rounding."""
+
+    def __init__(self, n_train: int, n_val: int, batch_size: int):
+        dist = torch.distributed
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if batch_size % self.world:
+            raise QatlmError(f"--batch-size {batch_size} must be a multiple of the {self.world} processes "
+                             "(each takes an equal part of every batch)")
+        mine = [i for i in range(n_train) if (i % batch_size) % self.world == self.rank]
+        mine += [n_train + j for j in range(n_val) if j % self.world == self.rank]
+        self.ids = torch.tensor(mine, dtype=torch.long)  # global sample numbers held here, ascending
+        self.local = torch.full((n_train + n_val,), -1, dtype=torch.long)
+        self.local[self.ids] = torch.arange(len(mine))
+        self.main = self.rank == 0
+
+    def mine(self, idx: torch.Tensor) -> torch.Tensor:
+        """Local cache rows of the samples of ``idx`` (global numbers) that this process holds."""
+        rows = self.local[idx]
+        return rows[rows >= 0]
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def gather(self, local_values: torch.Tensor, n: int) -> torch.Tensor:
+        """A per-sample vector over all ``n`` samples from each process's values of its own samples."""
+        full = torch.zeros(n, dtype=local_values.dtype)
+        full[self.ids] = local_values
+        return self.all_sum(full)
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.all_sum(torch.tensor([int(flag)])).item()) if self.world > 1 else flag
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def epoch_batches(n_train: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches of sample numbers. Sample ``i`` sits in column ``i mod batch``; each column is
+    shuffled on its own and batch ``j`` takes the ``j``-th sample of every column. So each batch holds
+    ``batch/k`` samples of every one of ``k`` processes (``Shard``), and the order is the same for any ``k``."""
+    cols = [torch.arange(c, n_train, batch_size) for c in range(min(batch_size, n_train))]
+    cols = [c[torch.randperm(len(c), generator=gen)] for c in cols]
+    return [torch.stack([c[j] for c in cols if j < len(c)]) for j in range(math.ceil(n_train / batch_size))]
+
+
 _CHAIN_ROWS = 64  # samples copied at a time between a cache and its snapshot file (bounded memory)
 _CHAIN_OVERHEAD = 0.1  # at most this share of the run's time goes into writing chain snapshots
-
-
-def _save_chain(work: Path, block: int, caches: dict) -> None:
-    """Snapshot the activation caches that block ``block`` reads (``{name: ActivationCache}``) so that a resumed
-    run starts there without replaying the finished blocks. ``work/chain.json`` names the complete snapshot;
-    it is switched atomically after the files are written, then the older snapshot is removed."""
-    import shutil
-
-    folder = work / f"chain-{block}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for name, cache in caches.items():
-        t = cache.t
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bf16: its bits as int16
-        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=raw.numpy().dtype, shape=tuple(t.shape))
-        for i in range(0, t.shape[0], _CHAIN_ROWS):
-            out[i : i + _CHAIN_ROWS] = raw[i : i + _CHAIN_ROWS].numpy()
-        out.flush()
-        del out
-    previous = json.loads((work / "chain.json").read_text()).get("dir") if (work / "chain.json").exists() else None
-    _atomic_json(work / "chain.json", {"block": block, "dir": folder.name, "caches": sorted(caches),
-                                       "dtype": str(next(iter(caches.values())).t.dtype)})
-    if previous and previous != folder.name:
-        shutil.rmtree(work / previous, ignore_errors=True)
-
-
-def _load_chain(work: Path, caches: dict, done_blocks: int) -> int:
-    """Fill ``caches`` from the latest snapshot if it is usable (at most ``done_blocks``, same caches, shapes and
-    dtype); returns the block it belongs to (0: none, start from the embeddings)."""
-    meta_file = work / "chain.json"
-    if not meta_file.exists():
-        return 0
-    meta = json.loads(meta_file.read_text())
-    block, folder = meta["block"], work / meta["dir"]
-    if block > done_blocks or meta["caches"] != sorted(caches) or meta["dtype"] != str(next(iter(caches.values())).t.dtype):
-        return 0
-    arrays = {}
-    for name, cache in caches.items():
-        f = folder / f"{name}.npy"
-        if not f.exists():
-            return 0
-        a = np.load(f, mmap_mode="r", allow_pickle=False)
-        if tuple(a.shape) != tuple(cache.t.shape):
-            return 0
-        arrays[name] = a
-    for name, cache in caches.items():
-        dst = cache.t.view(torch.int16) if cache.t.dtype == torch.bfloat16 else cache.t
-        for i in range(0, dst.shape[0], _CHAIN_ROWS):
-            dst[i : i + _CHAIN_ROWS] = torch.from_numpy(np.array(arrays[name][i : i + _CHAIN_ROWS]))
-    return block
-
-
-def _chain_caches(fp_in, q_in) -> dict:
-    return {"fp": fp_in} if q_in is None else {"fp": fp_in, "q": q_in}
-
-
-def _atomic_json(path: Path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 @torch.no_grad()
@@ -260,6 +263,110 @@ def _run_chain(block, kwargs, src: ActivationCache, dst: ActivationCache, n: int
         energy[i : i + len(x)] = (y.float() - x.float()).pow(2).sum((1, 2)).double().cpu()
         dst[i : i + bs] = y.float().cpu()
     return energy
+
+
+class ActivationChain:
+    """The activations Block-AP moves from block to block, for this process's samples: two caches, as the
+    reference. With quantized-chain inputs (``input_mode="quant"``): ``fp`` (the full-precision chain,
+    advanced in place: it holds block i's input, then its fp output = the training target) and ``q`` (the
+    outputs of the already-quantized blocks = block i's training input). With ``input_mode="fp"`` two fp
+    caches alternate. Each cache is in RAM while the budget lasts, else a memory-mapped file in ``folder``."""
+
+    def __init__(self, n: int, seqlen: int, hidden: int, dtype: torch.dtype, input_mode: str, budget_bytes: int,
+                 folder: Path | None, chain_batch: int):
+        budget = {"left": int(budget_bytes)}
+        shape = (n, seqlen, hidden)
+        self.n, self.bs = n, chain_batch
+        self.fp_in = ActivationCache(shape, dtype, budget, folder, "fp")
+        self.fp_out = ActivationCache(shape, dtype, budget, folder, "fp_out") if input_mode == "fp" else self.fp_in
+        self.q = ActivationCache(shape, dtype, budget, folder, "q") if input_mode == "quant" else None
+
+    @property
+    def inputs(self) -> ActivationCache:
+        """Block i's training inputs."""
+        return self.q if self.q is not None else self.fp_in
+
+    @property
+    def targets(self) -> ActivationCache:
+        """Block i's training targets (valid after ``compute_targets``)."""
+        return self.fp_out
+
+    def caches(self) -> dict:
+        return {"fp": self.fp_in} if self.q is None else {"fp": self.fp_in, "q": self.q}
+
+    @torch.no_grad()
+    def fill(self, model, ids: torch.Tensor, parts, device):
+        """Layer-0 inputs of the samples ``ids``, through the model's own embedding path."""
+        for i in range(0, len(ids), self.bs):
+            h = first_layer_input(model, ids[i : i + self.bs].to(device), parts).float().cpu()
+            for c in self.caches().values():
+                c[i : i + len(h)] = h
+
+    def compute_targets(self, block, kw, device, dtype) -> torch.Tensor:
+        """Run the (still full-precision) block on the fp chain; returns each sample's energy ``‖out − in‖²``."""
+        return _run_chain(block, kw, self.fp_in, self.fp_out, self.n, self.bs, device, dtype)
+
+    def advance(self, block, kw, device, dtype):
+        """After block i is packed: the quantized chain moves through it; the fp chain's output becomes the input."""
+        if self.q is not None:
+            _run_chain(block, kw, self.q, self.q, self.n, self.bs, device, dtype)
+        self.fp_in, self.fp_out = self.fp_out, self.fp_in
+
+    def save(self, folder: Path, suffix: str = ""):
+        """Copy the caches (block i's inputs) into ``folder`` as ``.npy`` files, a few samples at a time."""
+        for name, cache in self.caches().items():
+            t = cache.t
+            raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bf16: its bits as int16
+            out = np.lib.format.open_memmap(folder / f"{name}{suffix}.npy", mode="w+", dtype=raw.numpy().dtype, shape=tuple(t.shape))
+            for i in range(0, t.shape[0], _CHAIN_ROWS):
+                out[i : i + _CHAIN_ROWS] = raw[i : i + _CHAIN_ROWS].numpy()
+            out.flush()
+            del out
+
+    def load(self, folder: Path, suffix: str = "") -> bool:
+        """Fill the caches from ``save``'s files; False (caches untouched) if any is missing or of another shape."""
+        arrays = {}
+        for name, cache in self.caches().items():
+            f = folder / f"{name}{suffix}.npy"
+            if not f.exists():
+                return False
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
+            if tuple(a.shape) != tuple(cache.t.shape):
+                return False
+            arrays[name] = a
+        for name, cache in self.caches().items():
+            dst = cache.t.view(torch.int16) if cache.t.dtype == torch.bfloat16 else cache.t
+            for i in range(0, dst.shape[0], _CHAIN_ROWS):
+                dst[i : i + _CHAIN_ROWS] = torch.from_numpy(np.array(arrays[name][i : i + _CHAIN_ROWS]))
+        return True
+
+
+class _Prefetch:
+    """Batches read from the caches one step ahead by a background thread (into pinned memory when training
+    on a GPU), so reading memory-mapped activations overlaps the previous step's compute."""
+
+    def __init__(self, fetch, pin: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fetch, self.pin = fetch, pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qatlm-prefetch")
+
+    def _load(self, idx):
+        x, y = self.fetch(idx)
+        return (idx, x.pin_memory(), y.pin_memory()) if self.pin else (idx, x, y)
+
+    def __call__(self, batches):
+        batches = iter(batches)
+        nxt = next(batches, None)
+        pending = self.pool.submit(self._load, nxt) if nxt is not None else None
+        while pending is not None:
+            item = pending.result()
+            nxt = next(batches, None)
+            pending = self.pool.submit(self._load, nxt) if nxt is not None else None
+            yield item
+
+    def close(self):
+        self.pool.shutdown(wait=True)
 
 
 def _block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
@@ -284,18 +391,22 @@ def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
 
 
 @torch.no_grad()
-def _mean_loss(block, kwargs, x: ActivationCache, y: ActivationCache, idx, bs, device, dtype, energy: torch.Tensor,
-               kind: str = "mse") -> float:
-    """The block's relative error on samples ``idx``: squared error / energy of the block's own contribution."""
-    tot = 0.0
-    for i in range(0, len(idx), bs):
-        b = idx[i : i + bs]
-        tot += block_loss(run_layer(block, x[b].to(device, dtype), kwargs), y[b].to(device), kind, "sum").item()
-    return tot / max(float(energy[idx].sum()), 1e-30)
+def _relative_error(block, kw, chain: ActivationChain, shard: Shard, idx: torch.Tensor, energy: torch.Tensor, device, dtype,
+                    kind: str = "mse") -> float:
+    """The block's relative error on the samples ``idx`` (global numbers): squared error / energy of the block's
+    own contribution, summed over every process's share."""
+    rows = shard.mine(idx)
+    tot = torch.zeros(1, dtype=torch.float64)
+    for i in range(0, len(rows), chain.bs):
+        r = rows[i : i + chain.bs]
+        out = run_layer(block, chain.inputs[r].to(device, dtype), kw)
+        tot += block_loss(out, chain.targets[r].to(device), kind, "sum").double().cpu()
+    return float(shard.all_sum(tot)) / max(float(energy[idx].sum()), 1e-30)
 
 
 def _snapshot(params) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
+    """A copy in host memory (not on the training GPU, where it would cost the block's size again)."""
+    return [p.detach().to("cpu", copy=True) for p in params]
 
 
 @torch.no_grad()
@@ -304,18 +415,232 @@ def _restore(params, snap):
         p.copy_(v)
 
 
+@dataclass
+class BlockContext:
+    """What ``train_block`` needs besides the block and its data: where it runs and how it reports."""
+
+    config: BlockAPConfig
+    device: torch.device
+    shard: Shard
+    n_train: int
+    n_val: int
+    log: JsonLog
+    progress: bool = True
+    n_blocks: int = 0
+    flops_time: list = None  # [training FLOPs, seconds] accumulated over blocks
+
+    def __post_init__(self):
+        self.flops_time = self.flops_time or [0.0, 0.0]
+
+
+def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int, prefix: str, ctx: BlockContext) -> dict:
+    """Block-AP on one decoder block: swap its linears for fake-quantized ones (RTN start), train weights, step sizes,
+    zero points (and norms) against the fp targets in ``chain``, retry at 0.1x or fall back to RTN if it does not beat
+    RTN on validation, then pack it to integers in place. ``energy``: every sample's ``‖fp_out − fp_in‖²``.
+    Returns the block's record (errors before/after, steps, retries, fallback)."""
+    config, device, shard = ctx.config, ctx.device, ctx.shard
+    spec, cpu = config.spec, device.type == "cpu"
+    train_dtype = torch.float32
+    n_tr, n_va = ctx.n_train, ctx.n_val
+    L = chain.inputs.t.shape[1]
+    steps_per_epoch = math.ceil(n_tr / config.batch_size)
+    t_block = time.time()
+    block.to(train_dtype)
+    fq = _block_fake_quant(block, spec, prefix)
+    tr_idx, va_idx = torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va)
+    eval_idx = va_idx if n_va else tr_idx
+
+    def rel_error():
+        return _relative_error(block, kw, chain, shard, eval_idx, energy, device, train_dtype, config.loss)
+
+    rtn_val = rel_error()
+    weights = [m.weight for m in fq.values()]
+    scales = [m.scale for m in fq.values()]
+    zeros = [m.zero for m in fq.values()] if not spec.sym else []
+    # updates of weights and step sizes in units of each group's initial range (s0 · qmax)
+    units = {}
+    for m in fq.values():
+        rng = (m.scale.detach().float() * spec.qmax).to(m.weight.dtype)
+        units[m.weight] = units[m.scale] = (rng, spec)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    fq_params = {id(p) for p in weights + scales + zeros}
+    # the reference trains every other parameter named "weight" (the norms) at the weight rate; biases stay
+    norms = [p for name, p in block.named_parameters() if config.train_norms and id(p) not in fq_params
+             and name.rsplit(".", 1)[-1] == "weight" and p.is_floating_point()]
+    trained = weights + scales + zeros + norms
+    for p in trained:
+        p.requires_grad_(True)
+    lr_q, lr_w = config.learning_rates(config.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(config.seed * 100003 + bi)
+    epochs = [epoch_batches(n_tr, config.batch_size, gen) for _ in range(config.epochs)]
+
+    def fetch(idx):
+        rows = shard.mine(idx)
+        return chain.inputs[rows], chain.targets[rows]
+
+    prefetch = _Prefetch(fetch, pin=device.type == "cuda")
+
+    def loss_fn(item):  # this process's share of the batch, back-propagated here; gradients summed over processes
+        idx, x, y = item
+        denom = max(float(energy[idx].sum()), 1e-30)
+        if len(x):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
+                out = run_layer(block, x.to(device, train_dtype, non_blocking=True), kw)
+            loss = block_loss(out, y.to(device, torch.float32, non_blocking=True), config.loss, "sum") / denom
+            loss.backward()
+        else:
+            loss = torch.zeros((), device=device)
+        if shard.world > 1:
+            for p in trained:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                shard.all_sum(p.grad)
+            loss = shard.all_sum(loss.detach().reshape(1).cpu().double()).reshape(())
+        return loss.detach()
+
+    start = _snapshot(trained)  # the RTN starting point, for the guard
+    attempts, fallback, after_val = [], False, rtn_val
+    for lr_factor in (1.0, 0.1):  # guard: a block that ends worse than RTN is retrained once at a tenth of the rates
+        if attempts:
+            _restore(trained, start)
+        groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
+        opt = RelativeAdamW(groups, units, weight_decay=0.0)
+        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{ctx.n_blocks - 1}", unit="step",
+                   disable=not ctx.progress, leave=False, position=1)
+        res = train_epochs(groups, loss_fn, lambda e: prefetch(epochs[e]), config.epochs, steps_per_epoch,
+                           clip=config.clip_grad or None, schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio),
+                           val_fn=(lambda: rel_error()) if n_va else None, early_stop=config.early_stop, log=ctx.log,
+                           log_extra={"block": bi, "lr_factor": lr_factor}, progress=bar, optimizer=opt, backward=False)
+        bar.close()
+        after_val = rel_error()
+        attempts.append({"lr_factor": lr_factor, "val": after_val, "steps": res.steps})
+        if after_val < rtn_val or res.steps == 0:
+            break
+    else:  # both attempts ended at or above RTN: keep the RTN grid
+        _restore(trained, start)
+        after_val, fallback = rtn_val, True
+        ctx.log.write(event="rtn_fallback", block=bi, attempts=attempts)
+    prefetch.close()
+    del opt
+    n_lin = sum(m.in_features * m.out_features for m in fq.values())
+    ctx.flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L / shard.world
+    ctx.flops_time[1] += res.step_seconds
+    for p in block.parameters():
+        p.requires_grad_(False)
+    _pack_block(block)
+    return {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
+            "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early,
+            "lr_retried": len(attempts) > 1, "rtn_fallback": fallback}
+
+
+def _atomic_json(path: Path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+class RunState:
+    """A Block-AP run's work folder: ``progress.json`` (settings fingerprint, finished blocks), ``summary.json``,
+    ``blocks/`` (each finished block's packed tensors) and ``chain-K/`` (the activations block K starts from,
+    named by ``chain.json``). Only the first process writes, except each process's own chain files.
+    Without a folder nothing is kept (and nothing can be resumed)."""
+
+    def __init__(self, work: Path | None, fingerprint: str, n_blocks: int, resume: bool, shard: Shard):
+        self.work, self.fingerprint, self.n_blocks, self.shard = work, fingerprint, n_blocks, shard
+        self.done = 0
+        self.suffix = "" if shard.world == 1 else f"-rank{shard.rank}"
+        self._snap = {"at": time.time(), "cost": 0.0}
+        if work is None:
+            return
+        progress = work / "progress.json"
+        if progress.exists():
+            state = json.loads(progress.read_text())
+            if not resume:
+                raise QatlmError(f"{work} holds an unfinished run (block {state['done']}/{n_blocks}): pass --resume to continue it, "
+                                 "or --overwrite to start over")
+            if state["fingerprint"] != fingerprint:
+                raise QatlmError(f"cannot resume from {work}: it was started with other settings or calibration data")
+            self.done = state["done"]
+        shard.barrier()  # every process has read the state before the first one rewrites it
+        if shard.main:
+            (work / "blocks").mkdir(parents=True, exist_ok=True)
+            self._progress(self.done)
+
+    def _progress(self, done: int):
+        _atomic_json(self.work / "progress.json", {"fingerprint": self.fingerprint, "done": done, "blocks": self.n_blocks})
+
+    def cache_folder(self) -> Path | None:
+        return None if self.work is None else self.work / f"activations{self.suffix}"
+
+    def previous_blocks(self) -> list:
+        f = self.work / "summary.json" if self.work else None
+        return json.loads(f.read_text())["blocks"][: self.done] if (f and f.exists() and self.done) else []
+
+    def packed(self, bi: int) -> dict:
+        return load_file(block_file(self.work, bi))
+
+    def restore_chain(self, chain: ActivationChain) -> int:
+        """Fill ``chain`` from the latest snapshot if usable (at most ``done``, same caches, dtype and processes);
+        returns the block it belongs to (0: none, start from the embeddings)."""
+        meta_file = self.work / "chain.json" if (self.work and self.done) else None
+        if meta_file is None or not meta_file.exists():
+            return 0
+        meta = json.loads(meta_file.read_text())
+        caches = chain.caches()
+        if (meta["block"] > self.done or meta["caches"] != sorted(caches) or meta.get("world", 1) != self.shard.world
+                or meta["dtype"] != str(next(iter(caches.values())).t.dtype)):
+            return 0
+        ok = chain.load(self.work / meta["dir"], self.suffix)
+        return meta["block"] if not self.shard.any(not ok) else 0
+
+    def finish_block(self, bi: int, block, summary: dict, chain: ActivationChain):
+        """Block ``bi`` is packed: write it, the summary and the progress; then snapshot the chains for block
+        ``bi + 1`` while that costs at most ``_CHAIN_OVERHEAD`` of the time since the last snapshot (after the
+        progress: a snapshot never runs ahead of the finished blocks)."""
+        if self.work is None:
+            return
+        if self.shard.main:
+            save_block(self.work, bi, block)
+            _atomic_json(self.work / "summary.json", summary)
+            self._progress(bi + 1)
+        due = bi + 1 < self.n_blocks and self._snap["cost"] <= _CHAIN_OVERHEAD * (time.time() - self._snap["at"])
+        if self.shard.any(due):
+            t = time.time()
+            self._save_chain(bi + 1, chain)
+            self._snap.update(at=time.time(), cost=time.time() - t)
+
+    def _save_chain(self, block: int, chain: ActivationChain):
+        import shutil
+
+        folder = self.work / f"chain-{block}"
+        if self.shard.main:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        self.shard.barrier()
+        chain.save(folder, self.suffix)
+        self.shard.barrier()  # every process's files are complete before chain.json names the folder
+        if self.shard.main:
+            meta_file = self.work / "chain.json"
+            previous = json.loads(meta_file.read_text()).get("dir") if meta_file.exists() else None
+            caches = chain.caches()
+            _atomic_json(meta_file, {"block": block, "dir": folder.name, "caches": sorted(caches), "world": self.shard.world,
+                                     "dtype": str(next(iter(caches.values())).t.dtype)})
+            if previous and previous != folder.name:
+                shutil.rmtree(self.work / previous, ignore_errors=True)
+
+
 def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=None, resume: bool = False, calib=None,
                       device=None, progress: bool = True, log_path=None) -> dict:
     """Block-AP in place: ``model``'s decoder linears become ``PackedLinear``. Returns a summary dict.
 
     ``calib``: optional ``(train_ids [N, L], val_ids [M, L])``; otherwise sampled from ``config.calib``.
+    Under torch.distributed (``torchrun``) every process calls this with the same arguments; each trains on its
+    share of the samples (``Shard``), all end with the same model, and only the first writes the work folder.
     """
     from qatlm.data.text import calibration_samples
 
     t_start = time.time()
     spec = config.spec
     device = torch.device(device or next(model.parameters()).device)
-    cpu = device.type == "cpu"
     work = Path(work_dir) if work_dir else None
     if calib is None:
         if tokenizer is None:
@@ -325,6 +650,8 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     n_tr, n_va = len(train_ids), len(val_ids)
     all_ids = torch.cat([train_ids, val_ids]) if n_va else train_ids
     n, L = all_ids.shape
+    shard = Shard(n_tr, n_va, config.batch_size)
+    progress = progress and shard.main
 
     parts = find_parts(model)
     layers = parts.layers
@@ -336,177 +663,62 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
             for name, lin in quant_targets(block).items():
                 check_target(f"{parts.layers_name}.{bi}.{name}", lin, spec)
     fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
-    progress_file = work / "progress.json" if work else None
-    done_blocks = 0
-    if work:
-        (work / "blocks").mkdir(parents=True, exist_ok=True)
-        if progress_file.exists():
-            state = json.loads(progress_file.read_text())
-            if not resume:
-                raise QatlmError(f"{work} holds an unfinished run (block {state['done']}/{len(layers)}): pass --resume to continue it, or --overwrite to start over")
-            if state["fingerprint"] != fingerprint:
-                raise QatlmError(f"cannot resume from {work}: it was started with other settings or calibration data")
-            done_blocks = state["done"]
-        _atomic_json(progress_file, {"fingerprint": fingerprint, "done": done_blocks, "blocks": len(layers)})
+    state = RunState(work, fingerprint, len(layers), resume, shard)
     # per-layer keyword arguments (rotary cos/sin, masks) recorded at batch 1 broadcast to any batch
     _, kwargs = capture_layer_inputs(model, all_ids[:1].to(device), parts)
-    # layer-0 inputs of all samples, through the model's own embedding path
-    budget = {"left": int(config.ram_budget_gb * 2**30)}
-    caches_dir = work / "activations" if work else None
     hidden = first_layer_input(model, all_ids[:1].to(device), parts).shape[-1]
-    # two caches, as the reference: with quantized-chain inputs the fp chain advances in place (fp_in is
-    # fp_out), beside the quantized chain; with fp inputs the two fp caches alternate
-    cdt = config.cache_torch_dtype(device)
-    fp_in = ActivationCache((n, L, hidden), cdt, budget, caches_dir, "fp")
-    fp_out = ActivationCache((n, L, hidden), cdt, budget, caches_dir, "fp_out") if config.input_mode == "fp" else fp_in
-    q_in = ActivationCache((n, L, hidden), cdt, budget, caches_dir, "q") if config.input_mode == "quant" else None
-    for i in range(0, n, config.chain_batch):
-        h = first_layer_input(model, all_ids[i : i + config.chain_batch].to(device), parts).float().cpu()
-        fp_in[i : i + len(h)] = h
-        if q_in is not None:
-            q_in[i : i + len(h)] = h
-
+    chain = ActivationChain(len(shard.ids), L, hidden, config.cache_torch_dtype(device), config.input_mode,
+                            int(config.ram_budget_gb * 2**30), state.cache_folder(), config.chain_batch)
+    chain.fill(model, all_ids[shard.ids], parts, device)
     # a resumed run starts from the snapshot of the chains (normally at the first unfinished block) instead of
     # replaying every finished block over both chains
-    chain_start = _load_chain(work, _chain_caches(fp_in, q_in), done_blocks) if (work and done_blocks) else 0
+    chain_start = state.restore_chain(chain)
     compute_dtype = next(model.parameters()).dtype
-    train_dtype = torch.float32
-    steps_per_epoch = math.ceil(n_tr / config.batch_size)
-    log = JsonLog(log_path or (work / "train_log.jsonl" if work else None), keep=lambda r: r.get("block", 0) < done_blocks)
-    lrs = config.learning_rates(config.epochs * steps_per_epoch)
-    summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": [],
-               "resumed_from_block": done_blocks, "replayed_blocks": done_blocks - chain_start,
+    log = JsonLog((log_path or (work / "train_log.jsonl" if work else None)) if shard.main else None,
+                  keep=lambda r: r.get("block", 0) < state.done)
+    steps = config.epochs * math.ceil(n_tr / config.batch_size)
+    lrs = config.learning_rates(steps)
+    summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": state.previous_blocks(),
+               "resumed_from_block": state.done, "replayed_blocks": state.done - chain_start, "processes": shard.world,
                "block_error": "validation squared error / energy of the fp block's own contribution (rtn_mse, trained_mse)"}
-    if work and (work / "summary.json").exists() and done_blocks:
-        summary["blocks"] = json.loads((work / "summary.json").read_text())["blocks"][:done_blocks]
-
-    tr_idx = torch.arange(n_tr)
-    va_idx = torch.arange(n_tr, n)
-    flops_time = [0.0, 0.0]  # (training FLOPs, seconds) of the optimisation steps (validation excluded)
-    overall = tqdm(total=len(layers), initial=done_blocks, desc="Block-AP", unit="block", disable=not progress, position=0)
-    last_snapshot = {"at": time.time(), "cost": 0.0}
+    ctx = BlockContext(config, device, shard, n_tr, n_va, log, progress, len(layers))
+    overall = tqdm(total=len(layers), initial=state.done, desc="Block-AP", unit="block", disable=not progress, position=0)
     for bi, block in enumerate(layers):
         kw = kwargs[bi]
-        prefix = f"{parts.layers_name}.{bi}"
         if bi < chain_start:  # finished, and the chains were restored past it: only its integers are needed
             if not lazy:  # (lazily loaded blocks are assembled from their files at save time)
-                _load_packed_block(block, spec, load_file(block_file(work, bi)), compute_dtype)
+                _load_packed_block(block, spec, state.packed(bi), compute_dtype)
             continue
         if lazy:  # its weights were checked before the first block (check_source_weights)
             materialize_block(model, bi, compute_dtype, device)
         # the fp target is this block (still full precision) on the fp chain's input
-        energy = _run_chain(block, kw, fp_in, fp_out, n, config.chain_batch, device, compute_dtype)
-        if bi < done_blocks:  # finished before the interruption: reload its integers, move the chain on
-            _load_packed_block(block, spec, load_file(block_file(work, bi)), compute_dtype)
-            if q_in is not None:
-                _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
-            fp_in, fp_out = fp_out, fp_in
-            if lazy:
-                release_block(block)
-            continue
-        t_block = time.time()
-        block.to(train_dtype)
-        fq = _block_fake_quant(block, spec, prefix)
-        x_in = q_in if q_in is not None else fp_in
-        eval_idx = va_idx if n_va else tr_idx
-        rtn_val = _mean_loss(block, kw, x_in, fp_out, eval_idx, config.chain_batch, device, train_dtype, energy, config.loss)
-        weights = [m.weight for m in fq.values()]
-        scales = [m.scale for m in fq.values()]
-        zeros = [m.zero for m in fq.values()] if not spec.sym else []
-        # updates of weights and step sizes in units of each group's initial range (s0 · qmax)
-        units = {}
-        for m in fq.values():
-            rng = (m.scale.detach().float() * spec.qmax).to(m.weight.dtype)
-            units[m.weight] = units[m.scale] = (rng, spec)
-        for p in block.parameters():
-            p.requires_grad_(False)
-        fq_params = {id(p) for p in weights + scales + zeros}
-        # the reference trains every other parameter named "weight" (the norms) at the weight rate; biases stay
-        norms = [p for name, p in block.named_parameters() if config.train_norms and id(p) not in fq_params
-                 and name.rsplit(".", 1)[-1] == "weight" and p.is_floating_point()]
-        trained = weights + scales + zeros + norms
-        for p in trained:
-            p.requires_grad_(True)
-        lr_q, lr_w = config.learning_rates(config.epochs * steps_per_epoch)
-        gen = torch.Generator().manual_seed(config.seed * 100003 + bi)
-        perms = [torch.randperm(n_tr, generator=gen) for _ in range(config.epochs)]
-
-        def batches(epoch, perms=perms):
-            p = perms[epoch]
-            for i in range(0, n_tr, config.batch_size):
-                yield p[i : i + config.batch_size]
-
-        def loss_fn(idx, block=block, kw=kw, x_in=x_in, y_out=fp_out, energy=energy):
-            x = x_in[idx].to(device, train_dtype)
-            y = y_out[idx].to(device, torch.float32)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not cpu):
-                out = run_layer(block, x, kw)
-            return block_loss(out, y, config.loss, "sum") / max(float(energy[idx].sum()), 1e-30)
-
-        val_fn = (lambda block=block, kw=kw, x_in=x_in, y_out=fp_out, energy=energy: _mean_loss(
-            block, kw, x_in, y_out, va_idx, config.chain_batch, device, train_dtype, energy, config.loss)) if n_va else None
-        start = _snapshot(trained)  # the RTN starting point, for the guard
-        attempts, fallback, after_val = [], False, rtn_val
-        for lr_factor in (1.0, 0.1):  # guard: a block that ends worse than RTN is retrained once at a tenth of the rates
-            if attempts:
-                _restore(trained, start)
-            groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
-            opt = RelativeAdamW(groups, units, weight_decay=0.0)
-            bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{len(layers) - 1}", unit="step", disable=not progress, leave=False, position=1)
-            res = train_epochs(groups, loss_fn, batches, config.epochs, steps_per_epoch, clip=config.clip_grad or None,
-                               schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio), val_fn=val_fn,
-                               early_stop=config.early_stop, log=log, log_extra={"block": bi, "lr_factor": lr_factor},
-                               progress=bar, optimizer=opt)
-            bar.close()
-            after_val = _mean_loss(block, kw, x_in, fp_out, eval_idx, config.chain_batch, device, train_dtype, energy, config.loss)
-            attempts.append({"lr_factor": lr_factor, "val": after_val, "steps": res.steps})
-            if after_val < rtn_val or res.steps == 0:
-                break
-        else:  # both attempts ended at or above RTN: keep the RTN grid
-            _restore(trained, start)
-            after_val, fallback = rtn_val, True
-            log.write(event="rtn_fallback", block=bi, attempts=attempts)
-        del opt
-        n_lin = sum(m.in_features * m.out_features for m in fq.values())
-        flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L
-        flops_time[1] += res.step_seconds
-        for p in block.parameters():
-            p.requires_grad_(False)
-        _pack_block(block)
+        energy = shard.gather(chain.compute_targets(block, kw, device, compute_dtype), n)
+        if bi < state.done:  # finished before the interruption: reload its integers, move the chain on
+            _load_packed_block(block, spec, state.packed(bi), compute_dtype)
+        else:
+            rec = train_block(block, kw, chain, energy, bi, f"{parts.layers_name}.{bi}", ctx)
+            summary["blocks"].append(rec)
         block.to(compute_dtype)
         # the next block's quantized-chain input is this (now integer) block on its own quantized input
-        if q_in is not None:
-            _run_chain(block, kw, q_in, q_in, n, config.chain_batch, device, compute_dtype)
-        fp_in, fp_out = fp_out, fp_in
-        del fq, weights, scales, zeros, norms, trained, start, units, groups  # the fake-quant layers still hold fp weights
+        chain.advance(block, kw, device, compute_dtype)
         release_freed_memory()
-        rec = {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
-               "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early,
-               "lr_retried": len(attempts) > 1, "rtn_fallback": fallback}
-        summary["blocks"].append(rec)
-        overall.update(1)
-        log.write(event="block_done", **rec)
-        if progress:
-            note = ", kept the RTN grid (training did not beat it)" if fallback else ", retrained at 0.1x lr" if len(attempts) > 1 else ""
-            tqdm.write(f"block {bi}/{len(layers) - 1}: relative error rtn {rtn_val:.3g} -> trained {after_val:.3g}  "
-                       f"({rec['seconds']:.1f}s{', non-finite retries ' + str(res.retries) if res.retries else ''}{note})")
-        if work:
-            save_block(work, bi, block)
-            _atomic_json(work / "summary.json", summary)
-            _atomic_json(progress_file, {"fingerprint": fingerprint, "done": bi + 1, "blocks": len(layers)})
-            # snapshot the chains for block bi + 1 while that costs at most _CHAIN_OVERHEAD of the time since the last
-            # one (after progress.json: a snapshot never runs ahead of the finished blocks)
-            if bi + 1 < len(layers) and last_snapshot["cost"] <= _CHAIN_OVERHEAD * (time.time() - last_snapshot["at"]):
-                t_snap = time.time()
-                _save_chain(work, bi + 1, _chain_caches(fp_in, q_in))
-                last_snapshot.update(at=time.time(), cost=time.time() - t_snap)
-            if lazy:
-                release_block(block)
+        if bi >= state.done:
+            overall.update(1)
+            log.write(event="block_done", **rec)
+            if progress:
+                note = (", kept the RTN grid (training did not beat it)" if rec["rtn_fallback"] else
+                        ", retrained at 0.1x lr" if rec["lr_retried"] else "")
+                tqdm.write(f"block {bi}/{len(layers) - 1}: relative error rtn {rec['rtn_mse']:.3g} -> trained {rec['trained_mse']:.3g}  "
+                           f"({rec['seconds']:.1f}s{', non-finite retries ' + str(rec['retries']) if rec['retries'] else ''}{note})")
+            state.finish_block(bi, block, summary, chain)
+        if lazy:
+            release_block(block)
     overall.close()
     log.close()
+    shard.barrier()
     summary["seconds"] = round(time.time() - t_start, 1)
-    summary["train_flops_per_s"] = flops_time[0] / flops_time[1] if flops_time[1] else None
+    ft = ctx.flops_time
+    summary["train_flops_per_s"] = ft[0] / ft[1] if ft[1] else None
     summary["rtn_fallback_blocks"] = [b["block"] for b in summary["blocks"] if b.get("rtn_fallback")]
     summary["lr_retried_blocks"] = [b["block"] for b in summary["blocks"] if b.get("lr_retried")]
     return summary
-

@@ -22,7 +22,7 @@ from qatlm.fsutil import atomic_dir, check_output, default_file_mode
 from qatlm.model.arch import is_router, replace_module
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
-from qatlm.quant.packing import pack_cols, unpack_cols
+from qatlm.quant.packing import v1_zeros_to_v2
 
 SHARD_BYTES = 4 * 1024**3
 STREAM_SHARD_BYTES = 512 * 1024**2  # when assembling a lazily loaded model block by block
@@ -341,8 +341,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     for k in sorted(keys, key=lambda k: (str(reader.where[k]), k)):
         v = reader.get(k)
         if v1 and k.endswith(".qzeros"):
-            out_f = model.get_submodule(k[: -len(".qzeros")]).out_features
-            v = pack_cols((unpack_cols(v, spec.bits, out_f) + 1).clamp(0, spec.qmax), spec.bits)
+            v = v1_zeros_to_v2(v, spec.bits, model.get_submodule(k[: -len(".qzeros")]).out_features)
         elif v.is_floating_point() and not k.endswith(".scales") and v.dtype != dtype:
             v = v.to(dtype)
         else:  # safetensors hands out views of the mapped file: copy, so that the file is unmapped and the

@@ -77,3 +77,17 @@ def pack_cols(values: torch.Tensor, bits: int, what: str = "column count") -> to
 
 def unpack_cols(packed: torch.Tensor, bits: int, m: int | None = None) -> torch.Tensor:
     return unpack_rows(packed.t().contiguous(), bits, m).t().contiguous()
+
+
+def v1_zeros_to_v2(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """GPTQ v1 ``qzeros`` (each stored zero is the true zero − 1) to v2 (the true zeros), as GPTQ's own loaders
+    read them. At 2/4/8 bits v1 writers subtract the per-field ones *from the packed 32-bit word* (a true zero of
+    0 borrows from the field above it), and loaders add them back the same way, so the conversion is that word
+    addition, modulo 2^32 (adding 1 to each field and clipping, or wrapping each field alone, turns every zero of
+    0 into 2^bits − 1, and the field above it one too low). 3-bit fields straddle words, and there both sides
+    shift each field alone, modulo 2^3. ``m``: the number of zeros per row (the layer's output width)."""
+    if bits == 3:
+        return pack_cols((unpack_cols(packed, bits, m) + 1) & 7, bits)
+    ones = sum(1 << s for s in range(0, 32, bits))
+    word = ((packed.to(torch.int64) & 0xFFFFFFFF) + ones) & 0xFFFFFFFF
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)  # back to int32's two's complement
