@@ -1,9 +1,14 @@
-"""Peers on the same calibration tokens: auto-round (and GPTQModel where it installs), saved in GPTQ
-format, loaded with qatlm's own GPTQ loader and evaluated exactly like qatlm's rows.
+"""Peers on the same calibration tokens: auto-round and GPTQModel, each read three ways.
 
-    pip install 'qatlm[bench-peers]'        # auto-round
-    python bench/peers.py --peers auto-round --settings w2g64,w3g128 --calib-samples 64
+    pip install 'qatlm[bench-peers]'; qatlm install gptq       # auto-round; gptqmodel
+    python bench/peers.py --peers gptqmodel,auto-round --settings w2g64,w3g128 --calib-samples 64
 
+Every peer's held-out perplexity is measured (a) on the quantized model the peer library returns, in memory,
+with qatlm's perplexity code; (b) on its saved GPTQ checkpoint loaded by qatlm's loader; (c) on the same
+checkpoint loaded by transformers + gptqmodel. The row's `heldout_ppl` (and zero-shot) is (a), the peer's own
+result; (b) and (c) are kept beside it (`ppl_saved_qatlm`, `ppl_saved_transformers`), with `readings_agree`
+(all within 1 %). Where the checkpoint itself differs from the in-memory model (auto-round's GPTQ writer stores
+max(zero − 1, 0), so a zero point of 0 is read back as 1), the row says so (`zero_point_0_groups`).
 Rows are merged into bench/results/results.{json,md} with recipe names `peer:auto-round`, ...
 """
 
@@ -18,11 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import HERE, device_name, finish_row, parse_setting, save_rows  # noqa: E402
 
 
 def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: int, lr: float, batch: int):
+    """Returns (the quantized model as auto-round holds it in memory: its linears carry the quantized-dequantized
+    weights, a function that saves it in GPTQ format and returns the folder, the number of groups whose zero point is 0).
+    Saving packs the layers in place, so the in-memory model is evaluated first."""
     from auto_round import AutoRound
     from torch.utils.data import DataLoader
 
@@ -30,26 +40,67 @@ def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: in
     loader = DataLoader(data, batch_size=batch, shuffle=False)
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=False, iters=iters, lr=lr, batch_size=batch,
                    nsamples=len(train_ids), seqlen=train_ids.shape[1], dataset=loader, amp=False, device_map="cpu")
-    ar.quantize_and_save(str(out), format="auto_gptq")
-    return next(p.parent for p in [out / "config.json", *out.glob("*/config.json")] if p.exists())  # it may add a subfolder
+    ar.quantize()
+    zero0 = sum(int((m.zp == 0).sum()) for m in ar.model.modules() if isinstance(getattr(m, "zp", None), torch.Tensor))
+
+    def save() -> Path:
+        ar.save_quantized(str(out), format="auto_gptq")
+        return next(p.parent for p in [out / "config.json", *out.glob("*/config.json")] if p.exists())  # it may add a subfolder
+    return ar.model, save, zero0
 
 
 def quantize_gptqmodel(fp_dir, train_ids, bits, group, out: Path):
+    """Returns (None, a function that saves and returns the folder, None). GPTQModel's model right after
+    ``quantize()`` is not its inference model on CPU (evaluated, it gave a perplexity of 2.4e9 where its reload gives
+    2.9e4): its in-memory reading is the library's own loader, ``GPTQModel.load`` (see ``gptqmodel_in_memory``)."""
     # GPTQModel 7.7 sizes its CPU pool as ceil(cores/2) but asks for 2 model-loader workers: on 2 cores it refuses to start
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
-    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     cfg = QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False)
     m = GPTQModel.load(str(fp_dir), cfg, dtype=torch.float32)  # its default ("auto") is bf16: ~400x slower matmuls on this CPU
     m.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in train_ids])
-    m.save(str(out))
+
+    def save() -> Path:
+        m.save(str(out))
+        return out
+    return None, save, None
+
+
+def gptqmodel_in_memory(folder: Path):
+    from gptqmodel import GPTQModel
+
+    # its CPU kernel takes fp16 / bf16 only (fp16: the scales' own precision)
+    return GPTQModel.load(str(folder), device="cpu", dtype=torch.float16).model
+
+
+def heldout_ppl(model, tok, settings) -> float:
+    """qatlm's held-out perplexity protocol (the same as ``qatlm eval``) on a model object."""
+    from qatlm.data.text import bos_token, token_ids
+    from qatlm.eval.perplexity import perplexity
+
+    model.eval()
+    ids = token_ids(tok, settings.heldout, settings.cache_dir)
+    return perplexity(model, ids, settings.seqlen, settings.ppl_windows, progress=False, bos=bos_token(tok))
+
+
+def transformers_ppl(folder: Path, tok, settings) -> float | None:
+    """(c): the saved folder through transformers' GPTQ loader (gptqmodel), None where it is not installed."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+    except ImportError as e:
+        print(f"(c) skipped: {e}", file=sys.stderr)
+        return None
+    return heldout_ppl(model, tok, settings)
 
 
 def run_one(a) -> dict:
     from qatlm.data.assets import MODEL_NAME, default_model_dir
     from qatlm.data.text import calibration_samples
     from qatlm.eval.report import EvalSettings
+    from qatlm.eval.zeroshot import average, evaluate_lm_eval
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer
 
     fp_dir = default_model_dir()
@@ -60,16 +111,37 @@ def run_one(a) -> dict:
     out = HERE / "work" / f"peer-{a.peer}-{a.setting}"
     t0 = time.time()
     if a.peer == "auto-round":
-        out = quantize_auto_round(load_fp_model(fp_dir), tok, train_ids, bits, group, out, a.iters, a.lr, a.batch)
+        model, save, zero0 = quantize_auto_round(load_fp_model(fp_dir), tok, train_ids, bits, group, out, a.iters, a.lr, a.batch)
     elif a.peer == "gptqmodel":
-        quantize_gptqmodel(fp_dir, train_ids, bits, group, out)
+        model, save, zero0 = quantize_gptqmodel(fp_dir, train_ids, bits, group, out)
     else:
         raise SystemExit(f"unknown peer {a.peer}")
-    row = {"model": MODEL_NAME, "recipe": f"peer:{a.peer}", "device": device_name(), "bits": bits, "group_size": group,
-           "calib": f"{a.calib_samples}x{a.calib_seqlen}", "quant_wall_s": round(time.time() - t0, 1),
-           "quant_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    quant_s = round(time.time() - t0, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None)
-    return finish_row(row, out, settings, f"{a.peer} {a.setting}", a.limit, t0)
+    if model is None:  # GPTQModel: save first, then its own loader
+        folder = save()
+        model = gptqmodel_in_memory(folder)
+    in_memory = heldout_ppl(model, tok, settings)
+    zs = evaluate_lm_eval(model, tok, settings.tasks, settings.limit, settings.batch_size, settings.cache_dir) if a.limit else {}
+    if a.peer == "auto-round":
+        folder = save()
+    del model
+    row = {"model": MODEL_NAME, "recipe": f"peer:{a.peer}", "device": device_name(), "bits": bits, "group_size": group,
+           "calib": f"{a.calib_samples}x{a.calib_seqlen}", "quant_wall_s": quant_s, "quant_peak_rss_mib": rss,
+           "iters": a.iters if a.peer == "auto-round" else None}
+    row = finish_row(row, folder, EvalSettings(ppl_windows=a.ppl_windows, tasks=()), f"{a.peer} {a.setting}", a.limit, t0)
+    row["ppl_saved_qatlm"] = row["heldout_ppl"]
+    row["ppl_saved_transformers"] = transformers_ppl(folder, tok, settings)
+    row["heldout_ppl"] = in_memory
+    row["zeroshot"] = {t: v["acc"] for t, v in zs.items()}
+    row["zeroshot_avg"] = average(zs) if zs else None
+    readings = [v for v in (in_memory, row["ppl_saved_qatlm"], row["ppl_saved_transformers"]) if v is not None]
+    row["readings_agree"] = max(readings) / min(readings) <= 1.01
+    row["zero_point_0_groups"] = zero0
+    print(f"(a) in memory {in_memory:.2f}  (b) saved, qatlm {row['ppl_saved_qatlm']:.2f}  (c) saved, transformers "
+          f"{row['ppl_saved_transformers']}  zero points of 0: {zero0}", file=sys.stderr, flush=True)
+    return row
 
 
 def main():

@@ -148,7 +148,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from qatlm.api import METHODS
 
-    from qatlm import __version__
+    from qatlm.version import __version__
 
     ap = _Parser(prog="qatlm", description="Quantization-aware training of Hugging Face causal LMs into packed low-bit integer models.")
     ap.add_argument("--version", action="version", version=f"qatlm {__version__}")

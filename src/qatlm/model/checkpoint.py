@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qatlm import __version__
+from qatlm.version import __version__
 from qatlm.errors import QatlmError
 from qatlm.fsutil import atomic_dir, check_output, default_file_mode
 from qatlm.model.arch import is_router, replace_module

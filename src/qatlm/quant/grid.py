@@ -44,6 +44,10 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2**self.bits - 1
 
+    def round_zero(self, zero: torch.Tensor) -> torch.Tensor:
+        """A (float, trained) zero point as the integer it is stored as: rounded, clamped to [zero_min, qmax]."""
+        return zero.round().clamp(self.zero_min, self.qmax)
+
     def group_width(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
@@ -89,7 +93,7 @@ def minmax_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
     else:
         scale = ((wmax - wmin) / spec.qmax).clamp_min(MIN_SCALE)
-        zero = (-wmin / scale).round().clamp(spec.zero_min, spec.qmax)
+        zero = spec.round_zero(-wmin / scale)
     return scale, zero
 
 
@@ -120,9 +124,10 @@ class _FakeQuantGrouped(torch.autograd.Function):
     dŵ/ds = q − z, dŵ/dz = −s."""
 
     @staticmethod
-    def forward(ctx, w, scale, zero, qmax, zmin):
+    def forward(ctx, w, scale, zero, spec):
+        qmax = spec.qmax
         s = scale.unsqueeze(-1)
-        z = zero.round().clamp(zmin, qmax).unsqueeze(-1)
+        z = spec.round_zero(zero).unsqueeze(-1)
         ws = w / s
         raw = torch.round(ws) + z
         inside = (raw >= 0) & (raw <= qmax)
@@ -136,7 +141,7 @@ class _FakeQuantGrouped(torch.autograd.Function):
         gw = g * inside
         gs = (g * (qz - ws * inside)).sum(-1)
         gz = -(g * ~inside * s).sum(-1)
-        return gw, gs, gz, None, None
+        return gw, gs, gz, None
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -148,7 +153,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     out_f, in_f = w.shape
     n, g = scale.shape[1], spec.group_width(in_f)
     if n * g == in_f:
-        return _FakeQuantGrouped.apply(w.reshape(out_f, n, g), scale, zero, spec.qmax, spec.zero_min).reshape(out_f, in_f)
+        return _FakeQuantGrouped.apply(w.reshape(out_f, n, g), scale, zero, spec).reshape(out_f, in_f)
     return fake_quantize_reference(w, scale, zero, spec)
 
 
@@ -158,7 +163,7 @@ def fake_quantize_reference(w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     s = expand_groups(scale, spec, in_f)
     # rounded and clamped zero point with an identity gradient (as the fused path and the reference: a zero
     # point that has left the range still receives its gradient)
-    zq = zero + (zero.detach().round().clamp(spec.zero_min, spec.qmax) - zero.detach())
+    zq = zero + (spec.round_zero(zero.detach()) - zero.detach())
     z = expand_groups(zq, spec, in_f)
     q = torch.clamp(round_ste(w / s) + z, 0, spec.qmax)
     return s * (q - z)
@@ -168,7 +173,7 @@ def fake_quantize_reference(w: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 def quantize_to_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
     """Integers of ``w`` on the grid: ``(q[out, in] int32, z[out, groups] int32)``, both clamped to range."""
     in_f = w.shape[1]
-    z = zero.round().clamp(spec.zero_min, spec.qmax)
+    z = spec.round_zero(zero)
     q = torch.clamp(torch.round(w.float() / expand_groups(scale.float(), spec, in_f)) + expand_groups(z, spec, in_f), 0, spec.qmax)
     return q.to(torch.int32), z.to(torch.int32)
 

@@ -285,7 +285,7 @@ class DLQATLinear(nn.Module):
         self.register_buffer("qweight", pack_rows(q.t().to(torch.int32).cpu(), spec.bits, "input width").to(q.device))
         self.register_buffer("frac", None if frac is None else frac.to(torch.int8).contiguous())
         self.register_buffer("s0", scale16.to(torch.float16).contiguous())
-        z = zero.round().clamp(spec.zero_min, spec.qmax).to(torch.int32)
+        z = spec.round_zero(zero).to(torch.int32)
         self.register_buffer("qzeros", pack_cols(z.t().cpu(), spec.bits, "output width").to(q.device))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         groups = scale16.shape[1]
