@@ -30,7 +30,8 @@ def one(kind: str, src: str, steps: int, ckpt: bool) -> dict:
 
     from qatlm.data.assets import default_model_dir
     from qatlm.methods.dl_qat import DLQATConfig, dlqat_trainable
-    from qatlm.methods.e2e_qp import E2EQPConfig, Trainable, scale_trainable, train_end_to_end
+    from qatlm.methods.e2e_qp import E2EQPConfig, scale_trainable
+    from qatlm.train import Trainable, train_end_to_end
     from qatlm.model.checkpoint import load_fp_model, load_quantized, load_tokenizer
 
     batch = 4

@@ -15,7 +15,7 @@ from tiny import FAMILIES, tiny_model, tiny_tokenizer
 from qatlm import load_quantized, save_quantized
 from qatlm.errors import QatlmError
 from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
-from qatlm.quant.apply import target_names
+from qatlm.model.layers import target_names
 from qatlm.quant.linear import PackedLinear
 
 

@@ -12,7 +12,7 @@ from tiny import tensor_bytes, tiny_model, tiny_tokenizer
 
 from qatlm import RTNConfig, load_quantized, quantize, save_quantized
 from qatlm.methods.dl_qat import DLQATConfig, auto_rank, dlqat_trainable, parameter_cost, train_dl_qat
-from qatlm.quant.apply import attach_fake_quant, target_names
+from qatlm.model.layers import attach_fake_quant, target_names
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import DLQATLinear, PackedLinear
 
@@ -64,10 +64,23 @@ def test_default_trains_under_one_percent_at_g128(name, config):
     rank = auto_rank(shapes)
     c = parameter_cost(shapes, 128, rank, total_params=total)
     assert c["fraction_of_model"] < 0.01, c
-    # magnitudes cost 1/g of the quantized weights; LoRA r·(in+out) per layer
-    assert c["magnitude_params"] == sum(o * -(-i // 128) for o, i in shapes)
-    assert c["lora_params"] == rank * sum(o + i for o, i in shapes)
-    assert parameter_cost(shapes, 128, rank, magnitude="channel", lora=False)["trainable_params"] == sum(o for o, _ in shapes)
+
+
+@pytest.mark.parametrize("magnitude,lora", [("group", True), ("channel", False)])
+def test_parameter_cost_equals_the_parameters_that_really_train(magnitude, lora):
+    """The cost the report gives is what the built layers hold: counted from the model's own parameters that
+    require gradients after DL-QAT is attached, and from the model's parameter count (not from the formula)."""
+    model = tiny_model("llama")
+    quantize(model, RTNConfig(4, 32))
+    shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(shapes) == 7 * model.config.num_hidden_layers
+    for p in model.parameters():  # as the end-to-end loop does before attaching
+        p.requires_grad_(False)
+    t = dlqat_trainable(model, DLQATConfig(rank=4, magnitude=magnitude, lora=lora), total_steps=10)
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert t.info["cost"]["trainable_params"] == trains == sum(p.numel() for g in t.groups for p in g["params"])
+    c = parameter_cost(shapes, 32, 4, magnitude, lora)
+    assert c["trainable_params"] == trains
 
 
 def test_training_lowers_validation_loss(tmp_path):

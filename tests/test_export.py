@@ -16,7 +16,7 @@ from qatlm import RTNConfig, load_quantized, quantize, save_quantized
 from qatlm.errors import QatlmError
 from qatlm.export import export_checkpoint
 from qatlm.export.gguf_file import encode_layer
-from qatlm.quant.apply import packed_layers, set_kernel
+from qatlm.model.layers import packed_layers, set_kernel
 from qatlm.quant.grid import QuantSpec, dequantize
 from qatlm.quant.packing import pack_cols, unpack_cols
 

@@ -6,7 +6,7 @@ from tiny import FAMILIES, tiny_ids, tiny_model
 
 from qatlm import RTNConfig, load_quantized, quantize, save_quantized
 from qatlm.model.arch import capture_layer_inputs, find_parts, run_layer
-from qatlm.quant.apply import attach_fake_quant, pack_model, target_names
+from qatlm.model.layers import attach_fake_quant, pack_model, target_names
 from qatlm.quant.linear import PackedLinear
 
 

@@ -72,7 +72,14 @@ def test_lm_eval_agrees_with_plain_pytorch(docs):
         if task != "winogrande":
             assert harness[task]["acc_norm"] == pytest.approx(plain["acc_norm"]), task
         assert harness[task]["n"] == len(FIXTURES[task])
-    assert average(harness) == pytest.approx(sum(harness[t]["acc"] for t in PAPER_TASKS) / 5)
+
+
+def test_average_is_the_mean_accuracy_not_the_normalised_one():
+    """A worked example (EfficientQAT's reported average: plain acc of each task, each task weighing the same
+    whatever its size): (0.50 + 0.75 + 0.25) / 3 = 0.5, while acc_norm would give 0.9 and weighting by items 0.475."""
+    results = {"piqa": {"acc": 0.50, "acc_norm": 0.9, "n": 10}, "arc_easy": {"acc": 0.75, "acc_norm": 0.9, "n": 4},
+               "hellaswag": {"acc": 0.25, "acc_norm": 0.9, "n": 6}}
+    assert average(results) == pytest.approx(0.5)
 
 
 def test_plain_scores_respond_to_the_model(docs):

@@ -7,6 +7,7 @@
   the old one deleted. A run killed in between leaves the old folder aside, and the next run that touches
   the same output puts it back (or, if the new one made it in, deletes it) and removes partial folders of
   dead processes: the output is always the complete old one or the complete new one.
+- ``atomic_file`` / ``atomic_write_text``: a file appears only complete (written beside, renamed in).
 - ``output_lock``: one run at a time per output (a lock file holding the owner's pid; a dead owner's lock is
   taken over).
 - ``source_fingerprint`` / ``claim_work_dir``: a resumed run must continue from the same source model.
@@ -92,12 +93,25 @@ def default_file_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a part."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary name beside ``path`` to write; on success it replaces ``path`` in one rename (readers see
+    the old or the new file, never a part), on failure it is removed. Every file qatlm writes goes through here
+    (folders: ``atomic_dir``)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def check_output(out, inputs=(), overwrite: bool = False, what: str = "output folder") -> Path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir
+from qatlm.fsutil import atomic_dir, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -202,11 +202,7 @@ def _text_asset(name: str, cache_dir, make) -> Path:
     final = cache_root(cache_dir) / "text" / f"{name}.txt"
     if final.is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    text = make()
-    tmp = final.with_suffix(f".partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, final)
+    atomic_write_text(final, make())
     return final
 
 
@@ -254,10 +250,7 @@ def sciq_instructions(cache_dir=None) -> Path:
         support = (r.get("support") or "").strip()
         reply = f"{answer} {support}" if support else answer
         lines.append(json.dumps({"messages": [{"role": "user", "content": r["question"].strip()}, {"role": "assistant", "content": reply}]}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 

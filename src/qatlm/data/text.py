@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from qatlm.errors import QatlmError
+from qatlm.fsutil import atomic_file
 
 
 def _text_column(table, where: str) -> list[str]:
@@ -193,16 +194,15 @@ def token_stream(tokenizer, source, cache_dir=None) -> np.ndarray:
     path = cache_root(cache_dir) / "tokens" / f"{digest}-{tokenizer_fingerprint(tokenizer)}.npy"
     if path.is_file():
         return np.load(path, mmap_mode=None if text is not None else "r", allow_pickle=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".partial-{os.getpid()}.npy")
     if text is not None:
         arr = np.asarray(tokenizer(text, return_attention_mask=False, add_special_tokens=False)["input_ids"], dtype=np.int32)
         if not arr.size:
             raise QatlmError(f"text source {source} gave no tokens")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
         return arr
-    raw = tmp.with_suffix(".ids")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.parent / f".{path.name}.ids-{os.getpid()}"
     count = 0
     try:
         with open(raw, "wb") as out:
@@ -213,14 +213,12 @@ def token_stream(tokenizer, source, cache_dir=None) -> np.ndarray:
                 count += ids.size
         if not count:
             raise QatlmError(f"text source {source} gave no tokens")
-        with open(tmp, "wb") as out, open(raw, "rb") as src:  # .npy = header + the raw ids, copied in blocks
+        with atomic_file(path) as tmp, open(tmp, "wb") as out, open(raw, "rb") as src:  # .npy = header + the ids, in blocks
             np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (count,)})
             while chunk := src.read(1 << 24):
                 out.write(chunk)
-        os.replace(tmp, path)
     finally:
         raw.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 

@@ -23,7 +23,7 @@ class EvalSettings:
     device: str = "cpu"
     cache_dir: str | None = None
     zeroshot_engine: str = "lm-eval"  # or "plain": the independent PyTorch scorer (same items, same prompts)
-    kernel: str = "auto"  # packed layers: float copies cached only while they fit in memory (quant.apply.set_kernel)
+    kernel: str = "auto"  # packed layers: float copies cached only while they fit in memory (model.layers.set_kernel)
 
     def __post_init__(self):
         check_number("seqlen", self.seqlen, at_least=2)
@@ -35,7 +35,7 @@ class EvalSettings:
 def load_any(path, device="cpu", kernel: str = "auto"):
     """(model, tokenizer, description) for an fp HF folder or a qatlm/GPTQ checkpoint."""
     from qatlm.model.checkpoint import checkpoint_info, is_quantized_dir, load_fp_model, load_quantized, load_tokenizer
-    from qatlm.quant.apply import set_kernel
+    from qatlm.model.layers import set_kernel
 
     p = Path(path)
     if is_quantized_dir(p):

@@ -46,7 +46,7 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
         save_quantized,
         spec_from_config,
     )
-    from qatlm.quant.apply import packed_layers
+    from qatlm.model.layers import packed_layers
 
     if fmt not in FORMATS:
         raise QatlmError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")

@@ -43,10 +43,10 @@ from tqdm import tqdm
 from qatlm.errors import QatlmError, check_number
 from qatlm.fsutil import atomic_write_text
 from qatlm.model.lazy import block_file, check_source_weights, lazy_source, materialize_block, release_block, save_block
-from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, replace_module, run_layer
-from qatlm.quant.apply import check_target
+from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, run_layer
+from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.grid import QuantSpec, expand_groups
-from qatlm.quant.linear import FakeQuantLinear, PackedLinear
+from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
 from qatlm.train import JsonLog, Schedule, release_freed_memory, train_epochs
 
 
@@ -370,23 +370,16 @@ class _Prefetch:
 
 
 def _block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
-    layers = {}
-    for name, lin in quant_targets(block).items():
+    def make(name, lin):
         check_target(f"{prefix}.{name}", lin, spec)
-        layers[name] = FakeQuantLinear(lin, spec)
-        replace_module(block, name, layers[name])
-    return layers
-
-
-def _pack_block(block):
-    for n in [n for n, m in block.named_modules() if isinstance(m, FakeQuantLinear)]:
-        replace_module(block, n, block.get_submodule(n).to_packed())
+        return FakeQuantLinear(lin, spec)
+    return swap_layers(block, make, names=list(quant_targets(block)))
 
 
 def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
     """Rebuild a finished block from its saved tensors (used by resume)."""
-    for name, lin in quant_targets(block).items():
-        replace_module(block, name, PackedLinear(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype))
+    swap_layers(block, lambda name, lin: PackedLinear(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype),
+                names=list(quant_targets(block)))
     block.load_state_dict(state, strict=True)
 
 
@@ -528,7 +521,7 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
     ctx.flops_time[1] += res.step_seconds
     for p in block.parameters():
         p.requires_grad_(False)
-    _pack_block(block)
+    pack_model(block)
     return {"block": bi, "rtn_mse": rtn_val, "trained_mse": after_val, "steps": res.steps, "retries": res.retries,
             "val_losses": res.val_losses, "seconds": round(time.time() - t_block, 2), "stopped_early": res.stopped_early,
             "lr_retried": len(attempts) > 1, "rtn_fallback": fallback}

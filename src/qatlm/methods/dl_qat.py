@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from qatlm.errors import QatlmError, check_number
-from qatlm.methods.e2e_qp import E2EQPConfig, Trainable, train_end_to_end
-from qatlm.model.arch import replace_module
+from qatlm.methods.e2e_qp import E2EQPConfig
+from qatlm.train import Trainable, train_end_to_end
+from qatlm.model.layers import attach_fake_quant, pack_model, swap_layers
 from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear
 
 LORA_BUDGET = 0.002
@@ -82,12 +83,12 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     model_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".scale", ".zero"))) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
     rank = config.rank or auto_rank(shapes)
-    layers = {}
     gen = torch.Generator().manual_seed(config.seed)  # LoRA A: reproducible from --seed, so resume is exact
-    for name, m in src.items():
-        make = DLQATLinear.from_fake_quant if isinstance(m, FakeQuantLinear) else DLQATLinear.from_packed
-        layers[name] = make(m, rank=rank, alpha=config.alpha, magnitude=config.magnitude, lora=config.lora, generator=gen)
-        replace_module(model, name, layers[name])
+
+    def make(name, m):
+        build = DLQATLinear.from_fake_quant if isinstance(m, FakeQuantLinear) else DLQATLinear.from_packed
+        return build(m, rank=rank, alpha=config.alpha, magnitude=config.magnitude, lora=config.lora, generator=gen)
+    layers = swap_layers(model, make, names=list(src))
     mags = [m.m for m in layers.values()]
     lora = [p for m in layers.values() if m.rank for p in (m.A, m.B)]
     for p in mags + lora:
@@ -95,12 +96,8 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     groups = [{"params": mags, "lr": config.lr_magnitude}] + ([{"params": lora, "lr": config.lr_lora}] if lora else [])
 
     def merge():
-        for name, m in layers.items():
-            replace_module(model, name, m.merge())
-        # layers outside the targets that were still fake-quant (RTN init) are fixed to integers too
-        for name, m in list(model.named_modules()):
-            if isinstance(m, FakeQuantLinear):
-                replace_module(model, name, m.to_packed())
+        swap_layers(model, lambda name, m: m.merge(), names=list(layers))
+        pack_model(model)  # layers outside the targets that were still fake-quant (RTN init) are fixed to integers too
         return len(layers)
 
     spec = next(iter(layers.values())).spec
@@ -136,7 +133,6 @@ class RTNDLQATConfig(DLQATConfig):
 
 
 def quantize_rtn_dlqat(model, config: RTNDLQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:
-    from qatlm.quant.apply import attach_fake_quant
 
     if tokenizer is None:
         raise QatlmError("dl-qat needs training text: pass a tokenizer")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qatlm.model.arch import find_parts, quant_targets
-from qatlm.quant.apply import attach_fake_quant, pack_model, target_names
+from qatlm.model.layers import attach_fake_quant, pack_model, target_names
 from qatlm.quant.grid import QuantSpec
 
 

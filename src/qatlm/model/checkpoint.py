@@ -19,7 +19,8 @@ from torch import nn
 from qatlm.version import __version__
 from qatlm.errors import QatlmError
 from qatlm.fsutil import atomic_dir, check_output, default_file_mode
-from qatlm.model.arch import is_router, replace_module
+from qatlm.model.arch import is_router
+from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import v1_zeros_to_v2
@@ -326,14 +327,17 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
 
     reader = ShardReader(p)
     keys = set(reader.where)
-    for name in sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight")):
+    names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+    for name in names:
         try:
-            old = model.get_submodule(name)
+            model.get_submodule(name)
         except AttributeError:
             raise QatlmError(f"{p}: quantized tensor {name}.qweight matches no layer of {type(model).__name__}") from None
+
+    def make(name, old):
         with torch.device("meta"):  # its tensors come from the shards below
-            layer = PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
-        replace_module(model, name, layer)
+            return PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
+    swap_layers(model, make, names=names)
     expected = set(model.state_dict(keep_vars=True))
     unexpected = sorted(keys - expected)
     if unexpected:

@@ -131,15 +131,13 @@ def block_file(work_dir, index: int) -> Path:
 
 def save_block(work_dir, index: int, block: nn.Module) -> Path:
     """A finished (packed) block's tensors, written atomically to the work folder."""
-    import os
-
     from safetensors.torch import save_file
 
+    from qatlm.fsutil import atomic_file
+
     final = block_file(work_dir, index)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, tmp)
-    os.replace(tmp, final)
+    with atomic_file(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, tmp)
     return final
 
 
@@ -147,7 +145,7 @@ def check_source_weights(model: nn.Module, spec) -> None:
     """Before any work: every layer to quantize packs at ``spec`` and its stored weight is finite, read
     tensor by tensor from the shards (one tensor in memory at a time)."""
     from qatlm.model.arch import quant_targets
-    from qatlm.quant.apply import check_packable
+    from qatlm.quant.linear import check_packable
 
     reader, layers_name = lazy_source(model)
     for i, block in enumerate(model.get_submodule(layers_name)):

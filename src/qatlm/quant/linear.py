@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, expand_groups, fake_quantize, fp16_ste, minmax_init, quantize_to_int, round_ste
-from qatlm.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
+from qatlm.errors import QatlmError
+from qatlm.quant.packing import pack_cols, pack_rows, unit, unpack_cols, unpack_rows
 
 
 CHUNK_WEIGHTS = 1 << 22  # per-call paths dequantize at most this many weights at a time (16 MiB in fp32)
@@ -345,3 +346,19 @@ class DLQATLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, rank={self.rank}, magnitude={tuple(self.m.shape)}"
+
+
+def check_target(name: str, linear: nn.Linear, spec: QuantSpec):
+    """A layer about to be quantized: packable widths and finite weights (a NaN would become NaN step sizes)."""
+    check_packable(name, linear.in_features, linear.out_features, spec)
+    w = linear.weight
+    if w.device.type != "meta" and not bool(w.isfinite().all()):
+        bad = int((~w.isfinite()).sum())
+        raise QatlmError(f"{name}: the source weight has {bad} NaN/inf values; refusing to quantize a broken model")
+
+
+def check_packable(name: str, in_f: int, out_f: int, spec: QuantSpec):
+    vals, _ = unit(spec.bits)
+    for what, n in (("input", in_f), ("output", out_f)):
+        if n % vals:
+            raise QatlmError(f"{name}: {what} width {n} cannot be packed at {spec.bits} bits (needs a multiple of {vals})")

@@ -1,4 +1,5 @@
-"""Swap a model's linear layers for quantized ones, generically (no per-family code)."""
+"""A model's quantized layers: which linears are targets, swapping layers (the one helper every method uses),
+packing, and how packed layers compute at inference. Generic: no per-family code."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from torch import nn
 from qatlm.errors import QatlmError
 from qatlm.model.arch import find_parts, quant_targets, replace_module
 from qatlm.quant.grid import QuantSpec
-from qatlm.quant.linear import FakeQuantLinear, PackedLinear
-from qatlm.quant.packing import unit
+from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
 
 
 def target_names(model: nn.Module, lm_head: bool = False) -> list[str]:
@@ -21,44 +21,36 @@ def target_names(model: nn.Module, lm_head: bool = False) -> list[str]:
     return names
 
 
+def swap_layers(root: nn.Module, make, kind: type | None = None, names=None) -> dict:
+    """Replace submodules of ``root`` by ``make(name, module)``: those named in ``names``, or every instance of
+    ``kind``. Returns ``{name: new module}``. Every method swaps layers through this one function."""
+    if names is None:
+        names = [n for n, m in root.named_modules() if isinstance(m, kind)]
+    new = {}
+    for name in names:
+        new[name] = make(name, root.get_submodule(name))
+        replace_module(root, name, new[name])
+    return new
+
+
 def attach_fake_quant(model: nn.Module, spec: QuantSpec, lm_head: bool = False, names=None) -> dict[str, FakeQuantLinear]:
     """Replace target linears by ``FakeQuantLinear`` initialised with min-max (RTN) grids."""
-    layers = {}
     if lm_head and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the quantized head no longer shares the embedding
-    for name in names if names is not None else target_names(model, lm_head):
-        mod = model.get_submodule(name)
-        if isinstance(mod, nn.Linear):
-            check_target(name, mod, spec)
-            if lm_head and name.endswith("lm_head"):
-                mod.weight = nn.Parameter(mod.weight.detach().clone())
-            layers[name] = FakeQuantLinear(mod, spec)
-            replace_module(model, name, layers[name])
-    return layers
+    names = [n for n in (names if names is not None else target_names(model, lm_head))
+             if isinstance(model.get_submodule(n), nn.Linear)]
+
+    def make(name, mod):
+        check_target(name, mod, spec)
+        if lm_head and name.endswith("lm_head"):
+            mod.weight = nn.Parameter(mod.weight.detach().clone())
+        return FakeQuantLinear(mod, spec)
+    return swap_layers(model, make, names=names)
 
 
-def check_target(name: str, linear: nn.Linear, spec: QuantSpec):
-    """A layer about to be quantized: packable widths and finite weights (a NaN would become NaN step sizes)."""
-    check_packable(name, linear.in_features, linear.out_features, spec)
-    w = linear.weight
-    if w.device.type != "meta" and not bool(w.isfinite().all()):
-        bad = int((~w.isfinite()).sum())
-        raise QatlmError(f"{name}: the source weight has {bad} NaN/inf values; refusing to quantize a broken model")
-
-
-def check_packable(name: str, in_f: int, out_f: int, spec: QuantSpec):
-    vals, _ = unit(spec.bits)
-    for what, n in (("input", in_f), ("output", out_f)):
-        if n % vals:
-            raise QatlmError(f"{name}: {what} width {n} cannot be packed at {spec.bits} bits (needs a multiple of {vals})")
-
-
-def pack_model(model: nn.Module) -> int:
-    """Turn every ``FakeQuantLinear`` into a ``PackedLinear`` (integers fixed); returns how many."""
-    names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
-    for n in names:
-        replace_module(model, n, model.get_submodule(n).to_packed())
-    return len(names)
+def pack_model(model: nn.Module, kind: type = FakeQuantLinear) -> int:
+    """Turn every layer of ``kind`` (any class with ``to_packed``) into a ``PackedLinear``; returns how many."""
+    return len(swap_layers(model, lambda name, m: m.to_packed(), kind))
 
 
 def packed_layers(model: nn.Module) -> dict[str, PackedLinear]:
