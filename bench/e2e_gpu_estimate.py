@@ -48,7 +48,7 @@ def build(shape: dict, bits: int, group: int):
 
     from qatlm.methods.e2e_qp import attach_scale_training
     from qatlm.model.arch import replace_module
-    from qatlm.quant.apply import target_names
+    from qatlm.model.layers import target_names
     from qatlm.quant.grid import QuantSpec
     from qatlm.quant.linear import PackedLinear
 

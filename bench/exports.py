@@ -56,7 +56,7 @@ def run_torch(kind: str, path: str, tok_dir: str, windows: int, threads: int) ->
     t0 = time.perf_counter()
     if kind in ("qatlm-cache", "qatlm-int4"):
         from qatlm.model.checkpoint import load_quantized
-        from qatlm.quant.apply import set_kernel
+        from qatlm.model.layers import set_kernel
 
         model = load_quantized(path)
         kernels = set_kernel(model, kind.split("-")[1])

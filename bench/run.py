@@ -126,7 +126,7 @@ def run_one(a) -> dict:
             row["lr_retried_blocks"] = summary.get("lr_retried_blocks", [])
         elif a.recipe.endswith("+dl-qat"):
             from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
-            from qatlm.quant.apply import attach_fake_quant
+            from qatlm.model.layers import attach_fake_quant
 
             base_recipe = a.recipe.split("+")[0]
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
