@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -420,10 +420,7 @@ class BlockContext:
     log: JsonLog
     progress: bool = True
     n_blocks: int = 0
-    flops_time: list = None  # [training FLOPs, seconds] accumulated over blocks
-
-    def __post_init__(self):
-        self.flops_time = self.flops_time or [0.0, 0.0]
+    flops_time: list = field(default_factory=lambda: [0.0, 0.0])  # [training FLOPs, seconds] accumulated over blocks
 
 
 def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int, prefix: str, ctx: BlockContext) -> dict:
@@ -492,29 +489,31 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
             loss = shard.all_sum(loss.detach().reshape(1).cpu().double()).reshape(())
         return loss.detach()
 
-    start = _snapshot(trained)  # the RTN starting point, for the guard
-    attempts, fallback, after_val = [], False, rtn_val
-    for lr_factor in (1.0, 0.1):  # guard: a block that ends worse than RTN is retrained once at a tenth of the rates
-        if attempts:
+    try:
+        start = _snapshot(trained)  # the RTN starting point, for the guard
+        attempts, fallback, after_val = [], False, rtn_val
+        for lr_factor in (1.0, 0.1):  # guard: a block that ends worse than RTN is retrained once at a tenth of the rates
+            if attempts:
+                _restore(trained, start)
+            groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
+            opt = RelativeAdamW(groups, units, weight_decay=0.0)
+            bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{ctx.n_blocks - 1}", unit="step",
+                       disable=not ctx.progress, leave=False, position=1)
+            res = train_epochs(groups, loss_fn, lambda e: prefetch(epochs[e]), config.epochs, steps_per_epoch,
+                               clip=config.clip_grad or None, schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio),
+                               val_fn=rel_error if n_va else None, early_stop=config.early_stop, log=ctx.log,
+                               log_extra={"block": bi, "lr_factor": lr_factor}, progress=bar, optimizer=opt, backward=False)
+            bar.close()
+            after_val = rel_error()
+            attempts.append({"lr_factor": lr_factor, "val": after_val, "steps": res.steps})
+            if after_val < rtn_val or res.steps == 0:
+                break
+        else:  # both attempts ended at or above RTN: keep the RTN grid
             _restore(trained, start)
-        groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
-        opt = RelativeAdamW(groups, units, weight_decay=0.0)
-        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{ctx.n_blocks - 1}", unit="step",
-                   disable=not ctx.progress, leave=False, position=1)
-        res = train_epochs(groups, loss_fn, lambda e: prefetch(epochs[e]), config.epochs, steps_per_epoch,
-                           clip=config.clip_grad or None, schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio),
-                           val_fn=(lambda: rel_error()) if n_va else None, early_stop=config.early_stop, log=ctx.log,
-                           log_extra={"block": bi, "lr_factor": lr_factor}, progress=bar, optimizer=opt, backward=False)
-        bar.close()
-        after_val = rel_error()
-        attempts.append({"lr_factor": lr_factor, "val": after_val, "steps": res.steps})
-        if after_val < rtn_val or res.steps == 0:
-            break
-    else:  # both attempts ended at or above RTN: keep the RTN grid
-        _restore(trained, start)
-        after_val, fallback = rtn_val, True
-        ctx.log.write(event="rtn_fallback", block=bi, attempts=attempts)
-    prefetch.close()
+            after_val, fallback = rtn_val, True
+            ctx.log.write(event="rtn_fallback", block=bi, attempts=attempts)
+    finally:
+        prefetch.close()  # also when training stops with an error
     del opt
     n_lin = sum(m.in_features * m.out_features for m in fq.values())
     ctx.flops_time[0] += 6.0 * n_lin * res.steps * config.batch_size * L / shard.world
