@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--cap-gib", type=float, default=2.0)
     ap.add_argument("--methods", default="rtn,block-ap")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs in bench/work")
+    ap.add_argument("--name", default="big_model", help="results file stem in bench/results (default big_model)")
     a = ap.parse_args()
     work = HERE / "work" / "big"
     work.mkdir(parents=True, exist_ok=True)
@@ -142,14 +143,14 @@ def main():
                 shutil.rmtree(out, ignore_errors=True)
     res = HERE / "results"
     res.mkdir(exist_ok=True)
-    (res / "big_model.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (res / f"{a.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| layers | parameters | fp32 size | method | cap | exit | peak (cgroup, page cache incl.) | peak RSS | wall s | reloads |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layers']} | {r['params_b']:.2f} B | {r['fp32_gib']:.2f} GiB | {r['method']} | {r['cap_mib']} MiB | {r['exit']} | "
                      f"{r['cgroup_peak_mib']:,} MiB | {'–' if r['peak_rss_mib'] is None else format(r['peak_rss_mib'], ',')} MiB | "
                      f"{r['wall_s']} | {r['reloads']} |")
-    (res / "big_model.md").write_text("\n".join(lines) + "\n")
+    (res / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -103,7 +103,7 @@ def test_failed_save_leaves_nothing_behind(model_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ck, "_write_shards", boom)
+    monkeypatch.setattr(ck, "write_shards", boom)
     with pytest.raises(RuntimeError):
         main(["quantize", "--model", str(model_dir), "--out", str(tmp_path / "o")])
     assert list(tmp_path.iterdir()) == []

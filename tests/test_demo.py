@@ -42,7 +42,7 @@ def test_demo_writes_the_qat_row_and_its_training_curves(offline, tmp_path, caps
     summary = json.loads((out / f"tiny-llama-{method}-w2g32" / "training_summary.json").read_text())
     assert len(summary["blocks"]) == 2 and all(b["trained_mse"] <= b["rtn_mse"] for b in summary["blocks"])
     if curve_panels == "e2e":
-        assert summary["e2e"]["steps"] > 0
+        assert summary["e2e_qp"]["steps"] > 0
     assert not list(out.glob(".*"))  # no work folders left
 
 

@@ -150,7 +150,7 @@ def test_codes_are_the_same_under_bf16_autocast_as_in_merge(start):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         codes_in_training = layer._codes(ste=True)
         assert (layer.B @ layer.A).dtype == torch.bfloat16  # autocast is really on: a plain product would be bf16
-    merged, _ = layer.merge().integers()
+    merged, _, _ = layer.to_packed().integers()
     assert torch.equal(codes_in_training.to(torch.int32), merged.to(torch.int32))
 
 

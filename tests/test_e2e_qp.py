@@ -209,7 +209,7 @@ def test_efficientqat_recipe_runs_block_ap_then_e2e(setup, tmp_path):
              "--calib-samples", "8", "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "1", "--out", str(tmp_path / "o")], env)
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "o" / "training_summary.json").read_text())
-    assert s["method"] == "efficientqat" and len(s["blocks"]) == 2 and s["e2e"]["steps"] == 2
+    assert s["method"] == "efficientqat" and len(s["blocks"]) == 2 and s["e2e_qp"]["steps"] == 2
     assert json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["meta"]["qatlm"]["method"] == "efficientqat"
     assert not (tmp_path / "o.work").exists()
 

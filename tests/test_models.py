@@ -91,8 +91,8 @@ def test_packed_and_fake_layers_agree_for_same_integers():
     x = torch.randn(5, 96)
     torch.testing.assert_close(packed(x), fq(x), rtol=1e-5, atol=1e-5)
     q, z, s16 = fq.integers()
-    q2, z2 = packed.integers()
-    assert torch.equal(q, q2) and torch.equal(z, z2)
+    q2, z2, s2 = packed.integers()
+    assert torch.equal(q, q2) and torch.equal(z, z2) and torch.equal(s16, s2)
 
 
 def test_lm_head_option_quantizes_untied_head(tmp_path):
@@ -122,3 +122,31 @@ def test_dtype_casts_keep_fp16_step_sizes(tmp_path):
 
     stored = load_file(tmp_path / "q" / "model.safetensors")
     assert all(v.dtype == torch.float16 for k, v in stored.items() if k.endswith(".scales"))
+
+
+def test_every_layer_class_keeps_one_integers_and_to_packed_contract():
+    """FakeQuant, Packed, ScaleTrain and DLQAT layers: ``integers()`` is (q, z, fp16 scale) exactly as ``to_packed()``
+    stores it, and the packed layer computes what the layer computed (DL-QAT: after a LoRA step that moves codes)."""
+    from qatlm.quant.grid import QuantSpec
+    from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear, ScaleTrainLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 64)
+    fq = FakeQuantLinear(lin, QuantSpec(3, 32))
+    st = ScaleTrainLinear(fq.to_packed(), train_zeros=True)
+    dl = DLQATLinear.from_fake_quant(fq, rank=2)
+    with torch.no_grad():
+        st.scale.mul_(1.05)
+        st.zero.add_(0.3)
+        dl.B.normal_(0, 2.0)
+        dl.m.mul_(0.9)
+    x = torch.randn(5, 96)
+    for layer in (fq, fq.to_packed(), st, dl):
+        q, z, s16 = layer.integers()
+        packed = layer.to_packed()
+        assert isinstance(packed, PackedLinear)
+        q2, z2, s2 = packed.integers()
+        assert q.shape == (64, 96) and z.shape == s16.shape == (64, 3) and s16.dtype == torch.float16
+        assert torch.equal(q.int(), q2.int()) and torch.equal(z.int(), z2.int()) and torch.equal(s16, s2)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), layer(x), rtol=1e-4, atol=1e-4)

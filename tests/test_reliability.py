@@ -68,7 +68,7 @@ def test_resume_from_another_source_model_is_refused(models, tmp_path, capsys):
     args = ["--method", "block-ap", "--bits", "2", "--group-size", "32", "--calib", text, "--calib-samples", "4",
             "--calib-seqlen", "32", "--val-samples", "2", "--epochs", "1", "--out", out]
     # an unfinished run of model a: its work folder, as a kill leaves it
-    from qatlm.fsutil import claim_work_dir, source_fingerprint
+    from qatlm.io import claim_work_dir, source_fingerprint
 
     claim_work_dir(work, source_fingerprint(a), resume=False)
     (work / "progress.json").write_text(json.dumps({"fingerprint": "x", "done": 1, "blocks": 3}))
@@ -81,7 +81,7 @@ def test_resume_from_another_source_model_is_refused(models, tmp_path, capsys):
 KILL_AT = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
-    from qatlm import fsutil
+    from qatlm import io as qio
     final, stage = Path(sys.argv[1]), sys.argv[2]
     calls = {"n": 0}
     real = os.replace
@@ -90,13 +90,13 @@ KILL_AT = textwrap.dedent('''
         if stage == "between" and calls["n"] == 2:  # the old folder is aside, the new one not yet in
             os.kill(os.getpid(), signal.SIGKILL)
         return real(a, b)
-    fsutil.os.replace = replace
+    qio.os.replace = replace
     def build(tmp):
         (tmp / "a.txt").write_text("new")
         if stage == "build":  # killed while the new folder is half written
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / "b.txt").write_text("new")
-    fsutil.atomic_dir(final, build)
+    qio.atomic_dir(final, build)
 ''')
 
 
@@ -108,7 +108,7 @@ def test_kill_9_during_a_replace_leaves_the_complete_old_folder(tmp_path, stage)
     (final / "b.txt").write_text("old")
     r = subprocess.run([sys.executable, "-c", KILL_AT, str(final), stage])
     assert r.returncode == -9
-    from qatlm.fsutil import atomic_dir, tidy_output
+    from qatlm.io import atomic_dir, tidy_output
 
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out"]
     assert leftovers  # the kill left a partial (or an aside) folder behind
@@ -122,7 +122,7 @@ def test_kill_9_during_a_replace_leaves_the_complete_old_folder(tmp_path, stage)
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_lives(models, tmp_path, capsys):
     a, _, _ = models
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qatlm.fsutil import output_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qatlm.io import output_lock\n"
                                "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)", str(out)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -1,12 +1,13 @@
-"""The Python API: one config dataclass per method and one verb, ``quantize(model, config)``.
+"""The Python API: one config dataclass per method, recipes as lists of them, and one verb.
 
     summary = qatlm.quantize(model, qatlm.BlockAPConfig(bits=2, group_size=64), tokenizer=tok, out="out/w2g64")
+    summary = qatlm.quantize(model, qatlm.recipe("efficientqat", grid=qatlm.QuantSpec(2, 64)), tokenizer=tok)
+    summary = qatlm.quantize(model, [qatlm.BlockAPConfig(2, 64, epochs=1), qatlm.DLQATConfig(samples=256)], tokenizer=tok)
 
-The method is the one ``config`` belongs to: quantize a float model (RTN, Block-AP, EfficientQAT, DL-QAT,
-EfficientQAT+DL-QAT) or train a packed one (E2E-QP, DL-QAT with ``E2EQPConfig`` / ``DLQATConfig``). The model
-is changed in place and the run's summary returned. With ``out`` the API owns the folders: resumable state in
-``out.work`` (``resume=True`` continues an interrupted run), the packed checkpoint written atomically to ``out``
-with ``training_summary.json``, then the work folder removed.
+``config`` is one stage (RTN, Block-AP on a float model; E2E-QP, DL-QAT on a packed one) or a list of stages
+run in order (``qatlm.recipes``). The model is changed in place and the run's summary returned. With ``out``
+the API owns the folders: resumable state in ``out.work`` (``resume=True`` continues an interrupted run), the
+packed checkpoint written atomically to ``out`` with ``training_summary.json``, then the work folder removed.
 """
 
 from __future__ import annotations
@@ -18,41 +19,38 @@ from pathlib import Path
 from torch import nn
 
 from qatlm.errors import QatlmError
-from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
-from qatlm.methods.dl_qat import BlockAPDLQATConfig, DLQATConfig, RTNDLQATConfig, quantize_blockap_dlqat, quantize_rtn_dlqat, train_dl_qat
-from qatlm.methods.e2e_qp import E2EQPConfig, EfficientQATConfig, quantize_efficientqat, train_e2e_qp
-from qatlm.methods.rtn import RTNConfig, quantize_rtn
+from qatlm.methods.base import Context
+from qatlm.recipes import RECIPES, STAGES, build_recipe, check_stages, grid_of, run_recipe
 
-# method name -> (config class, function(model, config, **data) -> summary dict); the model is changed in place
-METHODS = {
-    "rtn": (RTNConfig, quantize_rtn),
-    "block-ap": (BlockAPConfig, quantize_block_ap),
-    "efficientqat": (EfficientQATConfig, quantize_efficientqat),
-    "dl-qat": (RTNDLQATConfig, quantize_rtn_dlqat),
-    "efficientqat+dl-qat": (BlockAPDLQATConfig, quantize_blockap_dlqat),
-}
-# training a packed model: name -> (config class, function(model, config, tokenizer, **data) -> summary dict)
-TRAINERS = {
-    "e2e-qp": (E2EQPConfig, train_e2e_qp),
-    "dl-qat": (DLQATConfig, train_dl_qat),
-}
+METHODS = RECIPES  # recipe name -> its stage config classes
 
 
-def method_for(config) -> str:
-    for table in (METHODS, TRAINERS):
-        for name, (cls, _) in table.items():
-            if type(config) is cls:
-                return name
-    raise QatlmError(f"unknown method config {type(config).__name__}; known: {', '.join(METHODS)}, and {', '.join(TRAINERS)} for packed models")
+def recipe(name: str, grid=None, **stages) -> list:
+    """The stage configs of a named recipe: ``grid`` (a ``QuantSpec``) for its quantizer stage, and per stage
+    a dict of fields by method name (``block_ap={...}``, ``e2e_qp={...}``, ``dl_qat={...}``, ``rtn={...}``)."""
+    if name not in RECIPES:
+        raise QatlmError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)}")
+    classes = RECIPES[name]
+    names = [STAGES[c][0].replace("-", "_") for c in classes]
+    unknown = set(stages) - set(names)
+    if unknown:
+        raise QatlmError(f"recipe {name} has no stage {sorted(unknown)[0]}; its stages: {', '.join(names)}")
+    values = [dict(stages.get(n, {})) for n in names]
+    if grid is not None:
+        values[0]["grid"] = grid
+    return build_recipe(name, values)
 
 
-def quantize(model: nn.Module, config, *, tokenizer=None, out=None, resume: bool = False, overwrite: bool = False, **data) -> dict:
-    """Quantize ``model`` in place (or train it, for a packed model and an end-to-end config); returns the summary."""
+def quantize(model: nn.Module, config, *, tokenizer=None, out=None, resume: bool = False, overwrite: bool = False, device=None,
+             progress: bool = True, cache_dir=None, calib=None, log_path=None, accelerator=None) -> dict:
+    """Run one stage or a list of stages on ``model`` in place; returns the summary. ``calib``: optional
+    pre-tokenized ``(train_ids, val_ids)`` for a first Block-AP stage."""
     from qatlm.model.checkpoint import save_quantized
     from qatlm.model.layers import packed_layers
+    from qatlm.quant.linear import FakeQuantLinear, PackedLinear
 
-    name = method_for(config)
-    trainer = next((fn for cls, fn in TRAINERS.values() if type(config) is cls), None)
+    stages = list(config) if isinstance(config, (list, tuple)) else [config]
+    check_stages(stages, model_is_quantized=any(isinstance(m, (PackedLinear, FakeQuantLinear)) for m in model.modules()))
     work = None
     if out is not None:
         out = Path(out).expanduser()
@@ -62,21 +60,15 @@ def quantize(model: nn.Module, config, *, tokenizer=None, out=None, resume: bool
         if work.exists() and not resume:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        data["work_dir"] = work
-        data["resume"] = resume
-    if trainer is not None:
-        if tokenizer is None:
-            raise QatlmError(f"{name} trains end to end on text: pass tokenizer=")
-        summary = trainer(model, config, tokenizer, **data) or {}
-    else:
-        summary = METHODS[name][1](model, config, tokenizer=tokenizer, **data) or {}
-    summary.setdefault("method", name)
+    ctx = Context(tokenizer=tokenizer, device=device, work_dir=work, resume=resume, progress=progress, cache_dir=cache_dir,
+                  log_path=log_path, accelerator=accelerator)
+    summary = run_recipe(model, stages, calib, ctx)
     if out is not None:
         layers = packed_layers(model)
         if not layers:
-            raise QatlmError(f"{name} left no packed layers to save")
-        spec = getattr(config, "spec", None) or next(iter(layers.values())).spec
-        save_quantized(model, out, spec, tokenizer=tokenizer, overwrite=True, meta={"method": name},
+            raise QatlmError(f"{summary['method']} left no packed layers to save")
+        spec = grid_of(stages) or next(iter(layers.values())).spec
+        save_quantized(model, out, spec, tokenizer=tokenizer, overwrite=True, meta={"method": summary["method"]},
                        report=lambda tmp: (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n"))
         shutil.rmtree(work, ignore_errors=True)
     return summary

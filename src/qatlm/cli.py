@@ -18,90 +18,75 @@ from qatlm.errors import QatlmError, check_device
 DEFAULT_MODEL_HELP = "local HF model folder (safetensors); default: the built-in SmolLM2-135M-Instruct"
 
 
-def _add_quant_args(p: argparse.ArgumentParser):
-    p.add_argument("--bits", type=int, default=4, help="weight bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=128, help="columns per quantization group, -1 = per output channel (default 128)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric")
-    p.add_argument("--lm-head", action="store_true", help="also quantize the LM head (default: keep it in full precision)")
-    p.add_argument("--v1-zeros", action="store_true",
-                   help="keep every zero point >= 1 (initialisation and training), so that `qatlm export --format gptq-v1` is exact")
+def _stage_prefix(cls, command: str) -> str:
+    """In ``quantize`` (and the demo) the end-to-end stage's shared fields are ``--e2e-*``; in ``train`` it is
+    the only stage and its flags carry no prefix."""
+    from qatlm.recipes import is_quantizer_cls
+
+    return "" if command == "train" or is_quantizer_cls(cls) else "e2e-"
 
 
-def _add_train_args(p: argparse.ArgumentParser):
-    from qatlm.methods.block_ap import LOSSES, BlockAPConfig
+def _add_recipe_flags(p: argparse.ArgumentParser, command: str, defaults: dict | None = None) -> None:
+    """Every flag of every stage config a recipe of ``command`` may use, generated from the dataclass fields."""
+    from qatlm.options import add_flags, config_flags
+    from qatlm.recipes import RECIPES, STAGES, TRAINERS
 
-    g = p.add_argument_group("training methods (block-ap)")
-    g.add_argument("--calib", default="wikipedia", help="calibration text: wikipedia (built-in) or a .txt/.jsonl/.parquet/dataset folder")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
-    g.add_argument("--val-samples", type=int, default=16, help="validation samples, disjoint from calibration (default 16)")
-    g.add_argument("--epochs", type=int, default=2, help="epochs per block (default 2)")
-    g.add_argument("--batch-size", type=int, default=2, help="samples per step (default 2)")
-    g.add_argument("--lr-quant", type=float, default=None,
-                   help="learning rate of step sizes (fraction of each group's range per step) and zero points (integer "
-                        "units) (default: 1e-4 scaled by 4096/steps, at most 1e-2)")
-    g.add_argument("--lr-weight", type=float, default=None,
-                   help="learning rate of weights and norms, as a fraction of each group's range per step "
-                        "(default: 2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3)")
-    g.add_argument("--input-mode", choices=["quant", "fp"], default="quant", help="block inputs from the quantized chain (default) or the fp chain")
-    g.add_argument("--block-loss", dest="loss", choices=LOSSES, default=BlockAPConfig.loss,
-                   help=f"reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
-                        f"count by their relative error) (default {BlockAPConfig.loss})")
-    g.add_argument("--train-norms", action=argparse.BooleanOptionalAction, default=BlockAPConfig.train_norms,
-                   help="train each block's norm weights with its linear weights, as the reference (default on; biases stay fixed)")
-    g.add_argument("--block-clip-grad", dest="clip_grad", type=float, default=None,
-                   help="Block-AP gradient-norm clip (default: none, as the reference)")
-    g.add_argument("--early-stop", action="store_true", help="stop a block when its validation loss rises")
-    g.add_argument("--ram-budget-gb", type=float, default=8.0, help="activation caches beyond this go to memory-mapped files (default 8)")
-    g.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="Block-AP's two activation caches: auto = float32 on CPU, bfloat16 on GPU")
-    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and shuffling (default 0)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    classes = list(TRAINERS.values()) if command == "train" else list(dict.fromkeys(c for cs in RECIPES.values() for c in cs))
+    seen: set = set()
+    for cls in classes:
+        flags = config_flags(cls, _stage_prefix(cls, command))
+        grid = [f for f in flags if f.path[0] == "grid"]
+        if grid:
+            add_flags(p, grid, "grid", defaults, seen)
+        own = [f for f in flags if f.path[0] != "grid"]
+        name = STAGES[cls][0]
+        title = name if command == "train" or not _stage_prefix(cls, command) else f"{name} (as the end-to-end stage of a recipe)"
+        add_flags(p, own, title, defaults, seen)
 
 
-def _add_dlqat_args(p: argparse.ArgumentParser):
-    from qatlm.methods.dl_qat import DLQATConfig
-
-    g = p.add_argument_group("dl-qat")
-    g.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the largest <= 16 costing at most 0.2%% of the quantized weights)")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
-    g.add_argument("--magnitude", choices=["group", "channel"], default="group", help="one magnitude per group (default) or per output channel")
-    g.add_argument("--no-lora", dest="lora", action="store_false", help="train the magnitudes only")
-    g.add_argument("--lr-lora", type=float, default=DLQATConfig.lr_lora, help=f"learning rate of the LoRA factors (default {DLQATConfig.lr_lora:g})")
-    g.add_argument("--lr-magnitude", type=float, default=DLQATConfig.lr_magnitude,
-                   help=f"learning rate of the magnitudes (default {DLQATConfig.lr_magnitude:g})")
-    g.add_argument("--targets", default=None, help="comma-separated layer-name fragments to train (default: every quantized layer)")
+# old spellings: a recipe with no calibrated stage (dl-qat: RTN, then DL-QAT) reads these as its training stage's
+_TRAIN_STAGE_SPELLINGS = {"calib": "data", "calib_samples": "samples", "calib_seqlen": "seqlen", "val_samples": "val_samples",
+                          "seed": "seed", "epochs": "epochs", "batch_size": "batch_size"}
 
 
-# quantize's data flags, for the end-to-end configs whose fields carry the end-to-end names
-_E2E_ALIASES = {"calib": "data", "calib_samples": "samples", "calib_seqlen": "seqlen"}
-# arguments of the command itself, not of a method
-_COMMAND_ARGS = {"command", "model", "method", "out", "overwrite", "save_dtype", "device", "cache_dir", "resume"}
+def _recipe_from_args(a, command: str, preset: dict | None = None) -> list:
+    """The stage configs of ``a.method`` from the flags the user typed; a typed flag that no stage of the recipe
+    takes is refused in one line (never silently dropped). ``preset``: values by flag dest applied when not typed."""
+    from qatlm.options import config_flags, refuse_extra, typed, values_for
+    from qatlm.recipes import RECIPES, TRAINERS, build_recipe, is_quantizer_cls
 
+    given = typed(a)
+    all_given = {**(preset or {}), **given}
+    if command == "train":
+        if a.method not in TRAINERS:
+            raise QatlmError(f"unknown training method '{a.method}'; choose {' or '.join(TRAINERS)}")
+        classes, name = [TRAINERS[a.method]], a.method
+    else:
+        if a.method not in RECIPES:
+            raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(RECIPES)}")
+        classes, name = RECIPES[a.method], a.method
+    values, given_sets, used = [], [], set()
+    for cls in classes:
+        flags = config_flags(cls, _stage_prefix(cls, command))
+        values.append(values_for(flags, all_given))
+        given_sets.append(set(values_for(flags, given)))
+        used |= {f.dest for f in flags}
+    if command != "train" and len(classes) > 1 and not any(hasattr(c, "calib") for c in classes if is_quantizer_cls(c)):
+        aliased = set()
+        for old, field in _TRAIN_STAGE_SPELLINGS.items():
+            dest = f"{old}@"
+            if dest in all_given and dest not in used:
+                values[-1].setdefault(field, all_given[dest])
+                if dest in given:
+                    given_sets[-1].add(field)
+                aliased.add(dest)
+        used |= aliased
+    refuse_extra(given, used, f"--method {name}")
+    if command == "train":
+        from qatlm.options import build
 
-def _method_config(a, ignore=()):
-    """The method's config dataclass, filled from the arguments it has fields for; an option the user set
-    that the chosen method does not take is refused (never silently dropped). ``ignore``: the command's own."""
-    import dataclasses
-
-    from qatlm.api import METHODS
-
-    if a.method not in METHODS:
-        raise QatlmError(f"unknown method '{a.method}'; choose one of {', '.join(METHODS)}")
-    cfg_cls, fn = METHODS[a.method]
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    defaults = vars(build_parser().parse_args(["quantize", "--out", "-"]))
-    values = {}
-    for k, v in vars(a).items():
-        if k in _COMMAND_ARGS or k in ignore:
-            continue
-        if v == defaults.get(k):
-            continue  # not given: the method's own default holds
-        field = k if k in names else _E2E_ALIASES.get(k) if _E2E_ALIASES.get(k) in names else None
-        if field is None:
-            raise QatlmError(f"--{k.replace('_', '-')} does not apply to --method {a.method}")
-        values[field] = v
-    return cfg_cls(**values), fn
+        return [build(classes[0], values[0])]
+    return build_recipe(name, values, given_sets)
 
 
 KERNEL_HELP = ("packed layers: auto (default: cache when the float weights fit in a quarter of the free memory, else plain), "
@@ -145,8 +130,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qatlm: error: {message} (see '{self.prog} --help')\n")
 
 
+# the demo's budget: ~10 minutes on 2 CPU cores, at a setting where QAT's gain over RTN is plain
+DEMO_BUDGET = {"bits": 3, "group_size": 128, "calib_samples": 32, "calib_seqlen": 256, "val_samples": 4, "epochs": 2}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qatlm.api import METHODS
+    from qatlm.recipes import STAGES
 
     from qatlm.version import __version__
 
@@ -156,16 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save a packed GPTQ-format checkpoint")
     q.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
-    q.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
-    _add_quant_args(q)
+    q.add_argument("--method", default="rtn", help="quantization recipe: " + "; ".join(
+        f"{n} = {' then '.join(STAGES[c][0] for c in cs)}" for n, cs in METHODS.items()) + " (default rtn)")
     q.add_argument("--out", required=True, help="output folder for the packed checkpoint")
     q.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run) if it exists")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run (Block-AP: from its last finished block)")
     q.add_argument("--save-dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="storage dtype of the unquantized tensors (embeddings, norms, head); auto (default) = the source "
                         "checkpoint's dtype as shipped (float16 for the built-in model)")
-    _add_train_args(q)
-    _add_dlqat_args(q)
     _add_common(q)
+    _add_recipe_flags(q, "quantize")
 
     t = sub.add_parser("train", help="train a packed checkpoint end to end (e2e-qp: step sizes only) and save it")
     t.add_argument("--method", default="e2e-qp", help="training method: e2e-qp (default: step sizes only) or dl-qat (magnitudes + LoRA in the grid)")
@@ -173,29 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder for the trained checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace the output folder (and any unfinished run)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    t.add_argument("--data", default="wikipedia", help="text source (continual pre-training) or instruction .jsonl/.parquet/dataset "
-                   "with instruction/input/output or messages fields (instruction tuning; loss on responses only); "
-                   "built-in instruction set: sciq-instruct (1,000 SciQ questions, not an evaluation task)")
-    t.add_argument("--samples", type=int, default=64, help="training samples (default 64)")
-    t.add_argument("--seqlen", type=int, default=512, help="tokens per sample, at most (default 512)")
-    t.add_argument("--val-samples", type=int, default=8, help="validation samples (default 8)")
-    t.add_argument("--epochs", type=int, default=1, help="epochs (default 1)")
-    t.add_argument("--batch-size", type=int, default=4, help="global batch over all processes and accumulation steps (default 4)")
-    t.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's 2e-5 at 2 bits / 1e-5 above, times 128/steps when shorter, at most 1e-3)")
-    t.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup fraction (default 0.03)")
-    t.add_argument("--clip-grad", type=float, default=0.3, help="gradient-norm clip (default 0.3)")
-    t.add_argument("--train-zeros", action="store_true", help="also train the zero points")
-    t.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each block's activations in the backward pass: memory flat in depth, ~1/3 more compute "
-                        "(default on; --no-grad-checkpointing to trade memory for speed)")
-    t.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: each epoch)")
-    t.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps (default: each epoch)")
-    t.add_argument("--save-minutes", type=float, default=10.0,
-                   help="also a resumable checkpoint at least every N minutes, whatever --save-every says (default 10; 0: off)")
-    t.add_argument("--seed", type=int, default=0, help="seed for data sampling, shuffling and DL-QAT's LoRA init (default 0)")
-    _add_dlqat_args(t)
     _add_common(t)
+    _add_recipe_flags(t, "train")
 
     for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
                            ("compare", "evaluate several models and write one table (Markdown + JSON) and a bar chart")):
@@ -215,13 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
     d.add_argument("--method", default="block-ap", choices=list(METHODS),
                    help="the QAT recipe shown beside RTN (default block-ap; rtn shows RTN alone)")
-    _add_quant_args(d)
-    _add_train_args(d)
-    _add_dlqat_args(d)
     _add_eval_args(d, limit=50)
     _add_common(d)
-    # a budget sized to ~10 minutes on 2 CPU cores, at a setting where QAT's gain over RTN is plain
-    d.set_defaults(bits=3, group_size=128, calib_samples=32, calib_seqlen=256, val_samples=4, epochs=2)
+    _add_recipe_flags(d, "demo", defaults={f"--{k.replace('_', '-')}": v for k, v in DEMO_BUDGET.items()})
 
     x = sub.add_parser("export", help="write a packed checkpoint in another runtime's format (gptq, gptq-v1, gguf, compressed-tensors)")
     x.add_argument("src", help="qatlm / GPTQ checkpoint folder")
@@ -318,12 +283,16 @@ def cmd_quantize(a) -> int:
 
     import torch
 
-    from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
+    from qatlm.io import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
     from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
     from qatlm.model.arch import find_parts, quant_targets
     from qatlm.model.lazy import LazyUnsupported, load_lazy_model
 
-    config, fn = _method_config(a)
+    from qatlm.methods.base import Context
+    from qatlm.recipes import grid_of, run_recipe
+
+    stages = _recipe_from_args(a, "quantize")
+    spec = grid_of(stages)
     world, rank, device = _data_parallel(a.device)
     if world > 1 and a.method != "block-ap":
         raise QatlmError(f"--method {a.method} runs in one process; data-parallel quantize (torchrun) is for block-ap "
@@ -333,8 +302,7 @@ def cmd_quantize(a) -> int:
     work = out.parent / f"{out.name}.work"  # resumable state of a training method, removed when done
     model_dir = _check_model_dir(_resolve_model(a.model, a.cache_dir))
     # --resume continues an unfinished run; a finished output is never redone or replaced without --overwrite
-    check_output(out, [model_dir, _text_input(getattr(config, "calib", None)), _text_input(getattr(config, "data", None))],
-                 a.overwrite)
+    check_output(out, [model_dir] + [_text_input(getattr(s, k, None)) for s in stages for k in ("calib", "data")], a.overwrite)
     quiet = contextlib.nullcontext()
     with output_lock(out) if main else quiet:
         if main:
@@ -347,7 +315,7 @@ def cmd_quantize(a) -> int:
             t0 = time.time()
             # RTN and Block-AP go block by block: the model is read lazily, each block from the shards
             # when its turn comes, and dropped once packed (host memory flat in the number of blocks)
-            lazy = a.method in ("rtn", "block-ap") and not getattr(config, "lm_head", False)
+            lazy = len(stages) == 1 and getattr(type(stages[0]), "streams", False) and not getattr(stages[0], "lm_head", False)
             if main:
                 print(f"loading {model_dir}{' (block by block)' if lazy else ''}"
                       f"{f', {world} data-parallel processes' if world > 1 else ''}", file=sys.stderr)
@@ -362,16 +330,17 @@ def cmd_quantize(a) -> int:
                 model = load_fp_model(model_dir, device=device)
             tok = load_tokenizer(model_dir)
             if main:
-                print(f"quantizing with {a.method} at {config.spec.tag}", file=sys.stderr)
+                print(f"quantizing with {a.method} at {spec.tag}", file=sys.stderr)
             widths = [m.in_features for m in quant_targets(find_parts(model).layers[0]).values()]
-            if main and widths and config.spec.group_size > max(widths):
-                print(f"note: group size {config.spec.group_size} is larger than every layer's input width (at most "
+            if main and widths and spec.group_size > max(widths):
+                print(f"note: group size {spec.group_size} is larger than every layer's input width (at most "
                       f"{max(widths)}): each output row is one group, i.e. per-channel quantization", file=sys.stderr)
-            summary = fn(model, config, tokenizer=tok, work_dir=work, resume=a.resume) or {}
+            ctx = Context(tokenizer=tok, device=device, work_dir=work, resume=a.resume, cache_dir=a.cache_dir)
+            summary = run_recipe(model, stages, None, ctx)
             if main:
                 dtype = source_dtype(model_dir, a.cache_dir) if a.save_dtype == "auto" else getattr(torch, a.save_dtype)
                 meta = {**_source_meta(a.method, model_dir, a.cache_dir), "seconds": round(time.time() - t0, 1)}
-                save_quantized(model, out, config.spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
+                save_quantized(model, out, spec, tokenizer=tok, overwrite=a.overwrite, meta=meta, dtype=dtype,
                                report=lambda tmp: _save_training_report(summary, work, tmp), block_files=work if lazy else None)
         if world > 1:
             torch.distributed.barrier()  # nobody removes the work folder while another process still reads it
@@ -401,7 +370,7 @@ def _save_training_report(summary: dict, work: Path, out: Path):
     if "method" not in summary or summary["method"] == "rtn":
         return
     (out / "training_summary.json").write_text(json.dumps(_without_local_paths(summary), indent=2) + "\n")
-    logs = [f for f in (work / "train_log.jsonl", work / "e2e" / "train_log.jsonl", work / "dlqat" / "train_log.jsonl") if f.exists()]
+    logs = [f for f in (work / "train_log.jsonl", *sorted(work.glob("stage-*/train_log.jsonl"))) if f.exists()]
     if logs:
         (out / "training_log.jsonl").write_text("".join(f.read_text() for f in logs))
         from qatlm.eval.plots import loss_curve
@@ -519,26 +488,23 @@ class _StageClock:
               f"about {left / 60:.1f} min left)", file=sys.stderr, flush=True)
 
 
-DEMO_EVAL_ARGS = {"heldout", "seqlen", "ppl_windows", "tasks", "limit", "eval_batch_size", "kernel"}
-
-
 def cmd_demo(a) -> int:
     import shutil
 
     from qatlm.data import assets
     from qatlm.eval.plots import loss_curve
     from qatlm.eval.report import evaluate, markdown_table, write_report
-    from qatlm.methods.rtn import RTNConfig, quantize_rtn
-    from qatlm.fsutil import check_output
+    from qatlm.methods.base import Context
+    from qatlm.methods.rtn import RTNConfig
+    from qatlm.io import check_output
     from qatlm.model.checkpoint import _check_model_dir, load_fp_model, load_tokenizer, save_quantized, source_dtype
+    from qatlm.recipes import grid_of, run_recipe
 
-    if a.method == "rtn":
-        config, fn = RTNConfig(a.bits, a.group_size, a.sym), quantize_rtn
-    else:
-        config, fn = _method_config(a, ignore=DEMO_EVAL_ARGS)
+    recipe = _recipe_from_args(a, "demo", preset={f"{k}@": v for k, v in DEMO_BUDGET.items()})
+    grid = grid_of(recipe)
     settings = _eval_settings(a)
     out = Path(a.out).expanduser()
-    tag = config.spec.tag
+    tag = grid.tag
     methods = ["rtn"] if a.method == "rtn" else ["rtn", a.method]
     stages = [("fetch the built-in assets", 30), ("evaluate full precision", 70)]
     for m in methods:
@@ -556,14 +522,14 @@ def cmd_demo(a) -> int:
     rows = [evaluate(model_dir, settings, label=f"{name} (full precision)")]
     for k, m in enumerate(methods):
         clock.start(2 + 2 * k)
-        cfg, run = (RTNConfig(config.bits, config.group_size, config.sym), quantize_rtn) if m == "rtn" else (config, fn)
+        cfgs = [RTNConfig(grid=grid)] if m == "rtn" else recipe
         qdir = out / f"{name}-{m}-{tag}"
         work = out / f".{qdir.name}.work"
         shutil.rmtree(work, ignore_errors=True)
         model = load_fp_model(model_dir, device=a.device)
-        summary = run(model, cfg, tokenizer=tok, work_dir=work) or {}
+        summary = run_recipe(model, cfgs, None, Context(tokenizer=tok, device=a.device, work_dir=work, cache_dir=a.cache_dir))
         meta = _source_meta(m, model_dir, a.cache_dir)
-        save_quantized(model, qdir, cfg.spec, tokenizer=tok, overwrite=True, meta=meta, dtype=source_dtype(model_dir, a.cache_dir),
+        save_quantized(model, qdir, grid, tokenizer=tok, overwrite=True, meta=meta, dtype=source_dtype(model_dir, a.cache_dir),
                        report=lambda tmp, summary=summary, work=work: _save_training_report(summary, work, tmp))
         shutil.rmtree(work, ignore_errors=True)
         del model
@@ -580,33 +546,22 @@ def cmd_demo(a) -> int:
 
 
 def cmd_train(a) -> int:
-    import dataclasses
     import shutil
 
     import torch
     from accelerate import PartialState
 
-    from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
-    from qatlm.fsutil import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
-    from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config, weights_size
-
-    from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
+    from qatlm.io import check_output, claim_work_dir, output_lock, source_fingerprint, work_dir_guard
     from qatlm.memory import adapt_to_free_memory
+    from qatlm.methods.base import Context
+    from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config, weights_size
+    from qatlm.recipes import run_recipe
 
-    methods = {"e2e-qp": (E2EQPConfig, train_e2e_qp), "dl-qat": (DLQATConfig, train_dl_qat)}
-    if a.method not in methods:
-        raise QatlmError(f"unknown training method '{a.method}'; choose {' or '.join(methods)}")
-    cfg_cls, train_fn = methods[a.method]
-    state = PartialState(cpu=not torch.cuda.is_available())
+    [config] = _recipe_from_args(a, "train")
+    state = PartialState(cpu=not torch.cuda.is_available() or torch.device(a.device).type == "cpu")
     src, qc = read_quant_config(a.src)
     out = Path(a.out).expanduser()
     work = out.parent / f"{out.name}.work"
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    # a DL-QAT flag given to E2E-QP would be dropped silently: refuse it instead
-    for f in dataclasses.fields(DLQATConfig):
-        if f.name not in names and f.name in vars(a) and getattr(a, f.name) != f.default:
-            raise QatlmError(f"--{f.name.replace('_', '-')} does not apply to --method {a.method}")
-    config = cfg_cls(**{k: v for k, v in vars(a).items() if k in names})
     lock = contextlib.nullcontext()
     if state.is_main_process:
         check_output(out, [src, _text_input(config.data)], a.overwrite)
@@ -626,7 +581,8 @@ def cmd_train(a) -> int:
             device = a.device if state.num_processes == 1 else "cpu"
             adapt_to_free_memory(weights_size(src), device)
             model = load_quantized(src, device=device)
-            summary = train_fn(model, config, tok, work_dir=work, resume=a.resume, cache_dir=a.cache_dir, device=a.device)
+            summary = run_recipe(model, [config], None, Context(tokenizer=tok, device=a.device, work_dir=work, resume=a.resume,
+                                                                cache_dir=a.cache_dir))
             if "cost" in summary:
                 c = summary["cost"]
                 print(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
@@ -649,7 +605,7 @@ def cmd_export(a) -> int:
     fmt = {"gptq-v2": "gptq", "ct": "compressed-tensors"}.get(fmt, fmt)
     if fmt not in FORMATS:
         raise QatlmError(f"unknown export format '{a.format}'; choose one of {', '.join(FORMATS)}")
-    from qatlm.fsutil import output_lock
+    from qatlm.io import output_lock
 
     print(f"exporting {a.src} as {fmt} ...", file=sys.stderr)
     with output_lock(Path(a.out).expanduser()):

@@ -14,6 +14,7 @@ import copy
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import json
 import math
 import time
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from qatlm.data.examples import build_examples
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir, atomic_write_text, tidy_output
+from qatlm.io import atomic_dir, atomic_write_text, resume_point, tidy_output
 from qatlm.quant.linear import PackedLinear
 
 
@@ -302,12 +303,9 @@ def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work
     first_step = first_epoch = 0
     if work:
         tidy_output(ckpt)  # a kill between the two renames of a checkpoint replacement left the old one aside
-    if work and ckpt.exists():
-        if not resume:
-            raise QatlmError(f"{work} holds an unfinished run: pass --resume to continue it, or --overwrite to start over")
+    fingerprint = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+    if work and resume_point(ckpt / "state.json", fingerprint, resume, lambda st: f"step {st['step']}/{total}") is not None:
         state = _load_state(ckpt, named, opt)
-        if state.get("config") != asdict(config):
-            raise QatlmError(f"cannot resume from {work}: it was started with other settings")
         first_step, first_epoch = state["step"], state["epoch"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     log = JsonLog(work / "train_log.jsonl" if (work and acc.is_main_process) else None,
@@ -362,7 +360,7 @@ def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work
             due = bool(flag.item())
         if work and due and done < total:
             if acc.is_main_process:
-                _save_state(ckpt, named, optimizer, done, done // steps_per_epoch, {"config": asdict(config)})
+                _save_state(ckpt, named, optimizer, done, done // steps_per_epoch, {"fingerprint": fingerprint, "config": asdict(config)})
             last_save[0] = time.time()
             acc.wait_for_everyone()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir, atomic_write_text
+from qatlm.io import atomic_dir, atomic_write_text
 
 
 @dataclass(frozen=True)

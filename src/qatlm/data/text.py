@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_file
+from qatlm.io import atomic_file
 
 
 def _text_column(table, where: str) -> list[str]:

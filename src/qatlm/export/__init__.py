@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir, check_output
+from qatlm.io import atomic_dir, check_output
 
 FORMATS = ("gptq", "gptq-v1", "gguf", "compressed-tensors")
 
@@ -106,7 +106,8 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
     from torch import nn
 
     from qatlm.export.compressed import compress_layer, quantization_config, scheme_for
-    from qatlm.model.checkpoint import _tied_duplicates, _write_shards
+    from qatlm.io import write_shards
+    from qatlm.model.checkpoint import SHARD_BYTES, _tied_duplicates
 
     scheme = scheme_for(spec)
     sd = model.state_dict()
@@ -123,7 +124,7 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.detach().contiguous().cpu()
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
-    _write_shards(out.items(), folder)
+    write_shards(out.items(), folder, SHARD_BYTES)
     model.config.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     qcfg = quantization_config(spec, ignore)

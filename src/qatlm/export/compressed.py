@@ -38,7 +38,7 @@ def compress_layer(layer, scheme) -> dict:
     spec = layer.spec
     if spec.group_size != -1 and layer.in_features % spec.group_size:
         raise QatlmError(f"compressed-tensors needs the group size to divide the input width ({layer.in_features} % {spec.group_size})")
-    q, z = layer.integers()
+    q, z, _ = layer.integers()
     s16 = layer.scales.t().contiguous()
     w = dequantize(q, s16.float(), z, spec)
     off = 2 ** (spec.bits - 1)

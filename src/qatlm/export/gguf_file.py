@@ -186,7 +186,7 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
         gname = names.get_name(mod_name)
         if gname is None:
             raise QatlmError(f"GGUF export: no llama.cpp tensor for layer {mod_name}")
-        q, z = layer.integers()
+        q, z, _ = layer.integers()
         s16 = layer.scales.t().contiguous()
         w = dequantize(q, s16.float(), z, spec)
         if permute and mod_name.endswith(("q_proj", "k_proj")):

@@ -15,7 +15,7 @@ def to_v1_zeros(packed_layers: dict) -> None:
     """Rewrite each layer's ``qzeros`` in v1 form (zero − 1), in place; refuse any zero point of 0."""
     bad = []
     for name, layer in packed_layers.items():
-        _, z = layer.integers()
+        _, z, _ = layer.integers()
         if int(z.min()) < 1:
             bad.append(f"{name} ({int((z < 1).sum())} groups)")
     if bad:
@@ -23,5 +23,5 @@ def to_v1_zeros(packed_layers: dict) -> None:
         raise QatlmError(f"GPTQ v1 cannot store a zero point of 0 (its loaders add 1 to every stored zero); found in {', '.join(bad[:5])}{more}. "
                          "Export --format gptq (v2), or quantize with --v1-zeros")
     for layer in packed_layers.values():
-        _, z = layer.integers()
+        _, z, _ = layer.integers()
         layer.qzeros = pack_cols((z - 1).t().contiguous().cpu(), layer.spec.bits, "output width").to(layer.qzeros.device)

@@ -33,6 +33,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from qatlm.errors import QatlmError, check_number
-from qatlm.fsutil import atomic_write_text
+from qatlm.io import atomic_write_json, resume_point
+from qatlm.methods.base import Context, with_grid
+from qatlm.options import opt
 from qatlm.model.lazy import block_file, check_source_weights, lazy_source, materialize_block, release_block, save_block
 from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, run_layer
 from qatlm.model.layers import pack_model, swap_layers
@@ -72,36 +75,38 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse", reduc
     return err.sum() if reduction == "sum" else err.mean()
 
 
+@with_grid
 @dataclass
 class BlockAPConfig:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
-    lm_head: bool = False
-    calib: str = "wikipedia"
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    val_samples: int = 16
-    seed: int = 0
-    epochs: int = 2
-    batch_size: int = 2
-    lr_quant: float | None = None  # None: step-scaled from 1e-4 (see learning_rates); in units of each group's range
-    lr_weight: float | None = None  # None: step-scaled from 2e-5 (2-bit) / 1e-5 (3-8 bit); in units of each group's range
-    min_lr_ratio: float = 0.05
-    clip_grad: float | None = None  # the reference does not clip Block-AP gradients
-    input_mode: str = "quant"  # "quant": quantized-chain inputs; "fp": full-precision-chain inputs
-    loss: str = "mse"  # "mse" (paper) or "mse-capped": tokens of massive norm (attention sinks) weigh as a typical token
-    train_norms: bool = True  # the reference trains every block weight that is not quantized (norms), biases stay fixed
-    early_stop: bool = False
-    ram_budget_gb: float = 8.0
-    chain_batch: int = 8  # samples per forward when moving activations through a finished block
-    cache_dtype: str = "auto"  # activation caches: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16
+    """EfficientQAT's Block-AP: each decoder block trained against its full-precision output, then fixed to integers."""
+
+    streams: ClassVar[bool] = True  # can run block by block on a lazily loaded model
+
+    grid: QuantSpec = opt(QuantSpec, "the integer grid")
+    calib: str = opt("wikipedia", "calibration text: wikipedia (built-in) or a .txt/.jsonl/.parquet/dataset folder")
+    calib_samples: int = opt(128, "calibration samples")
+    calib_seqlen: int = opt(512, "tokens per calibration sample")
+    val_samples: int = opt(16, "validation samples, disjoint from calibration")
+    seed: int = opt(0, "seed for calibration sampling and shuffling")
+    epochs: int = opt(2, "epochs per block")
+    batch_size: int = opt(2, "samples per step (the global batch under torchrun)")
+    lr_quant: float | None = opt(None, "learning rate of step sizes (fraction of each group's range per step) and zero points "
+                                       "(integer units)", default_help="1e-4 scaled by 4096/steps, at most 1e-2")
+    lr_weight: float | None = opt(None, "learning rate of weights and norms, as a fraction of each group's range per step",
+                                  default_help="2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3")
+    min_lr_ratio: float = opt(0.05, "cosine decay ends at this fraction of each learning rate")
+    clip_grad: float | None = opt(None, "gradient-norm clip", flag="block-clip-grad", default_help="none, as the reference")
+    input_mode: str = opt("quant", "block inputs from the quantized chain (quant) or the fp chain (fp)", choices=("quant", "fp"))
+    loss: str = opt("mse", "reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
+                           "count by their relative error)", flag="block-loss", choices=LOSSES)
+    train_norms: bool = opt(True, "train each block's norm weights with its linear weights, as the reference (biases stay fixed)")
+    early_stop: bool = opt(False, "stop a block when its validation loss rises")
+    ram_budget_gb: float = opt(8.0, "activation caches beyond this many GiB go to memory-mapped files")
+    chain_batch: int = opt(8, "samples per forward when moving activations through a finished block")
+    cache_dtype: str = opt("auto", "the two activation caches: auto = float32 on CPU, bfloat16 on GPU",
+                           choices=("auto", "float32", "bfloat16", "float16"))
 
     def __post_init__(self):
-        self.spec  # validates bits / group size
-        if self.lm_head:
-            raise QatlmError("block-ap trains decoder blocks only; quantize the LM head with rtn (drop --lm-head)")
         if self.input_mode not in ("quant", "fp"):
             raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
         if self.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -117,10 +122,6 @@ class BlockAPConfig:
         check_number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)
         check_number("block_clip_grad", self.clip_grad, at_least=0)
         check_number("ram_budget_gb", self.ram_budget_gb, at_least=0)
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
 
     def cache_torch_dtype(self, device) -> torch.dtype:
         if self.cache_dtype == "auto":
@@ -526,10 +527,6 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
             "lr_retried": len(attempts) > 1, "rtn_fallback": fallback}
 
 
-def _atomic_json(path: Path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2))
-
-
 class RunState:
     """A Block-AP run's work folder: ``progress.json`` (settings fingerprint, finished blocks), ``summary.json``,
     ``blocks/`` (each finished block's packed tensors) and ``chain-K/`` (the activations block K starts from,
@@ -543,14 +540,8 @@ class RunState:
         self._snap = {"at": time.time(), "cost": 0.0}
         if work is None:
             return
-        progress = work / "progress.json"
-        if progress.exists():
-            state = json.loads(progress.read_text())
-            if not resume:
-                raise QatlmError(f"{work} holds an unfinished run (block {state['done']}/{n_blocks}): pass --resume to continue it, "
-                                 "or --overwrite to start over")
-            if state["fingerprint"] != fingerprint:
-                raise QatlmError(f"cannot resume from {work}: it was started with other settings or calibration data")
+        state = resume_point(work / "progress.json", fingerprint, resume, lambda st: f"block {st['done']}/{n_blocks}")
+        if state is not None:
             self.done = state["done"]
         shard.barrier()  # every process has read the state before the first one rewrites it
         if shard.main:
@@ -558,7 +549,7 @@ class RunState:
             self._progress(self.done)
 
     def _progress(self, done: int):
-        _atomic_json(self.work / "progress.json", {"fingerprint": self.fingerprint, "done": done, "blocks": self.n_blocks})
+        atomic_write_json(self.work / "progress.json", {"fingerprint": self.fingerprint, "done": done, "blocks": self.n_blocks})
 
     def cache_folder(self) -> Path | None:
         return None if self.work is None else self.work / f"activations{self.suffix}"
@@ -592,7 +583,7 @@ class RunState:
             return
         if self.shard.main:
             save_block(self.work, bi, block)
-            _atomic_json(self.work / "summary.json", summary)
+            atomic_write_json(self.work / "summary.json", summary)
             self._progress(bi + 1)
         due = bi + 1 < self.n_blocks and self._snap["cost"] <= _CHAIN_OVERHEAD * (time.time() - self._snap["at"])
         if self.shard.any(due):
@@ -614,7 +605,7 @@ class RunState:
             meta_file = self.work / "chain.json"
             previous = json.loads(meta_file.read_text()).get("dir") if meta_file.exists() else None
             caches = chain.caches()
-            _atomic_json(meta_file, {"block": block, "dir": folder.name, "caches": sorted(caches), "world": self.shard.world,
+            atomic_write_json(meta_file, {"block": block, "dir": folder.name, "caches": sorted(caches), "world": self.shard.world,
                                      "dtype": str(next(iter(caches.values())).t.dtype)})
             if previous and previous != folder.name:
                 shutil.rmtree(self.work / previous, ignore_errors=True)
@@ -714,3 +705,10 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     summary["rtn_fallback_blocks"] = [b["block"] for b in summary["blocks"] if b.get("rtn_fallback")]
     summary["lr_retried_blocks"] = [b["block"] for b in summary["blocks"] if b.get("lr_retried")]
     return summary
+
+
+def run(model, config: BlockAPConfig, data=None, context: Context | None = None) -> dict:
+    """The method protocol (``methods/base.py``); ``data``: optional ``(train_ids, val_ids)``."""
+    c = context or Context()
+    return quantize_block_ap(model, config, tokenizer=c.tokenizer, work_dir=c.work_dir, resume=c.resume, calib=data, device=c.device,
+                             progress=c.progress, log_path=c.log_path)

@@ -16,14 +16,17 @@ which keeps the total under 1 % for group sizes ≥ 128.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from qatlm.errors import QatlmError, check_number
+from qatlm.methods.base import Context
 from qatlm.methods.e2e_qp import E2EQPConfig
+from qatlm.options import opt
 from qatlm.train import Trainable, train_end_to_end
-from qatlm.model.layers import attach_fake_quant, pack_model, swap_layers
+from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear
 
 LORA_BUDGET = 0.002
@@ -31,13 +34,19 @@ LORA_BUDGET = 0.002
 
 @dataclass
 class DLQATConfig(E2EQPConfig):
-    rank: int | None = None  # None: from LORA_BUDGET
-    alpha: float | None = None  # LoRA scaling numerator (default: rank, i.e. scaling 1)
-    magnitude: str = "group"  # "group" or "channel"
-    lora: bool = True
-    lr_lora: float = 5e-2  # from bench/lr_sweep.py (16 steps from RTN, SmolLM2): best val loss at w3g128 and w4g128
-    lr_magnitude: float = 1e-2
-    targets: str | None = None  # comma-separated name fragments (e.g. "q_proj,v_proj"); None: every quantized layer
+    """DL-QAT: a magnitude per quantization group and LoRA factors that move the weights inside the integer grid."""
+
+    takes_float_base: ClassVar[bool] = True  # after RTN it trains from the float weights on the grid, not from integers
+
+    rank: int | None = opt(None, "LoRA rank", flag="rank", default_help="the largest <= 16 costing at most 0.2% of the quantized weights")
+    alpha: float | None = opt(None, "LoRA alpha", flag="alpha", default_help="the rank, i.e. scaling 1")
+    magnitude: str = opt("group", "one magnitude per quantization group or per output channel", flag="magnitude",
+                         choices=("group", "channel"))
+    lora: bool = opt(True, "train LoRA factors (--no-lora: the magnitudes only)", flag="lora")
+    lr_lora: float = opt(5e-2, "learning rate of the LoRA factors", flag="lr-lora")  # bench/lr_sweep.py: best val loss at w3/w4g128
+    lr_magnitude: float = opt(1e-2, "learning rate of the magnitudes", flag="lr-magnitude")
+    targets: str | None = opt(None, "comma-separated layer-name fragments to train (e.g. q_proj,v_proj)", flag="targets",
+                              default_help="every quantized layer")
 
     def __post_init__(self):
         super().__post_init__()
@@ -96,7 +105,7 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     groups = [{"params": mags, "lr": config.lr_magnitude}] + ([{"params": lora, "lr": config.lr_lora}] if lora else [])
 
     def merge():
-        swap_layers(model, lambda name, m: m.merge(), names=list(layers))
+        swap_layers(model, lambda name, m: m.to_packed(), names=list(layers))
         pack_model(model)  # layers outside the targets that were still fake-quant (RTN init) are fixed to integers too
         return len(layers)
 
@@ -105,63 +114,17 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     return Trainable(groups, merge, {"lr_lora": config.lr_lora, "lr_magnitude": config.lr_magnitude, "cost": cost})
 
 
-def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=False, progress=True, cache_dir=None, device=None) -> dict:
+def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=False, progress=True, cache_dir=None, device=None,
+                 accelerator=None) -> dict:
     """DL-QAT in place on a model whose quantized layers are packed or RTN fake-quant; merges at the end."""
-    return train_end_to_end(model, config, tokenizer, dlqat_trainable, "dl-qat", work_dir, resume, progress, cache_dir=cache_dir,
+    return train_end_to_end(model, config, tokenizer, dlqat_trainable, "dl-qat", work_dir, resume, progress, accelerator, cache_dir,
                             device=device)
 
 
-@dataclass
-class RTNDLQATConfig(DLQATConfig):
-    """Recipe ``dl-qat``: RTN grid on the fp model (base = W0/s + z, continuous), then DL-QAT."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
-    lm_head: bool = False
-
-    @property
-    def spec(self):
-        from qatlm.quant.grid import QuantSpec
-
-        return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.spec  # validates bits / group size
-
-
-def quantize_rtn_dlqat(model, config: RTNDLQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:
-
-    if tokenizer is None:
-        raise QatlmError("dl-qat needs training text: pass a tokenizer")
-    attach_fake_quant(model, config.spec, lm_head=config.lm_head)
-    return {**train_dl_qat(model, config, tokenizer, work_dir=work_dir, resume=resume, progress=kw.get("progress", True)),
-            "method": "dl-qat"}
-
-
-@dataclass
-class BlockAPDLQATConfig(RTNDLQATConfig):
-    """Recipe ``efficientqat+dl-qat``: Block-AP (its own calibration settings), then DL-QAT from its integers."""
-
-    calib: str = "wikipedia"
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    blockap_epochs: int = 2
-    input_mode: str = "quant"
-
-
-def quantize_blockap_dlqat(model, config: BlockAPDLQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:
-    from pathlib import Path
-
-    from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
-
-    bap = BlockAPConfig(bits=config.bits, group_size=config.group_size, sym=config.sym, v1_zeros=config.v1_zeros, calib=config.calib,
-                        calib_samples=config.calib_samples, calib_seqlen=config.calib_seqlen, val_samples=config.val_samples,
-                        seed=config.seed, epochs=config.blockap_epochs, input_mode=config.input_mode)
-    work = Path(work_dir) if work_dir else None
-    s1 = quantize_block_ap(model, bap, tokenizer=tokenizer, work_dir=work, resume=resume, progress=kw.get("progress", True))
-    s2 = train_dl_qat(model, config, tokenizer, work_dir=work / "dlqat" if work else None, resume=resume,
-                      progress=kw.get("progress", True))
-    return {**s1, "method": "efficientqat+dl-qat", "dl_qat": s2}
+def run(model, config: DLQATConfig, data=None, context: Context | None = None) -> dict:
+    """The method protocol (``methods/base.py``): trains in place and merges into packed integers."""
+    c = context or Context()
+    if c.tokenizer is None:
+        raise QatlmError("dl-qat trains end to end on text: pass a tokenizer")
+    return train_dl_qat(model, config, c.tokenizer, work_dir=c.work_dir, resume=c.resume, progress=c.progress,
+                        cache_dir=c.cache_dir, device=c.device, accelerator=c.accelerator)

@@ -11,10 +11,10 @@ data-parallel: each process takes its slice of every global batch and DDP averag
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from qatlm.errors import QatlmError, check_number
-from qatlm.methods.block_ap import BlockAPConfig
+from qatlm.methods.base import Context
+from qatlm.options import opt
 from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.linear import PackedLinear, ScaleTrainLinear
 from qatlm.train import Trainable, train_end_to_end
@@ -25,23 +25,29 @@ PAPER_E2E_STEPS = 128
 
 @dataclass
 class E2EQPConfig:
-    data: str = "wikipedia"  # text source (continual pre-training) or instruction file (auto-detected)
-    samples: int = 64  # training samples (text windows or instruction records)
-    seqlen: int = 512
-    val_samples: int = 8
-    epochs: int = 1
-    batch_size: int = 4  # global batch (all processes, all accumulation micro-steps)
-    grad_accum: int = 1
-    lr: float | None = None  # None: the paper's 2e-5 (2 bits) / 1e-5, scaled to the step budget (learning_rate)
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    clip_grad: float = 0.3
-    train_zeros: bool = False
-    grad_checkpointing: bool = True  # recompute each block's activations in the backward pass (the paper's setting)
-    val_every: int = 0  # steps between validations (0: at the end of every epoch only)
-    save_every: int = 0  # steps between resumable checkpoints (0: every epoch); also every save_minutes
-    save_minutes: float = 10.0  # a resumable checkpoint at least this often (0: by steps only)
-    seed: int = 0
+    """EfficientQAT's E2E-QP: the integer weights frozen, the step sizes (optionally zero points) trained end to end."""
+
+    data: str = opt("wikipedia", "text source (continual pre-training) or instruction .jsonl/.parquet/dataset with "
+                                 "instruction/input/output or messages fields (instruction tuning; loss on responses only); "
+                                 "built-in instruction set: sciq-instruct (1,000 SciQ questions, not an evaluation task)")
+    samples: int = opt(64, "training samples (text windows or instruction records)")
+    seqlen: int = opt(512, "tokens per sample, at most")
+    val_samples: int = opt(8, "validation samples")
+    epochs: int = opt(1, "epochs")
+    batch_size: int = opt(4, "global batch over all processes and accumulation steps")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float | None = opt(None, "learning rate", default_help="the paper's 2e-5 at 2 bits / 1e-5 above, times 128/steps when "
+                                                              "shorter, at most 1e-3")
+    warmup_ratio: float = opt(0.03, "linear warmup fraction")
+    min_lr_ratio: float = opt(0.0, "cosine decay ends at this fraction of the learning rate")
+    clip_grad: float = opt(0.3, "gradient-norm clip")
+    train_zeros: bool = opt(False, "also train the zero points", flag="train-zeros")
+    grad_checkpointing: bool = opt(True, "recompute each block's activations in the backward pass: memory flat in depth, ~1/3 "
+                                         "more compute (--no-grad-checkpointing trades memory for speed)")
+    val_every: int = opt(0, "validate every N steps (0: each epoch)")
+    save_every: int = opt(0, "resumable checkpoint every N steps (0: each epoch)")
+    save_minutes: float = opt(10.0, "also a resumable checkpoint at least every N minutes, whatever save-every says (0: off)")
+    seed: int = opt(0, "seed for data sampling, shuffling and DL-QAT's LoRA init")
 
     def __post_init__(self):
         for name in ("samples", "epochs", "batch_size", "grad_accum"):
@@ -91,32 +97,10 @@ def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: b
                             device=device)
 
 
-@dataclass
-class EfficientQATConfig(BlockAPConfig):
-    """Block-AP, then E2E-QP on the same text (or ``e2e_data``), as one recipe."""
-
-    e2e_data: str | None = None
-    e2e_samples: int | None = None  # default: the calibration sample count
-    e2e_epochs: int = 1
-    e2e_batch_size: int = 4
-    e2e_lr: float | None = None
-    train_zeros: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_number("e2e_samples", self.e2e_samples, at_least=1)
-        check_number("e2e_epochs", self.e2e_epochs, at_least=1)
-        check_number("e2e_batch_size", self.e2e_batch_size, at_least=1)
-        check_number("e2e_lr", self.e2e_lr, above=0)
-
-
-def quantize_efficientqat(model, config: EfficientQATConfig, tokenizer=None, work_dir=None, resume=False, **kw) -> dict:
-    from qatlm.methods.block_ap import quantize_block_ap
-
-    work = Path(work_dir) if work_dir else None
-    s1 = quantize_block_ap(model, config, tokenizer=tokenizer, work_dir=work, resume=resume, **kw)
-    e2e = E2EQPConfig(data=config.e2e_data or config.calib, samples=config.e2e_samples or config.calib_samples,
-                      seqlen=config.calib_seqlen, val_samples=config.val_samples, epochs=config.e2e_epochs,
-                      batch_size=config.e2e_batch_size, lr=config.e2e_lr, train_zeros=config.train_zeros, seed=config.seed)
-    s2 = train_e2e_qp(model, e2e, tokenizer, work_dir=work / "e2e" if work else None, resume=resume, progress=kw.get("progress", True))
-    return {**s1, "method": "efficientqat", "e2e": s2}
+def run(model, config: E2EQPConfig, data=None, context: Context | None = None) -> dict:
+    """The method protocol (``methods/base.py``): trains the packed model's step sizes in place."""
+    c = context or Context()
+    if c.tokenizer is None:
+        raise QatlmError("e2e-qp trains end to end on text: pass a tokenizer")
+    return train_e2e_qp(model, config, c.tokenizer, work_dir=c.work_dir, resume=c.resume, progress=c.progress,
+                        accelerator=c.accelerator, cache_dir=c.cache_dir, device=c.device)

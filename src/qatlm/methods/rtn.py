@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
 from qatlm.model.arch import find_parts, quant_targets
 from qatlm.model.layers import attach_fake_quant, pack_model, target_names
+from qatlm.methods.base import Context, with_grid
+from qatlm.options import opt
 from qatlm.quant.grid import QuantSpec
 
 
+@with_grid
 @dataclass
 class RTNConfig:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    v1_zeros: bool = False  # keep zero points >= 1 so a GPTQ v1 export is exact
-    lm_head: bool = False
+    """Round-to-nearest on a min-max grid; the first stage of the recipes that start from it."""
 
-    def __post_init__(self):
-        self.spec  # validates bits and group size
+    streams: ClassVar[bool] = True  # can run block by block on a lazily loaded model
 
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym, 1 if self.v1_zeros else 0)
+    grid: QuantSpec = opt(QuantSpec, "the integer grid")
+    lm_head: bool = opt(False, "also quantize the LM head (off: it stays in full precision)")
+    pack: bool = opt(True, "fix the weights to integers now; off leaves the RTN grid on the float weights for a later "
+                           "stage that trains from them (the dl-qat recipe)", cli=False)
 
 
 def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dict:
@@ -37,8 +37,8 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dic
         if lazy_source(model) is not None:  # no place to put finished blocks: load them all
             for i in range(len(find_parts(model).layers)):
                 materialize_block(model, i, next(model.parameters()).dtype, next(model.parameters()).device)
-        attach_fake_quant(model, config.spec, lm_head=config.lm_head)
-        return {"method": "rtn", "layers": pack_model(model)}
+        layers = attach_fake_quant(model, config.spec, lm_head=config.lm_head)
+        return {"method": "rtn", "layers": pack_model(model) if config.pack else len(layers)}
     parts = find_parts(model)
     check_source_weights(model, config.spec)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
@@ -55,3 +55,8 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dic
         attach_fake_quant(model, config.spec, lm_head=True, names=head)
         n += pack_model(model)
     return {"method": "rtn", "layers": n}
+
+
+def run(model: nn.Module, config: RTNConfig, data=None, context: Context | None = None) -> dict:
+    """The method protocol (``methods/base.py``): RTN takes no data."""
+    return quantize_rtn(model, config, work_dir=(context or Context()).work_dir)

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qatlm.version import __version__
 from qatlm.errors import QatlmError
-from qatlm.fsutil import atomic_dir, check_output, default_file_mode
+from qatlm.io import atomic_dir, check_output, write_shards
 from qatlm.model.arch import is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
@@ -220,7 +219,7 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
                     yield f"{prefix}{i}.{k}", cast(k, fh.get_tensor(k))
 
     def build(tmp: Path):
-        _write_shards(tensors(), tmp, SHARD_BYTES if block_files is None else STREAM_SHARD_BYTES)
+        write_shards(tensors(), tmp, SHARD_BYTES if block_files is None else STREAM_SHARD_BYTES)
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         if dtype is not None:
@@ -240,38 +239,6 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
     else:
         atomic_dir(out, build)
     return out
-
-
-def _write_shards(items, folder: Path, shard_bytes: int = None):
-    """Write ``(name, tensor)`` pairs as safetensors shards of at most ``shard_bytes`` (one file when they
-    fit, else ``model-0000i-of-0000n`` + index), holding one shard in memory at a time."""
-    shard_bytes = shard_bytes or SHARD_BYTES
-    parts, cur, size, total, weight_map = [], {}, 0, 0, {}
-
-    def flush():
-        name = folder / f".shard-{len(parts):05d}.safetensors"
-        save_file(cur, name, metadata={"format": "pt"})
-        default_file_mode(name)  # safetensors writes 0600; the other files of the folder follow the umask
-        parts.append((name, list(cur)))
-
-    for k, v in items:
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > shard_bytes:
-            flush()
-            cur, size = {}, 0
-        cur[k] = v
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(parts) == 1:
-        parts[0][0].rename(folder / "model.safetensors")
-        return
-    for i, (tmp, keys) in enumerate(parts):
-        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        tmp.rename(folder / name)
-        weight_map.update({k: name for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _weight_files(p: Path) -> list[Path]:
@@ -409,9 +376,9 @@ def checkpoint_info(path) -> dict:
             training["block_error_trained_mean"] = sum(x["trained_mse"] for x in b) / len(b)
         if s.get("val_losses"):
             training["val_loss_after"] = s["val_losses"][-1]
-        for sub in ("e2e", "dl_qat"):
+        for sub, key in (("e2e_qp", "e2e_val_loss"), ("e2e", "e2e_val_loss"), ("dl_qat", "dl_qat_val_loss")):  # "e2e": before 0.2
             if isinstance(s.get(sub), dict) and s[sub].get("val_losses"):
-                training[f"{sub}_val_loss"] = [s[sub].get("val_loss_before"), s[sub]["val_losses"][-1]]
+                training[key] = [s[sub].get("val_loss_before"), s[sub]["val_losses"][-1]]
     return {
         "path": str(p),
         "bits": spec.bits,

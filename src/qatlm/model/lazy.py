@@ -133,7 +133,7 @@ def save_block(work_dir, index: int, block: nn.Module) -> Path:
     """A finished (packed) block's tensors, written atomically to the work folder."""
     from safetensors.torch import save_file
 
-    from qatlm.fsutil import atomic_file
+    from qatlm.io import atomic_file
 
     final = block_file(work_dir, index)
     with atomic_file(final) as tmp:

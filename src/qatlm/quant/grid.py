@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from qatlm.errors import QatlmError
+from qatlm.options import opt
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_SCALE = 1e-5
@@ -27,10 +28,11 @@ MIN_SCALE = 1e-5
 class QuantSpec:
     """What grid the weights live on: bit width, group size (-1 = per output channel), symmetry."""
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    zero_min: int = 0  # 1 keeps every zero point >= 1, so that a GPTQ v1 export (stored zero - 1) is exact
+    bits: int = opt(4, "weight bits: 2, 3, 4 or 8")
+    group_size: int = opt(128, "columns per quantization group, -1 = per output channel")
+    sym: bool = opt(False, "symmetric grid (zero point fixed at 2^(bits-1)); off: asymmetric")
+    zero_min: int = opt(0, "keep every zero point >= 1 (initialisation and training), so that `qatlm export --format gptq-v1` "
+                           "is exact", flag="v1-zeros", as_bool=True)
 
     def __post_init__(self):
         if self.zero_min not in (0, 1):

@@ -104,15 +104,18 @@ class PackedLinear(nn.Module):
         return layer
 
     def integers(self):
-        """(q[out,in], z[out,groups]) unpacked from the stored words."""
+        """(q[out,in], z[out,groups], scale_fp16[out,groups]) unpacked from the stored words."""
         q = unpack_rows(self.qweight, self.spec.bits, self.in_features).t()
         z = unpack_cols(self.qzeros, self.spec.bits, self.out_features).t()
-        return q, z
+        return q, z, self.scales.t()
+
+    def to_packed(self) -> "PackedLinear":
+        return self
 
     def dequantized_weight(self, dtype=None) -> torch.Tensor:
         if self._cached is not None:
             return self._cached
-        q, z = self.integers()
+        q, z, _ = self.integers()
         w = dequantize(q, self.scales.t().float(), z, self.spec).to(dtype or self.compute_dtype)
         if self.cache_weight:
             self._cached = w
@@ -132,7 +135,7 @@ class PackedLinear(nn.Module):
         op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
         if self.spec.bits != 4 or g not in (32, 64, 128, 256) or self.in_features % g or self.qweight.device.type != "cpu" or op is None:
             return False
-        q, z = self.integers()
+        q, z, _ = self.integers()
         s = self.scales.t().float()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
         self._int4 = (packed, torch.stack([s.t(), (s * (8 - z.float())).t()], dim=-1).contiguous(), g)
@@ -224,8 +227,12 @@ class ScaleTrainLinear(nn.Module):
             self.register_buffer("qzeros", packed.qzeros)
         self.compute_dtype = packed.compute_dtype
 
+    @torch.no_grad()
     def integers(self):
-        return unpack_rows(self.qweight, self.spec.bits, self.in_features).t(), None
+        """(q[out,in], z[out,groups], scale_fp16[out,groups]) as ``to_packed`` will store them."""
+        q = unpack_rows(self.qweight, self.spec.bits, self.in_features).t()
+        z = self.frozen_zeros() if self.zero is None else torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax)
+        return q, z.to(torch.int32), self.scale.float().clamp_min(MIN_SCALE).to(torch.float16)
 
     def frozen_zeros(self) -> torch.Tensor:
         return unpack_cols(self.qzeros, self.spec.bits, self.out_features).t()
@@ -252,10 +259,8 @@ class ScaleTrainLinear(nn.Module):
 
     @torch.no_grad()
     def to_packed(self) -> PackedLinear:
-        q, _ = self.integers()
-        z = self.frozen_zeros() if self.zero is None else torch.round(self.zero).clamp(self.spec.zero_min, self.spec.qmax)
-        s16 = self.scale.float().clamp_min(MIN_SCALE).to(torch.float16)
-        return PackedLinear.from_integers(q, z.to(torch.int32), s16, self.bias, self.spec, dtype=self.compute_dtype)
+        q, z, s16 = self.integers()
+        return PackedLinear.from_integers(q, z, s16, self.bias, self.spec, dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed, trainable scales"
@@ -273,7 +278,7 @@ class DLQATLinear(nn.Module):
     at most bits + 8 bits per weight; ``s`` stays fp16 and ``z`` packed, both frozen. Trainable: the LoRA
     factors ``A`` [r, in] and ``B`` [out, r] (B starts at 0, so training starts exactly at the initial
     quantized model) and the magnitude ``m`` (one per group, or one per output channel), initialised to 1.
-    The LoRA product is always taken in fp32, outside any autocast, so ``merge()`` — the very same
+    The LoRA product is always taken in fp32, outside any autocast, so ``to_packed()`` (the merge) — the very same
     operations — reproduces the training-time integers bit for bit, under bf16 training too.
     """
 
@@ -310,8 +315,8 @@ class DLQATLinear(nn.Module):
     @classmethod
     def from_packed(cls, pk: PackedLinear, **kw) -> "DLQATLinear":
         """From stored integers (e.g. Block-AP output): base = q."""
-        q, z = pk.integers()
-        return cls(q, None, pk.scales.t(), z.float(), pk.bias, pk.spec, dtype=pk.compute_dtype, **kw)
+        q, z, s16 = pk.integers()
+        return cls(q, None, s16, z.float(), pk.bias, pk.spec, dtype=pk.compute_dtype, **kw)
 
     def base(self) -> torch.Tensor:
         q = unpack_rows(self.qweight, self.spec.bits, self.in_features).t().float()
@@ -323,7 +328,7 @@ class DLQATLinear(nn.Module):
     def _codes(self, ste: bool) -> torch.Tensor:
         v = self.base()
         if self.rank:
-            with torch.autocast(v.device.type, enabled=False):  # fp32 product, in training as in merge()
+            with torch.autocast(v.device.type, enabled=False):  # fp32 product, in training as in to_packed()
                 v = v + self.scaling * (self.B.float() @ self.A.float())
         r = round_ste(v) if ste else torch.round(v)
         return torch.clamp(r, 0, self.spec.qmax)
@@ -339,10 +344,15 @@ class DLQATLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
-    def merge(self) -> PackedLinear:
-        q = self._codes(ste=False).to(torch.int32)
-        return PackedLinear.from_integers(q, self.zeros().to(torch.int32), self._scale().to(torch.float16), self.bias, self.spec,
-                                          dtype=self.compute_dtype)
+    def integers(self):
+        """(q[out,in], z[out,groups], scale_fp16[out,groups]) of the merged layer: the training-time codes and m ⊙ s."""
+        return self._codes(ste=False).to(torch.int32), self.zeros().to(torch.int32), self._scale().to(torch.float16)
+
+    @torch.no_grad()
+    def to_packed(self) -> PackedLinear:
+        """Merge: the same integers the training forward pass used, packed; no extra inference cost."""
+        q, z, s16 = self.integers()
+        return PackedLinear.from_integers(q, z, s16, self.bias, self.spec, dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, rank={self.rank}, magnitude={tuple(self.m.shape)}"

@@ -1,4 +1,4 @@
-"""How qatlm touches the file system without ever destroying or mixing a user's data.
+"""qatlm's io: every file and folder it writes, and how it never destroys or mixes a user's data.
 
 - ``check_output``: an output that is, contains or lies inside an input is refused before any work, and so
   is an output whose place cannot be written.
@@ -7,10 +7,15 @@
   the old one deleted. A run killed in between leaves the old folder aside, and the next run that touches
   the same output puts it back (or, if the new one made it in, deletes it) and removes partial folders of
   dead processes: the output is always the complete old one or the complete new one.
-- ``atomic_file`` / ``atomic_write_text``: a file appears only complete (written beside, renamed in).
+- ``atomic_file`` / ``atomic_write_text`` / ``atomic_write_json``: a file appears only complete (written beside,
+  renamed in).
+- ``write_shards``: the HF folder's weights, safetensors shards of a bounded size (+ index), streamed one shard
+  at a time.
 - ``output_lock``: one run at a time per output (a lock file holding the owner's pid; a dead owner's lock is
   taken over).
 - ``source_fingerprint`` / ``claim_work_dir``: a resumed run must continue from the same source model.
+- ``resume_point``: the one resume rule of every training method (Block-AP's finished blocks, the end-to-end
+  loop's checkpoints): an unfinished run is continued only with ``resume``, and only with the same settings.
 """
 
 from __future__ import annotations
@@ -112,6 +117,61 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file atomically."""
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def resume_point(state_file: Path, fingerprint: str, resume: bool, where: str) -> dict | None:
+    """The saved state of an unfinished run (``state_file``: JSON holding at least ``fingerprint``), or None when
+    there is none. Without ``resume`` an unfinished run is refused (it would be overwritten silently); with
+    it, a state saved under other settings (another fingerprint) is refused. ``where`` names the progress."""
+    state_file = Path(state_file)
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    work = state_file.parent if state_file.name == "progress.json" else state_file.parent.parent
+    if not resume:
+        raise QatlmError(f"{work} holds an unfinished run ({where(state) if callable(where) else where}): pass --resume to "
+                         "continue it, or --overwrite to start over")
+    if state.get("fingerprint") != fingerprint:
+        raise QatlmError(f"cannot resume from {work}: it was started with other settings or data")
+    return state
+
+
+def write_shards(items, folder: Path, shard_bytes: int):
+    """Write ``(name, tensor)`` pairs as safetensors shards of at most ``shard_bytes`` (one ``model.safetensors``
+    when they fit, else ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), holding one
+    shard in memory at a time (``items`` may be a generator reading tensors from disk)."""
+    from safetensors.torch import save_file
+
+    parts, cur, size, total, weight_map = [], {}, 0, 0, {}
+
+    def flush():
+        name = folder / f".shard-{len(parts):05d}.safetensors"
+        save_file(cur, name, metadata={"format": "pt"})
+        default_file_mode(name)  # safetensors writes 0600; the other files of the folder follow the umask
+        parts.append((name, list(cur)))
+
+    for k, v in items:
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > shard_bytes:
+            flush()
+            cur, size = {}, 0
+        cur[k] = v
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(parts) == 1:
+        parts[0][0].rename(folder / "model.safetensors")
+        return
+    for i, (tmp, keys) in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        tmp.rename(folder / name)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def check_output(out, inputs=(), overwrite: bool = False, what: str = "output folder") -> Path:
