@@ -108,7 +108,8 @@ def run_one(a) -> dict:
             row["calib"] = None
         elif a.recipe == "block-ap":
             cfg = BlockAPConfig(bits, group, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, epochs=a.epochs,
-                                **({"loss": a.block_loss} if a.block_loss else {}))
+                                **({"loss": a.block_loss} if a.block_loss else {}), **block_ap_fields(a.block_ap))
+            row["block_ap_fields"] = block_ap_fields(a.block_ap)
             summary = quantize_block_ap(model, cfg, tokenizer=tok, progress=False)
             row["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
             row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary["lr_quant"], summary["lr_weight"], a.epochs, cfg.loss
@@ -227,6 +228,24 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def block_ap_fields(pairs: list[str]) -> dict:
+    """``["clip_grad=1.0", "train_norms=false"]`` -> typed BlockAPConfig keyword arguments."""
+    import dataclasses
+
+    from qatlm.methods.block_ap import BlockAPConfig
+    from qatlm.options import _base_type
+
+    fields = {f.name: f for f in dataclasses.fields(BlockAPConfig)}
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        if k not in fields:
+            raise SystemExit(f"--block-ap: BlockAPConfig has no field {k}")
+        t = _base_type(fields[k].type)
+        out[k] = (v.lower() in ("1", "true", "yes", "on")) if t is bool else (None if v == "none" else t(v))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default="fp,rtn,block-ap")
@@ -236,6 +255,8 @@ def main():
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--block-loss", default=None, choices=("mse", "mse-capped"), help="Block-AP reconstruction loss: mse or mse-capped (default: BlockAPConfig's)")
+    ap.add_argument("--block-ap", action="append", default=[], metavar="FIELD=VALUE",
+                    help="set any BlockAPConfig field for the block-ap rows, e.g. clip_grad=1.0 or train_norms=false (repeatable)")
     ap.add_argument("--e2e-samples", type=int, default=64, help="E2E-QP training samples for the +e2e-qp recipes")
     ap.add_argument("--e2e-data", default="wikipedia", help="E2E-QP data: wikipedia (continual pre-training) or sciq-instruct (instruction tuning)")
     ap.add_argument("--ppl-windows", type=int, default=40)
@@ -272,6 +293,7 @@ def main():
         cmd += [f"--e2e-lr={a.e2e_lr}"] if a.e2e_lr is not None else []
         cmd += [f"--model={a.model}"] if a.model else []
         cmd += [f"--block-loss={a.block_loss}"] if a.block_loss else []
+        cmd += [f"--block-ap={kv}" for kv in a.block_ap]
         cmd += [f"--dl-lr-lora={a.dl_lr_lora}"] if a.dl_lr_lora is not None else []
         cmd += [f"--dl-lr-magnitude={a.dl_lr_magnitude}"] if a.dl_lr_magnitude is not None else []
         print(f"== {recipe} {setting}", file=sys.stderr, flush=True)

@@ -64,28 +64,38 @@ def test_gguf_refuses_what_it_cannot_hold(tmp_path):
     q[0, 0] = 255
     with pytest.raises(QatlmError, match="int8 range"):
         encode_layer(q, torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1).half(), QuantSpec(8, 64), "layer.x")
-    with pytest.raises(QatlmError, match="architectures"):
-        export_checkpoint(make(tmp_path, family="phi3", name="phi"), "gguf", tmp_path / "p")
+    with pytest.raises(QatlmError, match="fused mixture-of-experts tensors such as model.layers.0.mlp.experts"):
+        export_checkpoint(make(tmp_path, family="qwen2_moe", name="moe"), "gguf", tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    from types import SimpleNamespace
+
+    from qatlm.export.gguf_file import check_config
+
+    with pytest.raises(QatlmError, match="llama.cpp has no architecture for 'opt'"):
+        check_config(SimpleNamespace(model_type="opt", num_hidden_layers=2), QuantSpec(4, 32))
 
 
 def test_gguf_refusals_come_before_the_model_is_loaded(tmp_path, monkeypatch):
     import qatlm.model.checkpoint as ckpt
 
-    phi, g16 = make(tmp_path, family="phi3", name="phi"), make(tmp_path, group=16)
+    moe, g16 = make(tmp_path, family="qwen2_moe", name="moe"), make(tmp_path, group=16)
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr(ckpt, "load_quantized", no_load)
-    with pytest.raises(QatlmError, match="architectures"):
-        export_checkpoint(phi, "gguf", tmp_path / "p")
+    with pytest.raises(QatlmError, match="mixture-of-experts"):
+        export_checkpoint(moe, "gguf", tmp_path / "p")
     with pytest.raises(QatlmError, match="multiple of 32"):
         export_checkpoint(g16, "gguf", tmp_path / "g")
 
 
-@pytest.mark.parametrize("family,sym", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)])
+@pytest.mark.parametrize("family,sym", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False),
+                                        ("gemma2", True), ("gemma3", False), ("phi3", True)])
 def test_gguf_loads_in_transformers_with_the_same_logits(tmp_path, family, sym):
-    """transformers' own GGUF reader (which undoes llama.cpp's q/k row order) gives qatlm's logits."""
+    """transformers' own GGUF reader (which undoes llama.cpp's q/k row order and Gemma's norm offset) gives qatlm's
+    logits, for every dense family qatlm quantizes: the architecture, tensor names and hyperparameter keys come from
+    the gguf package and transformers' GGUF key map, not from a table per family."""
     from transformers import AutoModelForCausalLM
 
     # transformers' GGUF reader ignores qwen3's key_length and assumes head_dim 128: build it so
@@ -100,6 +110,29 @@ def test_gguf_loads_in_transformers_with_the_same_logits(tmp_path, family, sym):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     else:  # Q4_1 rounds each block's minimum to fp16
         assert (got - ref).abs().max().item() < 5e-3 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("family,prefix", [("llama", True), ("phi3", True), ("gemma2", False)])
+def test_gguf_carries_a_sentencepiece_tokenizer(tmp_path, family, prefix):
+    """A SentencePiece-BPE tokenizer (byte fallback) is written as llama.cpp's 'llama' tokenizer (scores, byte tokens,
+    space prefix); transformers' GGUF reader rebuilds it: the same ids for the same text, and the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny import tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer(prefix=prefix)
+    model = tiny_model(family, vocab_size=len(tok))
+    cfg = RTNConfig(4, 32, sym=True)
+    quantize(model, cfg)
+    save_quantized(model, tmp_path / "q", cfg.spec, tokenizer=tok, meta={"method": "rtn"})
+    rep = export_checkpoint(tmp_path / "q", "gguf", tmp_path / "g", float_type="f32")
+    back = AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file=rep["file"])
+    for text in ["the cat sat on the mat", "question: which technology é was developed? 42", "two  spaces, é and 7"]:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+    assert 200 <= sum(t.startswith("<0x") for t in back.get_vocab()) <= 256  # byte tokens kept (not merged into text)
+    ids = torch.tensor([tok("the cat sat on the mat and looked at the door")["input_ids"]])
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=rep["file"], dtype=torch.float32)
+    torch.testing.assert_close(logits(m, ids), logits(load_quantized(tmp_path / "q"), ids), rtol=1e-4, atol=1e-5)
 
 
 def test_gptq_v2_and_v1_exports_reload_identically(tmp_path):

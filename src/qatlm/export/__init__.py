@@ -60,7 +60,13 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
 
         from qatlm.export.gguf_file import check_config
 
-        check_config(AutoConfig.from_pretrained(src), spec)
+        from safetensors import safe_open
+
+        names = []
+        for f in sorted(src.glob("*.safetensors")):  # headers only: no tensor is read
+            with safe_open(f, framework="pt") as fh:
+                names += list(fh.keys())
+        check_config(AutoConfig.from_pretrained(src), spec, names)
     t0 = time.time()
     model = load_quantized(src, dtype=torch.float32)
     tok = load_tokenizer(src)

@@ -28,8 +28,33 @@ import torch
 from qatlm.errors import QatlmError
 from qatlm.quant.grid import QuantSpec, dequantize, expand_groups
 
-ARCHES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
 QK = 32  # weights per GGML block
+# families llama.cpp runs under another architecture's name (its converter writes Mistral as llama)
+RUNS_AS = {"mistral": "llama", "mixtral": "llama"}
+
+
+def gguf_arch(model_type: str):
+    """The ``gguf.MODEL_ARCH`` of a transformers ``model_type``, from the gguf package's own architecture names
+    (``qwen2_moe`` -> qwen2moe, ``gemma3_text`` -> gemma3); None when llama.cpp has no such architecture."""
+    import gguf
+
+    name = RUNS_AS.get(model_type, model_type).removesuffix("_text").replace("_", "")
+    return next((arch for arch, n in gguf.MODEL_ARCH_NAMES.items() if n == name), None)
+
+
+def module_of(tensor_name: str) -> tuple[str, str]:
+    """``model.layers.0.self_attn.q_proj.qweight`` -> (``model.layers.0.self_attn.q_proj``, ``weight``): packed
+    tensors of a layer are one GGUF weight."""
+    base, _, suffix = tensor_name.rpartition(".")
+    return base, ("weight" if suffix in ("qweight", "qzeros", "scales", "g_idx") else suffix)
+
+
+def unmapped_tensors(arch, n_layers: int, tensor_names) -> list[str]:
+    """Checkpoint tensors that have no llama.cpp tensor in the gguf package's name map for ``arch``."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    return sorted({n for n in tensor_names if "rotary" not in n and names.get_name(module_of(n)[0]) is None})
 
 
 def ggml_type_for(spec: QuantSpec) -> str:
@@ -88,9 +113,13 @@ def _tokenizer_meta(writer, src: Path, config, gguf):
     tj = src / "tokenizer.json"
     if not tj.exists():
         raise QatlmError(f"{src} has no tokenizer.json; GGUF export needs the tokenizer (a BPE tokenizer.json)")
-    model = json.loads(tj.read_text()).get("model", {})
-    if model.get("type") != "BPE" or (src / "tokenizer.model").exists() and "merges" not in model:
-        raise QatlmError("GGUF export supports byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama-3, Qwen); this tokenizer is not one")
+    tj_data = json.loads(tj.read_text())
+    model = tj_data.get("model", {})
+    # two tokenizer families llama.cpp reads: byte-level BPE (GPT-2 style: SmolLM, Llama-3, Qwen) and SentencePiece
+    # BPE with byte fallback (Llama-2, Mistral, Gemma, Phi-3), whose HF form is a BPE with ``byte_fallback``
+    spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    if model.get("type") != "BPE" or ((src / "tokenizer.model").exists() and "merges" not in model):
+        raise QatlmError(f"GGUF export supports byte-level BPE and SentencePiece-BPE tokenizers; this one is {model.get('type')}")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src)
@@ -98,40 +127,154 @@ def _tokenizer_meta(writer, src: Path, config, gguf):
     n = max(config.vocab_size, max(vocab.values()) + 1)
     rev = {i: t for t, i in vocab.items()}
     added = {t.content: t for t in tok.added_tokens_decoder.values()} if hasattr(tok, "added_tokens_decoder") else {}
-    tokens, types = [], []
+    unk = model.get("unk_token")
+    tokens, types, scores = [], [], []
     for i in range(n):
         t = rev.get(i)
         if t is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif t in added:
+        elif t in added and t != unk:
             tokens.append(t)
             types.append(gguf.TokenType.CONTROL if added[t].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(t)
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    mt = config.model_type
-    pre = "qwen2" if mt.startswith("qwen") else ("smollm" if config.vocab_size == 49152 else ("llama-bpe" if config.vocab_size >= 128000 else "default"))
-    writer.add_tokenizer_pre(pre)
+            types.append(gguf.TokenType.UNKNOWN if t == unk else
+                         gguf.TokenType.BYTE if spm and len(t) == 6 and t.startswith("<0x") and t.endswith(">") else gguf.TokenType.NORMAL)
+        # SentencePiece BPE merges the pair whose result scores highest; its pieces are numbered in merge order
+        scores.append(0.0 if types[-1] != gguf.TokenType.NORMAL else -float(i))
+    if spm:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(_adds_space_prefix(tj_data))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        mt = config.model_type
+        pre = ("qwen2" if mt.startswith("qwen") else
+               "smollm" if config.vocab_size == 49152 else "llama-bpe" if config.vocab_size >= 128000 else "default")
+        writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens))
+    special = gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens))  # llama.cpp reads SentencePiece scores; transformers the merges
     special.add_to_gguf(writer, quiet=True)
 
 
-def check_config(config, spec: QuantSpec) -> str:
-    """Refuse, from the config alone (before any weight is read), what this writer cannot express; returns
-    the ``gguf.MODEL_ARCH`` member name."""
-    arch_key = ARCHES.get(config.model_type)
-    if arch_key is None:
-        raise QatlmError(f"GGUF export supports the {', '.join(sorted(set(ARCHES)))} architectures; this model is '{config.model_type}'")
+def _adds_space_prefix(tj: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts '▁' before the first word (SentencePiece's add_dummy_prefix): a
+    ``Prepend('▁')`` normalizer, or a ``Metaspace`` pre-tokenizer whose prepend scheme is not 'never'."""
+    def walk(node):
+        if isinstance(node, dict):
+            yield node
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+    for part in (tj.get("normalizer"), tj.get("pre_tokenizer")):
+        for n in walk(part):
+            if n.get("type") == "Prepend" and n.get("prepend") == "▁":
+                return True
+            if n.get("type") == "Metaspace" and n.get("prepend_scheme", "always" if n.get("add_prefix_space", True) else "never") != "never":
+                return True
+    return False
+
+
+def _rope_dicts(config) -> list[dict]:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise QatlmError(f"GGUF export does not handle rope scaling '{rope.get('rope_type', rope.get('type'))}' yet")
+    return [v for v in rope.values() if isinstance(v, dict)] or [rope]  # one dict, or one per layer type (Gemma 3)
+
+
+def check_config(config, spec: QuantSpec, tensor_names=None):
+    """Refuse, from the config and the checkpoint's tensor names alone (before any weight is read), what this
+    writer cannot express; returns the ``gguf.MODEL_ARCH``."""
+    import gguf
+
+    arch = gguf_arch(config.model_type)
+    if arch is None:
+        raise QatlmError(f"GGUF export: llama.cpp has no architecture for '{config.model_type}' (the gguf package knows "
+                         f"{len(gguf.MODEL_ARCH_NAMES)} architectures, none of this name)")
+    for rope in _rope_dicts(config):
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise QatlmError(f"GGUF export does not handle rope scaling '{rope.get('rope_type', rope.get('type'))}' yet")
+    if tensor_names is not None:
+        bad = unmapped_tensors(arch, config.num_hidden_layers, tensor_names)
+        if bad:
+            fused = [n for n in bad if ".experts." in n]
+            what = (f"fused mixture-of-experts tensors such as {fused[0]} are not exported to GGUF yet" if fused else
+                    f"{len(bad)} tensors (e.g. {bad[0]}) have no llama.cpp tensor in the gguf package's map for "
+                    f"{gguf.MODEL_ARCH_NAMES[arch]}")
+            raise QatlmError(f"GGUF export: {what}")
     if spec.group_size != -1:
         check_grid(spec, spec.group_size, "every layer")
-    return arch_key
+    return arch
+
+
+def norm_offset(module) -> float:
+    """1.0 for a norm layer that scales by ``1 + weight`` (Gemma's RMSNorm: llama.cpp stores ``weight + 1``),
+    0.0 for one that scales by ``weight``; found by running the layer with its weight set to zero."""
+    import copy
+
+    probe = copy.deepcopy(module).float()
+    with torch.no_grad():
+        probe.weight.zero_()
+        y = probe(torch.randn(2, probe.weight.shape[0]))
+    return 1.0 if bool(y.abs().max() > 0) else 0.0
+
+
+def _hparams(writer, config, arch_name: str, n_head: int, head_dim: int):
+    """Hyperparameters under the keys llama.cpp reads: the ones transformers' GGUF reader maps back to this
+    config (``GGUF_CONFIG_MAPPING``), and those config attributes llama.cpp needs beside them."""
+    import gguf
+
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    except ImportError:  # older transformers: the keys every dense decoder needs
+        GGUF_CONFIG_MAPPING = {}
+    mt = config.model_type.removesuffix("_text")
+    mapping = GGUF_CONFIG_MAPPING.get(mt) or GGUF_CONFIG_MAPPING.get(RUNS_AS.get(mt, mt)) or {}
+    ropes = getattr(config, "rope_parameters", None) or {}
+    theta_full = (ropes.get("full_attention") or ropes).get("rope_theta", getattr(config, "rope_theta", None))
+    theta_swa = (ropes.get("sliding_attention") or {}).get("rope_theta")
+    partial = (_rope_dicts(config)[0].get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0)
+    computed = {"rope.dimension_count": int(head_dim * partial), "rope.freq_base": theta_full, "attention.key_length": head_dim}
+    values = {"context_length": config.max_position_embeddings, "block_count": config.num_hidden_layers,
+              "feed_forward_length": config.intermediate_size, "embedding_length": config.hidden_size,
+              "attention.head_count": n_head, "attention.head_count_kv": config.num_key_value_heads,
+              "attention.layer_norm_rms_epsilon": config.rms_norm_eps, "vocab_size": config.vocab_size,
+              "attention.key_length": head_dim, "attention.value_length": head_dim, **computed}
+    for key, attr in mapping.items():
+        if key in computed:
+            continue
+        v = getattr(config, attr, None) if attr else None
+        if v is not None:
+            values[key] = v
+    for key, v in values.items():
+        if v is None:
+            continue
+        full = f"{arch_name}.{key}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, int):
+            writer.add_uint32(full, int(v))
+        else:
+            writer.add_float32(full, float(v))
+    # what llama.cpp needs beyond transformers' mapping, read from the config attribute of the same meaning
+    if theta_swa is not None:
+        writer.add_rope_freq_base_swa(float(theta_swa))
+    if getattr(config, "sliding_window", None) and "attention.sliding_window" not in values:
+        writer.add_sliding_window(int(config.sliding_window))
+    types = getattr(config, "layer_types", None)
+    if types and getattr(config, "sliding_window", None):
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    for attr, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                      ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if getattr(config, attr, None):
+            add(float(getattr(config, attr)))
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar and scalar != head_dim:
+        writer.add_attention_scale(float(scalar) ** -0.5)
+    return gguf
 
 
 def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: str = "f16") -> dict:
@@ -141,41 +284,30 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     from qatlm.quant.linear import PackedLinear
 
     config = model.config
-    arch_key = check_config(config, spec)
-    arch = getattr(gguf.MODEL_ARCH, arch_key)
+    arch = check_config(config, spec)
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch, n_layers)
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    n_head = config.num_attention_heads
+    n_kv = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    permute = arch_key == "LLAMA"
+    permute = arch == gguf.MODEL_ARCH.LLAMA  # llama.cpp's llama graph pairs adjacent rotary channels
     ftype = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
     if float_type not in ftype:
         raise QatlmError(f"--float-type must be f16 or f32, not {float_type}")
     fdtype = ftype[float_type][0]
 
-    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    writer = gguf.GGUFWriter(str(out_file), arch_name)
     writer.add_name(src.name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta:
-        writer.add_rope_freq_base(float(theta))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config.vocab_size)
+    _hparams(writer, config, arch_name, n_head, head_dim)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if ggml_type_for(spec) == "Q4_1" else
                          gguf.LlamaFileType.MOSTLY_Q4_0 if ggml_type_for(spec) == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_meta(writer, src, config, gguf)
 
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    offsets = {n: o for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
+               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1 and (o := norm_offset(m))}
     report = {"format": "gguf", "arch": gguf.MODEL_ARCH_NAMES[arch], "ggml_type": ggml_type_for(spec), "tensors": 0,
               "max_abs_error": 0.0, "max_error_in_steps": 0.0, "layers": {}}
     expected = {}  # gguf name -> the float weight the file must decode to
@@ -215,6 +347,8 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
                 continue
             raise QatlmError(f"GGUF export: no llama.cpp tensor for {key}")
         a = t.detach().float().cpu()
+        if suffix == "weight" and base in offsets:
+            a = a + offsets[base]  # Gemma's norms scale by 1 + weight; llama.cpp stores weight + 1
         if permute and base.endswith(("q_proj", "k_proj")):
             a = a[_llama_permute(a.shape[0], n_head if base.endswith("q_proj") else n_kv)]
         arr = a.numpy().astype(fdtype if a.dim() == 2 else np.float32)
