@@ -138,7 +138,7 @@ def test_dl_qat_from_the_cli_trains_on_the_given_file_and_on_the_given_device(tm
         seen["device"] = kw.get("device")
         return real(*a, **kw)
 
-    monkeypatch.setattr(qatlm.methods.dl_qat, "train_end_to_end", spy)
+    monkeypatch.setattr(train, "train_end_to_end", spy)
     monkeypatch.setenv("QATLM_CACHE", str(tmp_path / "empty-cache"))
     code = main(["quantize", "--model", str(fp), "--method", "dl-qat", "--bits", "3", "--group-size", "32", "--calib", str(text),
                  "--calib-samples", "8", "--calib-seqlen", "32", "--val-samples", "2", "--batch-size", "4", "--rank", "2",

@@ -384,3 +384,13 @@ def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work
             "trainable_fraction": n_train / n_total,
             "val_loss_before": before, "val_losses": res.val_losses, "periodic_val": vals, "steps": res.steps,
             "retries": res.retries, "seconds": round(time.time() - t0, 1), "processes": world}
+
+
+def run_end_to_end(model, config, context, make_trainable, method: str) -> dict:
+    """The method protocol (``methods/base.py``) of an end-to-end method: ``train_end_to_end`` with the context's
+    tokenizer, device, work folder, resume flag, progress, asset cache and accelerator."""
+    if context.tokenizer is None:
+        raise QatlmError(f"{method} trains end to end on text: pass a tokenizer")
+    return train_end_to_end(model, config, context.tokenizer, make_trainable, method, context.work_dir, context.resume,
+                            context.progress, context.accelerator, context.cache_dir, device=context.device)
+

@@ -25,7 +25,7 @@ from qatlm.errors import QatlmError, check_number
 from qatlm.methods.base import Context
 from qatlm.methods.e2e_qp import E2EQPConfig
 from qatlm.options import opt
-from qatlm.train import Trainable, train_end_to_end
+from qatlm.train import Trainable, run_end_to_end, train_end_to_end
 from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear
 
@@ -123,8 +123,4 @@ def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=Fa
 
 def run(model, config: DLQATConfig, data=None, context: Context | None = None) -> dict:
     """The method protocol (``methods/base.py``): trains in place and merges into packed integers."""
-    c = context or Context()
-    if c.tokenizer is None:
-        raise QatlmError("dl-qat trains end to end on text: pass a tokenizer")
-    return train_dl_qat(model, config, c.tokenizer, work_dir=c.work_dir, resume=c.resume, progress=c.progress,
-                        cache_dir=c.cache_dir, device=c.device, accelerator=c.accelerator)
+    return run_end_to_end(model, config, context or Context(), dlqat_trainable, "dl-qat")

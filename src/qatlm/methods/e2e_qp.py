@@ -17,7 +17,7 @@ from qatlm.methods.base import Context
 from qatlm.options import opt
 from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.linear import PackedLinear, ScaleTrainLinear
-from qatlm.train import Trainable, train_end_to_end
+from qatlm.train import Trainable, run_end_to_end, train_end_to_end
 
 
 PAPER_E2E_STEPS = 128
@@ -99,8 +99,4 @@ def train_e2e_qp(model, config: E2EQPConfig, tokenizer, work_dir=None, resume: b
 
 def run(model, config: E2EQPConfig, data=None, context: Context | None = None) -> dict:
     """The method protocol (``methods/base.py``): trains the packed model's step sizes in place."""
-    c = context or Context()
-    if c.tokenizer is None:
-        raise QatlmError("e2e-qp trains end to end on text: pass a tokenizer")
-    return train_e2e_qp(model, config, c.tokenizer, work_dir=c.work_dir, resume=c.resume, progress=c.progress,
-                        accelerator=c.accelerator, cache_dir=c.cache_dir, device=c.device)
+    return run_end_to_end(model, config, context or Context(), scale_trainable, "e2e-qp")
