@@ -30,7 +30,10 @@ FAMILIES = {
         "Qwen2MoeConfig",
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
     ),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):

@@ -431,7 +431,10 @@ def _print_info(path: str, as_json: bool):
             rows.append(("training", f"{t.get('method')}: {t.get('steps')} steps, validation loss {t['val_loss_before']:.4f} -> "
                                      f"{t['val_loss_after']:.4f}"))
     rows += [
-        ("loads in", "qatlm (load_quantized, qatlm eval/generate); transformers + gptqmodel as it is (qatlm install gptq)"),
+        ("loads in", "qatlm (load_quantized, qatlm eval/generate); " + (
+            f"GPTQModel.load (qatlm install gptq); its {info['expert_layers']} per-expert layers are NOT read by transformers' "
+            "from_pretrained, which keeps fused experts and would leave them random" if info.get("expert_layers") else
+            "transformers + gptqmodel as it is (qatlm install gptq)")),
         ("", f"vLLM: qatlm export {info['path']} --format gptq (or compressed-tensors) --out DIR"),
         ("", f"llama.cpp: qatlm export {info['path']} --format gguf --out DIR"),
     ]

@@ -119,7 +119,10 @@ def run_recipe(model, stages: list, data=None, context: Context | None = None) -
     interrupted recipe resumes inside the stage it was in. The summary is that of the first stage that trains
     (RTN only initialises), with every other stage's under its method name (``e2e_qp``, ``dl_qat``, ``rtn``),
     ``method`` = the recipe and ``stages`` = the stage names in order."""
+    from qatlm.model.arch import defuse_experts
+
     context = context or Context()
+    defuse_experts(model)  # an in-memory MoE model: one linear layer per expert (the loaders do this already)
     results = []
     for i, stage in enumerate(stages):
         name, fn = STAGES[type(stage)]

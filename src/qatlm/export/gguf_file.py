@@ -200,8 +200,9 @@ def check_config(config, spec: QuantSpec, tensor_names=None):
     if tensor_names is not None:
         bad = unmapped_tensors(arch, config.num_hidden_layers, tensor_names)
         if bad:
-            fused = [n for n in bad if ".experts." in n]
-            what = (f"fused mixture-of-experts tensors such as {fused[0]} are not exported to GGUF yet" if fused else
+            experts = [module_of(n)[0] for n in bad if ".experts." in n]
+            what = (f"mixture-of-experts layers such as {experts[0]} are not exported to GGUF yet (llama.cpp stacks each "
+                    "block's experts into one tensor)" if experts else
                     f"{len(bad)} tensors (e.g. {bad[0]}) have no llama.cpp tensor in the gguf package's map for "
                     f"{gguf.MODEL_ARCH_NAMES[arch]}")
             raise QatlmError(f"GGUF export: {what}")

@@ -28,8 +28,10 @@ restarts there without replaying finished blocks, and ends bit for bit where an 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from tqdm import tqdm
 
 from qatlm.errors import QatlmError, check_number
@@ -46,7 +49,7 @@ from qatlm.io import atomic_write_json, resume_point
 from qatlm.methods.base import Context, with_grid
 from qatlm.options import opt
 from qatlm.model.lazy import block_file, check_source_weights, lazy_source, materialize_block, release_block, save_block
-from qatlm.model.arch import capture_layer_inputs, find_parts, first_layer_input, quant_targets, run_layer
+from qatlm.model.arch import capture_layer_inputs, defuse_experts, find_parts, first_layer_input, quant_targets, run_layer
 from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.grid import QuantSpec, expand_groups
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
@@ -370,6 +373,27 @@ class _Prefetch:
         self.pool.shutdown(wait=True)
 
 
+@contextlib.contextmanager
+def _expert_token_counts(block):
+    """While the block runs: tokens that reach each expert of a mixture of experts (``{"mlp.experts.3": n}``),
+    counted at the input of the expert's first linear layer; empty for a block without experts."""
+    counts, hooks = {}, []
+    for name, mod in block.named_modules():
+        m = _EXPERT.search(name)
+        if m and isinstance(mod, nn.Linear) and m.group(0) not in counts:
+            counts[m.group(0)] = 0
+            hooks.append(mod.register_forward_hook(
+                lambda _m, inp, _out, key=m.group(0): counts.__setitem__(key, counts[key] + inp[0].reshape(-1, inp[0].shape[-1]).shape[0])))
+    try:
+        yield counts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+_EXPERT = re.compile(r"^(.*\.)?experts\.\d+")
+
+
 def _block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
     def make(name, lin):
         check_target(f"{prefix}.{name}", lin, spec)
@@ -622,6 +646,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     from qatlm.data.text import calibration_samples
 
     t_start = time.time()
+    defuse_experts(model)  # MoE: one linear layer per expert (the loaders have done it already)
     spec = config.spec
     device = torch.device(device or next(model.parameters()).device)
     work = Path(work_dir) if work_dir else None
@@ -675,11 +700,14 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
         if lazy:  # its weights were checked before the first block (check_source_weights)
             materialize_block(model, bi, compute_dtype, device)
         # the fp target is this block (still full precision) on the fp chain's input
-        energy = shard.gather(chain.compute_targets(block, kw, device, compute_dtype), n)
+        with _expert_token_counts(block) as routed:
+            energy = shard.gather(chain.compute_targets(block, kw, device, compute_dtype), n)
         if bi < state.done:  # finished before the interruption: reload its integers, move the chain on
             _load_packed_block(block, spec, state.packed(bi), compute_dtype)
         else:
             rec = train_block(block, kw, chain, energy, bi, f"{parts.layers_name}.{bi}", ctx)
+            if routed:  # MoE: experts no calibration token reached get no gradient and keep their RTN grid
+                rec["experts_without_tokens"] = [e for e, c in routed.items() if int(shard.all_sum(torch.tensor([c])).item()) == 0]
             summary["blocks"].append(rec)
         block.to(compute_dtype)
         # the next block's quantized-chain input is this (now integer) block on its own quantized input
@@ -703,6 +731,11 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     ft = ctx.flops_time
     summary["train_flops_per_s"] = ft[0] / ft[1] if ft[1] else None
     summary["rtn_fallback_blocks"] = [b["block"] for b in summary["blocks"] if b.get("rtn_fallback")]
+    unrouted = [f"{parts.layers_name}.{b['block']}.{e}" for b in summary["blocks"] for e in b.get("experts_without_tokens", [])]
+    if any("experts_without_tokens" in b for b in summary["blocks"]):
+        summary["experts_without_tokens"] = unrouted  # kept at their RTN grid
+        if progress and unrouted:
+            tqdm.write(f"{len(unrouted)} experts received no calibration token and keep their RTN grid (e.g. {unrouted[0]})")
     summary["lr_retried_blocks"] = [b["block"] for b in summary["blocks"] if b.get("lr_retried")]
     return summary
 

@@ -31,7 +31,10 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, work_dir=None, **_) -> dic
     """RTN in place. A lazily loaded model (``model/lazy.py``) with a ``work_dir`` is done block by block:
     each block is read from the shards, quantized, written to ``work_dir/blocks`` and dropped, so a model
     larger than the memory streams through."""
+    from qatlm.model.arch import defuse_experts
     from qatlm.model.lazy import check_source_weights, lazy_source, materialize_block, release_block, save_block
+
+    defuse_experts(model)  # MoE: one linear layer per expert (the loaders have done it already)
 
     if lazy_source(model) is None or work_dir is None:
         if lazy_source(model) is not None:  # no place to put finished blocks: load them all

@@ -57,6 +57,43 @@ def find_parts(model: nn.Module) -> ModelParts:
     )
 
 
+def _expert_count(config) -> int | None:
+    for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        n = getattr(config, attr, None)
+        if isinstance(n, int) and n > 1:
+            return n
+    return None
+
+
+def fused_expert_params(model: nn.Module) -> list[str]:
+    """Parameters that hold every expert of a mixture of experts at once: 3-D, one slice per expert."""
+    n = _expert_count(getattr(model, "config", None))
+    return [name for name, p in model.named_parameters() if n and p.dim() == 3 and p.shape[0] == n]
+
+
+def defuse_experts(model: nn.Module) -> int:
+    """Give every expert of a mixture of experts its own ``nn.Linear`` layers, in place (transformers 5 stores
+    Mixtral / Qwen-MoE / OLMoE experts as fused 3-D tensors). Done with ``defuser``, the library GPTQModel uses
+    for the same purpose: the forward pass is unchanged (tested to the bit), every expert is then quantized like
+    any other linear layer, and its tensors carry the per-expert names that MoE checkpoints (the original ones
+    and GPTQ ones) use. Works on a meta-device skeleton. Returns how many fused tensors were split."""
+    import contextlib
+    import io
+
+    fused = fused_expert_params(model)
+    if not fused:
+        return 0
+    from defuser import convert_model
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress log
+        convert_model(model)
+    left = fused_expert_params(model)
+    if left:
+        raise QatlmError(f"{len(left)} fused expert tensors (e.g. {left[0]}) could not be split into per-expert layers: "
+                         f"{type(model).__name__}'s experts are not supported yet")
+    return len(fused)
+
+
 def is_router(name: str) -> bool:
     return bool(_ROUTER.search(name)) and not name.endswith("_proj")
 

@@ -18,7 +18,7 @@ from torch import nn
 from qatlm.version import __version__
 from qatlm.errors import QatlmError
 from qatlm.io import atomic_dir, check_output, write_shards
-from qatlm.model.arch import is_router
+from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.linear import PackedLinear
@@ -141,6 +141,7 @@ def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
                          "transformers would fill them with random values")
     if info.get("mismatched_keys"):
         raise QatlmError(f"{p}: tensor shapes do not match config.json (e.g. {info['mismatched_keys'][0][0]})")
+    defuse_experts(model)  # MoE: one linear layer per expert, quantized like the others
     return model.to(device).eval()
 
 
@@ -186,6 +187,7 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
     """
     out = Path(out_dir).expanduser()
     check_output(out, (), overwrite)
+    defuse_experts(model)  # fused experts left in float are stored per expert, as the loader expects them
     packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
     if not packed:
         raise QatlmError("the model has no packed layers: quantize it before saving")
@@ -284,6 +286,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    defuse_experts(model)  # MoE: the per-expert layers the checkpoint stores
 
     # layers first, from the tensor names alone; then the tensors one at a time, each assigned in place: never
     # a whole-checkpoint dict, and each file mapped only while its tensor is copied out (a mapped shard counts
@@ -336,7 +339,7 @@ def checkpoint_info(path) -> dict:
     spec = spec_from_config(qc)
     disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     weights_bytes = weights_size(p)
-    n_quant = quant_bytes = n_other = other_bytes = embed_bytes = 0
+    n_quant = quant_bytes = n_other = other_bytes = embed_bytes = expert_layers = 0
     kept, other_dtypes = set(), set()
     for f in _weight_files(p):
         with safe_open(f, framework="pt") as fh:
@@ -350,6 +353,7 @@ def checkpoint_info(path) -> dict:
                     quant_bytes += nbytes
                     if k.endswith(".qweight"):
                         n_quant += numel * 32 // spec.bits
+                        expert_layers += ".experts." in k
                 else:
                     n_other += numel
                     other_bytes += nbytes
@@ -394,6 +398,7 @@ def checkpoint_info(path) -> dict:
         "size_on_disk_bytes": disk,
         "weights_bytes": weights_bytes,
         "embedding_bytes": embed_bytes,
+        "expert_layers": expert_layers,  # mixture of experts: packed per-expert linear layers
         "embedding_share": embed_bytes / max(weights_bytes, 1),
         "bits_per_quantized_weight": 8 * quant_bytes / max(n_quant, 1),
         "bits_per_weight_all": 8 * weights_bytes / max(n_quant + n_other, 1),

@@ -70,13 +70,14 @@ def load_lazy_model(path, dtype: torch.dtype | None = None, device="cpu") -> nn.
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from qatlm.model.arch import find_parts
+    from qatlm.model.arch import defuse_experts, find_parts
     from qatlm.model.checkpoint import check_fp_folder, default_dtype
 
     p, config = check_fp_folder(path)
     dtype = dtype or default_dtype(device)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    defuse_experts(model)  # MoE: per-expert layers, named as the checkpoint stores them
     reader = ShardReader(p)
     wanted = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
     renamed = [n for n in wanted if n not in reader.where and not (n.endswith("lm_head.weight") and config.tie_word_embeddings)]
