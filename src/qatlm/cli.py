@@ -40,7 +40,11 @@ def _add_recipe_flags(p: argparse.ArgumentParser, command: str, defaults: dict |
             add_flags(p, grid, "grid", defaults, seen)
         own = [f for f in flags if f.path[0] != "grid"]
         name = STAGES[cls][0]
-        title = name if command == "train" or not _stage_prefix(cls, command) else f"{name} (as the end-to-end stage of a recipe)"
+        if name == "e2e-qp":  # its fields are the end-to-end loop's, shared with dl-qat
+            title = ("end-to-end training (e2e-qp and dl-qat)" if command == "train" else
+                     "the end-to-end stage of efficientqat, dl-qat and efficientqat+dl-qat (--e2e-*)")
+        else:
+            title = f"{name} only" if name == "dl-qat" else name
         add_flags(p, own, title, defaults, seen)
 
 
@@ -69,7 +73,7 @@ def _recipe_from_args(a, command: str, preset: dict | None = None) -> list:
     for cls in classes:
         flags = config_flags(cls, _stage_prefix(cls, command))
         values.append(values_for(flags, all_given))
-        given_sets.append(set(values_for(flags, given)))
+        given_sets.append(set(values_for(flags, all_given)))  # a preset (the demo's budget) counts as chosen
         used |= {f.dest for f in flags}
     if command != "train" and len(classes) > 1 and not any(hasattr(c, "calib") for c in classes if is_quantizer_cls(c)):
         aliased = set()
