@@ -64,44 +64,52 @@ def test_gguf_refuses_what_it_cannot_hold(tmp_path):
     q[0, 0] = 255
     with pytest.raises(QatlmError, match="int8 range"):
         encode_layer(q, torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1).half(), QuantSpec(8, 64), "layer.x")
-    with pytest.raises(QatlmError, match="mixture-of-experts layers such as model.layers.0.mlp.experts.0"):
-        export_checkpoint(make(tmp_path, family="qwen2_moe", name="moe"), "gguf", tmp_path / "p")
-    assert not (tmp_path / "p").exists()
     from types import SimpleNamespace
 
     from qatlm.export.gguf_file import check_config
 
     with pytest.raises(QatlmError, match="llama.cpp has no architecture for 'opt'"):
         check_config(SimpleNamespace(model_type="opt", num_hidden_layers=2), QuantSpec(4, 32))
+    llama = tiny_model("llama").config
+    with pytest.raises(QatlmError, match="model.layers.0.mlp.mystery_proj.qweight.* have no llama.cpp tensor"):
+        check_config(llama, QuantSpec(4, 32), ["model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.mystery_proj.qweight"])
 
 
 def test_gguf_refusals_come_before_the_model_is_loaded(tmp_path, monkeypatch):
     import qatlm.model.checkpoint as ckpt
 
-    moe, g16 = make(tmp_path, family="qwen2_moe", name="moe"), make(tmp_path, group=16)
+    scaled, g16 = make(tmp_path, name="scaled"), make(tmp_path, group=16)
+    cfg = json.loads((scaled / "config.json").read_text())
+    cfg["rope_parameters"] = cfg["rope_scaling"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    (scaled / "config.json").write_text(json.dumps(cfg))
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr(ckpt, "load_quantized", no_load)
-    with pytest.raises(QatlmError, match="mixture-of-experts"):
-        export_checkpoint(moe, "gguf", tmp_path / "p")
+    with pytest.raises(QatlmError, match="rope scaling 'linear'"):
+        export_checkpoint(scaled, "gguf", tmp_path / "p")
     with pytest.raises(QatlmError, match="multiple of 32"):
         export_checkpoint(g16, "gguf", tmp_path / "g")
 
 
 @pytest.mark.parametrize("family,sym", [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False),
-                                        ("gemma2", True), ("gemma3", False), ("phi3", True)])
+                                        ("gemma2", True), ("gemma3", False), ("phi3", True), ("qwen2_moe", True), ("qwen3_moe", False)])
 def test_gguf_loads_in_transformers_with_the_same_logits(tmp_path, family, sym):
     """transformers' own GGUF reader (which undoes llama.cpp's q/k row order and Gemma's norm offset) gives qatlm's
     logits, for every dense family qatlm quantizes: the architecture, tensor names and hyperparameter keys come from
     the gguf package and transformers' GGUF key map, not from a table per family."""
     from transformers import AutoModelForCausalLM
 
-    # transformers' GGUF reader ignores qwen3's key_length and assumes head_dim 128: build it so
-    src = make(tmp_path, family=family, sym=sym, **({"head_dim": 128} if family == "qwen3" else {}))
+    # transformers' GGUF reader ignores qwen3's key_length and assumes head_dim 128, and reads no MoE widths (it takes
+    # the config's defaults) and always renormalises Qwen3-MoE's top-k weights: build the tiny models so
+    over = {"qwen3": {"head_dim": 128}, "qwen2_moe": {"moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+            "qwen3_moe": {"head_dim": 128, "moe_intermediate_size": 768, "norm_topk_prob": True}}.get(family, {})
+    src = make(tmp_path, family=family, sym=sym, **over)
     rep = export_checkpoint(src, "gguf", tmp_path / "g", float_type="f32")
     assert rep["ggml_type"] == ("Q4_0" if sym else "Q4_1")
+    if "moe" in family:  # each block's experts stacked into one tensor per projection, as llama.cpp wants them
+        assert {f"blk.0.ffn_{p}_exps.weight" for p in ("gate", "up", "down")} <= set(rep["layers"])
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=rep["file"], dtype=torch.float32)
     ref = logits(load_quantized(src))
     got = logits(m)
@@ -110,6 +118,22 @@ def test_gguf_loads_in_transformers_with_the_same_logits(tmp_path, family, sym):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     else:  # Q4_1 rounds each block's minimum to fp16
         assert (got - ref).abs().max().item() < 5e-3 * ref.abs().max().item()
+
+
+def test_gguf_mixtral_runs_as_llama_with_stacked_experts(tmp_path):
+    """transformers' GGUF reader has no llama experts, so Mixtral's file is checked by the gguf package: the stacked
+    expert tensors decode to qatlm's weights exactly (Q4_0) and the expert counts are in the metadata."""
+    import gguf
+
+    src = make(tmp_path, family="mixtral", sym=True)
+    rep = export_checkpoint(src, "gguf", tmp_path / "g")
+    assert rep["arch"] == "llama" and rep["max_abs_error"] == 0.0
+    assert {f"blk.{b}.ffn_{p}_exps.weight" for b in (0, 1) for p in ("gate", "up", "down")} <= set(rep["layers"])
+    reader = gguf.GGUFReader(str(tmp_path / "g" / rep["file"]))
+    field = lambda k: int(reader.fields[k].parts[reader.fields[k].data[0]][0])  # noqa: E731
+    assert field("llama.expert_count") == 4 and field("llama.expert_used_count") == 2
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down_exps.weight")
+    assert [int(x) for x in t.shape] == [128, 64, 4]  # ggml order: in, out, experts
 
 
 @pytest.mark.parametrize("family,prefix", [("llama", True), ("phi3", True), ("gemma2", False)])

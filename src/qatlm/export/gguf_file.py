@@ -20,6 +20,7 @@ package's own dequantizer and compared with the source weights; the maximum erro
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,26 @@ def module_of(tensor_name: str) -> tuple[str, str]:
     return base, ("weight" if suffix in ("qweight", "qzeros", "scales", "g_idx") else suffix)
 
 
+_EXPERT_LAYER = re.compile(r"^(?P<head>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+
+
+def stacked_name(module: str) -> tuple[str, int | None]:
+    """``...mlp.experts.3.gate_proj`` -> (``...mlp.experts.gate_proj``, 3): llama.cpp stacks each block's experts into
+    one tensor, which the gguf package's map names by the stacked module; other modules are their own name."""
+    m = _EXPERT_LAYER.match(module)
+    return (f"{m['head']}.{m['proj']}", int(m["e"])) if m else (module, None)
+
+
+def gguf_name(names, module: str) -> str | None:
+    return names.get_name(stacked_name(module)[0])
+
+
 def unmapped_tensors(arch, n_layers: int, tensor_names) -> list[str]:
     """Checkpoint tensors that have no llama.cpp tensor in the gguf package's name map for ``arch``."""
     import gguf
 
     names = gguf.get_tensor_name_map(arch, n_layers)
-    return sorted({n for n in tensor_names if "rotary" not in n and names.get_name(module_of(n)[0]) is None})
+    return sorted({n for n in tensor_names if "rotary" not in n and gguf_name(names, module_of(n)[0]) is None})
 
 
 def ggml_type_for(spec: QuantSpec) -> str:
@@ -272,6 +287,15 @@ def _hparams(writer, config, arch_name: str, n_head: int, head_dim: int):
                       ("final_logit_softcapping", writer.add_final_logit_softcapping)):
         if getattr(config, attr, None):
             add(float(getattr(config, attr)))
+    for attr, key in (("num_experts", "expert_count"), ("num_local_experts", "expert_count"), ("num_experts_per_tok", "expert_used_count"),
+                      ("moe_intermediate_size", "expert_feed_forward_length"),
+                      ("shared_expert_intermediate_size", "expert_shared_feed_forward_length")):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and key not in values and v > 0:
+            writer.add_uint32(f"{arch_name}.{key}", v)
+            values[key] = v
+    if isinstance(getattr(config, "norm_topk_prob", None), bool) and values.get("expert_count"):
+        writer.add_bool(f"{arch_name}.expert_weights_norm", config.norm_topk_prob)  # renormalise the chosen experts' weights
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar and scalar != head_dim:
         writer.add_attention_scale(float(scalar) ** -0.5)
@@ -315,8 +339,9 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     sd = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     done = set()
+    stacks: dict[str, dict] = {}  # stacked experts: gguf name -> {expert: (bytes, weight, step sizes)}
     for mod_name, layer in packed.items():
-        gname = names.get_name(mod_name)
+        gname = gguf_name(names, mod_name)
         if gname is None:
             raise QatlmError(f"GGUF export: no llama.cpp tensor for layer {mod_name}")
         q, z, _ = layer.integers()
@@ -326,8 +351,14 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
             perm = _llama_permute(layer.out_features, n_head if mod_name.endswith("q_proj") else n_kv)
             q, z, s16, w = q[perm], z[perm], s16[perm], w[perm]
         data, kind = encode_layer(q.cpu(), z.cpu(), s16.cpu(), spec, mod_name)
-        writer.add_tensor(gname + ".weight", data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-        expected[gname + ".weight"] = (w, s16)
+        expert = stacked_name(mod_name)[1]
+        if expert is not None:
+            if layer.bias is not None:
+                raise QatlmError(f"GGUF export: expert layer {mod_name} has a bias, which llama.cpp's stacked experts lack")
+            stacks.setdefault(gname, {})[expert] = (data, w, s16)
+        else:
+            writer.add_tensor(gname + ".weight", data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            expected[gname + ".weight"] = (w, s16)
         done.add(mod_name + ".weight")
         for k in ("qweight", "qzeros", "scales", "g_idx"):
             done.add(f"{mod_name}.{k}")
@@ -338,6 +369,13 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
             writer.add_tensor(gname + ".bias", b.numpy().astype(np.float32))
             expected[gname + ".bias"] = (b, None)
             done.add(mod_name + ".bias")
+    for gname, experts in stacks.items():  # [experts, out, bytes per row]: one tensor per block and projection
+        order = sorted(experts)
+        if order != list(range(len(order))):
+            raise QatlmError(f"GGUF export: {gname} is missing experts (has {order[:8]}...)")
+        writer.add_tensor(gname + ".weight", np.stack([experts[e][0] for e in order]),
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, ggml_type_for(spec)))
+        expected[gname + ".weight"] = (torch.cat([experts[e][1] for e in order]), torch.cat([experts[e][2] for e in order]))
     for key, t in sd.items():
         if key in done or (tied and key == "lm_head.weight"):
             continue
@@ -352,6 +390,8 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
             a = a + offsets[base]  # Gemma's norms scale by 1 + weight; llama.cpp stores weight + 1
         if permute and base.endswith(("q_proj", "k_proj")):
             a = a[_llama_permute(a.shape[0], n_head if base.endswith("q_proj") else n_kv)]
+        if a.dim() == 2 and a.shape[0] == 1:
+            a = a[0]  # a one-row matrix (the shared-expert gate) is one of llama.cpp's vectors
         arr = a.numpy().astype(fdtype if a.dim() == 2 else np.float32)
         writer.add_tensor(f"{gname}.{suffix}", arr)
         expected[f"{gname}.{suffix}"] = (torch.from_numpy(arr.astype(np.float32)), None)
@@ -365,6 +405,7 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     for t in reader.tensors:
         want, s16 = expected.pop(t.name)
         got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(want.shape))
+        # (stacked experts come back [experts, out, in]; ``want`` holds them as [experts·out, in])
         err = (got - want.float()).abs().max().item()
         if s16 is None:  # float tensors: exact in f32, rounded in f16
             report["float_max_abs_error"] = max(report.get("float_max_abs_error", 0.0), err)
