@@ -2,6 +2,9 @@
 expert is on the grid, the packed checkpoint reloads to the same logits, Block-AP trains the experts."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,10 +107,12 @@ def _only_first_two(module, inputs, output):
     return logits, weights, index
 
 
-def test_cli_streams_an_moe_model_block_by_block(tmp_path, capsys):
-    """The per-expert names after defusing are the checkpoint's own: the lazy path works (it fell back to a whole load)."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_cli_streams_an_moe_model_block_by_block(family, tmp_path, capsys):
+    """After defusing, the per-expert layers are found in the checkpoint by name (Mixtral's w1/w3/w2 through defuser's
+    renamings): the model streams block by block (it fell back to a whole load) and the result equals the in-memory run."""
     fp = tmp_path / "fp"
-    tiny_model("qwen3_moe").save_pretrained(fp)  # (Mixtral checkpoints name their experts w1/w2/w3: a whole load)
+    tiny_model(family).save_pretrained(fp)
     tiny_tokenizer().save_pretrained(fp)
     assert main(["quantize", "--model", str(fp), "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "q")]) == 0
     err = capsys.readouterr().err
@@ -116,6 +121,11 @@ def test_cli_streams_an_moe_model_block_by_block(tmp_path, capsys):
     assert names["quantization_config"]["bits"] == 4
     back = load_quantized(tmp_path / "q")
     assert packed_fraction(back) >= 0.95
+    ref = tiny_model(family)
+    quantize(ref, RTNConfig(4, 32))
+    ids = tiny_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_info_says_where_an_moe_checkpoint_loads(tmp_path, capsys):
@@ -127,17 +137,22 @@ def test_info_says_where_an_moe_checkpoint_loads(tmp_path, capsys):
     assert "GPTQModel.load" in out and "24 per-expert layers are NOT read by transformers" in out
 
 
-def test_gptqmodel_loads_the_packed_moe_checkpoint(tmp_path, monkeypatch):
-    """The per-expert GPTQ layout is what GPTQModel's own loader reads (it splits the fused experts the same way)."""
+def test_gptqmodel_loads_the_packed_moe_checkpoint(tmp_path):
+    """The per-expert GPTQ layout is what GPTQModel's own loader reads (it splits the fused experts the same way). In
+    a process of its own: GPTQModel patches transformers' MoE classes globally when it loads."""
     pytest.importorskip("gptqmodel")
-    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import GPTQModel
-
     model = tiny_model("qwen2_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=128)
     quantize(model, RTNConfig(4, 32))
     save_quantized(model, tmp_path / "q", RTNConfig(4, 32).spec, tokenizer=tiny_tokenizer())
     ids = tiny_ids()
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch\nfrom gptqmodel import GPTQModel\nids = torch.load(sys.argv[2])\n"
+            "m = GPTQModel.load(sys.argv[1], device='cpu', dtype=torch.float16).model\n"
+            "with torch.no_grad():\n    torch.save(m(ids).logits.float(), sys.argv[3])\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                       capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         ref = load_quantized(tmp_path / "q")(ids).logits
-        got = GPTQModel.load(str(tmp_path / "q"), device="cpu", dtype=torch.float16).model(ids).logits.float()
     assert (got - ref).abs().max().item() < 5e-3 * ref.abs().max().item()  # its CPU kernel computes in fp16

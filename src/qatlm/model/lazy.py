@@ -10,6 +10,7 @@ work folder (``save_quantized(..., block_files=...)``). No per-family code: tens
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -36,9 +37,25 @@ class ShardReader:
                     self.where[k] = f
                     self.shapes[k] = tuple(fh.get_slice(k).get_shape())
 
+        self.stored: dict[str, str] = {}  # model name -> name in the files, where they differ
+
+    def rename(self, renamings: list[tuple[str, str]]) -> int:
+        """Also answer to the names the regex ``(pattern, replacement)`` pairs make of the stored ones (the model's names
+        for tensors a checkpoint stores under its own, e.g. Mixtral's ``block_sparse_moe.experts.N.w1``); returns how
+        many names were added."""
+        added = 0
+        for key in list(self.where):
+            new = key
+            for pattern, repl in renamings:
+                new = re.sub(pattern, repl, new)
+            if new != key and new not in self.where:
+                self.where[new], self.shapes[new], self.stored[new] = self.where[key], self.shapes[key], key
+                added += 1
+        return added
+
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.where[name], framework="pt") as fh:
-            return fh.get_tensor(name)
+            return fh.get_tensor(self.stored.get(name, name))
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, device) -> None:
         """Give every meta parameter / persistent buffer of ``module`` its tensor ``prefix + name``."""
@@ -58,6 +75,23 @@ class ShardReader:
             set_module_tensor_to_device(module, name, device, value=value)
         if missing:
             raise QatlmError(f"{self.folder} lacks {len(missing)} tensor(s) the model needs (e.g. {missing[0]})")
+
+
+def checkpoint_renamings(model_type: str) -> list[tuple[str, str]]:
+    """How a family's checkpoints name tensors that its (defused) modules name otherwise, as regex substitutions:
+    the plain renamings of defuser's registry (Mixtral: ``block_sparse_moe`` -> ``mlp``, ``w1/w3/w2`` ->
+    ``gate_proj/up_proj/down_proj``). Tensors that need converting, not renaming, are not covered."""
+    try:
+        from defuser.model_registry import MODEL_CONFIG
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    out = []
+    for op in (MODEL_CONFIG.get(model_type) or {}).get("checkpoint_mapping", []):
+        if type(op) is WeightRenaming:
+            out += [(re.escape(src) if src.startswith(".") and "(" not in src else src, dst)
+                    for src, dst in zip(op.source_patterns, op.target_patterns)]
+    return out
 
 
 def lazy_source(model: nn.Module) -> tuple[ShardReader, str] | None:
@@ -81,7 +115,9 @@ def load_lazy_model(path, dtype: torch.dtype | None = None, device="cpu") -> nn.
     reader = ShardReader(p)
     wanted = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
     renamed = [n for n in wanted if n not in reader.where and not (n.endswith("lm_head.weight") and config.tie_word_embeddings)]
-    if renamed:  # e.g. MoE experts that transformers fuses from per-expert tensors while loading
+    if renamed and reader.rename(checkpoint_renamings(config.model_type)):
+        renamed = [n for n in renamed if n not in reader.where]
+    if renamed:  # e.g. tensors that transformers converts (not only renames) while loading
         raise LazyUnsupported(f"{len(renamed)} parameters are stored under other names (e.g. {renamed[0]})")
     shapes = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if b is not None}
     bad = [n for n in wanted if n in reader.shapes and tuple(shapes[n].shape) != reader.shapes[n]]
