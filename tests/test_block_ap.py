@@ -348,3 +348,33 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     for k in one:
         if k.endswith(".scales"):
             torch.testing.assert_close(one[k].float(), two[k].float(), rtol=2e-3, atol=1e-5)
+
+
+def _norms_x10_twin(model):
+    """The same function with every block's norm weights x10 and the linear layers they feed /10."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.mul_(10)
+            layer.post_attention_layernorm.weight.mul_(10)
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+                lin.weight.div_(10)
+    return model
+
+
+@pytest.mark.parametrize("updates", ["relative", "absolute"])
+def test_relative_norm_updates_do_not_depend_on_the_norms_scale(updates):
+    ids = calib(16, 4)
+    plain, twin = tiny_model("llama", num_hidden_layers=1), _norms_x10_twin(tiny_model("llama", num_hidden_layers=1))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids[1]).logits, twin(ids[1]).logits, rtol=1e-4, atol=1e-4)
+    cfg = BlockAPConfig(bits=4, group_size=32, epochs=2, lr_weight=1e-2, norm_updates=updates)
+    quantize_block_ap(plain, cfg, calib=ids, progress=False)
+    quantize_block_ap(twin, cfg, calib=ids, progress=False)
+    a = plain.model.layers[0].input_layernorm.weight
+    b = twin.model.layers[0].input_layernorm.weight / 10
+    moved = (a - torch.ones_like(a)).abs().max().item()
+    assert moved > 1e-3  # the norms trained
+    if updates == "relative":  # the twin's norms moved by the same fraction
+        torch.testing.assert_close(b, a, rtol=0.02, atol=0.02 * moved)
+    else:  # the reference's absolute steps move the x10 norms 10x less, relatively
+        assert (b - a).abs().max().item() > 0.3 * moved

@@ -103,6 +103,9 @@ class BlockAPConfig:
     loss: str = opt("mse", "reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
                            "count by their relative error)", flag="block-loss", choices=LOSSES)
     train_norms: bool = opt(True, "train each block's norm weights with its linear weights, as the reference (biases stay fixed)")
+    norm_updates: str = opt("absolute", "how norm weights move per step: absolute (lr_weight itself, as the reference) or "
+                                        "relative (lr_weight times each norm's RMS: the same on a model whose norms are 10x "
+                                        "larger)", choices=("absolute", "relative"))
     early_stop: bool = opt(False, "stop a block when its validation loss rises")
     ram_budget_gb: float = opt(8.0, "activation caches beyond this many GiB go to memory-mapped files")
     chain_batch: int = opt(8, "samples per forward when moving activations through a finished block")
@@ -114,6 +117,8 @@ class BlockAPConfig:
             raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
         if self.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise QatlmError(f"--cache-dtype must be auto, float32, bfloat16 or float16, got '{self.cache_dtype}'")
+        if self.norm_updates not in ("absolute", "relative"):
+            raise QatlmError(f"norm updates must be 'absolute' or 'relative', got '{self.norm_updates}'")
         if self.loss not in LOSSES:
             raise QatlmError(f"block loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         for name in ("calib_samples", "epochs", "batch_size", "chain_batch"):
@@ -483,6 +488,9 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
     # the reference trains every other parameter named "weight" (the norms) at the weight rate; biases stay
     norms = [p for name, p in block.named_parameters() if config.train_norms and id(p) not in fq_params
              and name.rsplit(".", 1)[-1] == "weight" and p.is_floating_point()]
+    if config.norm_updates == "relative":  # each norm's update in units of its own RMS, like the weights' in group ranges
+        for p in norms:
+            units[p] = (torch.full_like(p, float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-8))), spec)
     trained = weights + scales + zeros + norms
     for p in trained:
         p.requires_grad_(True)
