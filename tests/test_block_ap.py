@@ -378,3 +378,4 @@ def test_relative_norm_updates_do_not_depend_on_the_norms_scale(updates):
         torch.testing.assert_close(b, a, rtol=0.02, atol=0.02 * moved)
     else:  # the reference's absolute steps move the x10 norms 10x less, relatively
         assert (b - a).abs().max().item() > 0.3 * moved
+
