@@ -379,3 +379,12 @@ def test_relative_norm_updates_do_not_depend_on_the_norms_scale(updates):
     else:  # the reference's absolute steps move the x10 norms 10x less, relatively
         assert (b - a).abs().max().item() > 0.3 * moved
 
+
+
+@pytest.mark.parametrize("units", ["range", "layer", "absolute"])
+def test_every_update_unit_trains_below_rtn(units):
+    s = quantize_block_ap(tiny_model("llama"), BlockAPConfig(bits=2, group_size=32, epochs=2, update_units=units), calib=calib(16, 4),
+                          progress=False)
+    assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
+    with pytest.raises(QatlmError, match="update units"):
+        BlockAPConfig(update_units="per-weight")

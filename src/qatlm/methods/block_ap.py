@@ -104,8 +104,9 @@ class BlockAPConfig:
                            "count by their relative error)", flag="block-loss", choices=LOSSES)
     train_norms: bool = opt(True, "train each block's norm weights with its linear weights, as the reference (biases stay fixed)")
     update_units: str = opt("range", "units of the weights' and step sizes' learning rates: range (each group's initial range: "
-                                     "scale-free) or absolute (the reference's; only right for models whose group ranges are ~1)",
-                            choices=("range", "absolute"))
+                                     "scale-free), layer (the layer's mean group range: scale-free, every group of a layer alike) "
+                                     "or absolute (the reference's; only right for models whose group ranges are ~1)",
+                            choices=("range", "layer", "absolute"))
     norm_updates: str = opt("absolute", "how norm weights move per step: absolute (lr_weight itself, as the reference) or "
                                         "relative (lr_weight times each norm's RMS: the same on a model whose norms are 10x "
                                         "larger)", choices=("absolute", "relative"))
@@ -120,8 +121,8 @@ class BlockAPConfig:
             raise QatlmError(f"input mode must be 'quant' or 'fp', got '{self.input_mode}'")
         if self.cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise QatlmError(f"--cache-dtype must be auto, float32, bfloat16 or float16, got '{self.cache_dtype}'")
-        if self.update_units not in ("range", "absolute"):
-            raise QatlmError(f"update units must be 'range' or 'absolute', got '{self.update_units}'")
+        if self.update_units not in ("range", "layer", "absolute"):
+            raise QatlmError(f"update units must be 'range', 'layer' or 'absolute', got '{self.update_units}'")
         if self.norm_updates not in ("absolute", "relative"):
             raise QatlmError(f"norm updates must be 'absolute' or 'relative', got '{self.norm_updates}'")
         if self.loss not in LOSSES:
@@ -484,8 +485,10 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
     zeros = [m.zero for m in fq.values()] if not spec.sym else []
     # updates of weights and step sizes in units of each group's initial range (s0 · qmax)
     units = {}
-    for m in fq.values() if config.update_units == "range" else ():
+    for m in fq.values() if config.update_units != "absolute" else ():
         rng = (m.scale.detach().float() * spec.qmax).to(m.weight.dtype)
+        if config.update_units == "layer":  # one unit per layer: its mean group range (scale-free, groups move alike)
+            rng = torch.full_like(rng, float(rng.mean()))
         units[m.weight] = units[m.scale] = (rng, spec)
     for p in block.parameters():
         p.requires_grad_(False)
