@@ -51,7 +51,6 @@ class Flag:
     flag: str
     path: tuple[str, ...]
     field: dataclasses.Field
-    owner: type
 
     @property
     def dest(self) -> str:
@@ -60,18 +59,16 @@ class Flag:
 
 def config_flags(cls, prefix: str = "") -> list[Flag]:
     """The flags of a config class; nested configs (``grid``) are expanded into their fields' flags."""
-    import qatlm.quant.grid  # noqa: F401  (QuantSpec must be importable for nested annotations)
-
     out = []
     for f in dataclasses.fields(cls):
         if not f.metadata.get("cli", True) or not f.metadata.get("help"):
             continue
         t = _nested_type(f)
         if t is not None:
-            out += [Flag(x.flag, (f.name, *x.path), x.field, x.owner) for x in config_flags(t, prefix="")]
+            out += [Flag(x.flag, (f.name, *x.path), x.field) for x in config_flags(t, prefix="")]
             continue
         flag = "--" + (f.metadata["flag"] if "flag" in f.metadata else prefix + f.name.replace("_", "-"))
-        out.append(Flag(flag, (f.name,), f, cls))
+        out.append(Flag(flag, (f.name,), f))
     return out
 
 

@@ -46,15 +46,14 @@ INHERIT = {"data": "calib", "samples": "calib_samples", "seqlen": "calib_seqlen"
 
 
 def method_name(config) -> str:
-    for cls, (name, _) in STAGES.items():
-        if type(config) is cls:
-            return name
+    if type(config) in STAGES:
+        return STAGES[type(config)][0]
     raise QatlmError(f"unknown method config {type(config).__name__}; known: {', '.join(c.__name__ for c in STAGES)}")
 
 
 def is_quantizer(config) -> bool:
     """A stage that puts a float model on the grid (RTN, Block-AP), as opposed to one that trains a quantized one."""
-    return hasattr(config, "grid")
+    return is_quantizer_cls(type(config))
 
 
 def recipe_name(stages: list) -> str:
@@ -104,8 +103,7 @@ def check_stages(stages: list, model_is_quantized: bool) -> None:
         raise QatlmError("a recipe needs at least one stage")
     quantized = model_is_quantized
     for s in stages:
-        if type(s) not in STAGES:
-            raise QatlmError(f"unknown method config {type(s).__name__}; known: {', '.join(c.__name__ for c in STAGES)}")
+        method_name(s)  # refuses an unknown config
         if is_quantizer(s) and quantized:
             raise QatlmError(f"{method_name(s)} quantizes a float model, but the model is already quantized")
         if not is_quantizer(s) and not quantized:

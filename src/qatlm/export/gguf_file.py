@@ -241,8 +241,6 @@ def norm_offset(module) -> float:
 def _hparams(writer, config, arch_name: str, n_head: int, head_dim: int):
     """Hyperparameters under the keys llama.cpp reads: the ones transformers' GGUF reader maps back to this
     config (``GGUF_CONFIG_MAPPING``), and those config attributes llama.cpp needs beside them."""
-    import gguf
-
     try:
         from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     except ImportError:  # older transformers: the keys every dense decoder needs
@@ -299,7 +297,6 @@ def _hparams(writer, config, arch_name: str, n_head: int, head_dim: int):
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar and scalar != head_dim:
         writer.add_attention_scale(float(scalar) ** -0.5)
-    return gguf
 
 
 def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: str = "f16") -> dict:

@@ -389,12 +389,17 @@ def _expert_token_counts(block):
     """While the block runs: tokens that reach each expert of a mixture of experts (``{"mlp.experts.3": n}``),
     counted at the input of the expert's first linear layer; empty for a block without experts."""
     counts, hooks = {}, []
+
+    def counter(key):
+        def hook(_module, inputs, _output):
+            counts[key] += inputs[0].numel() // inputs[0].shape[-1]  # tokens in, whatever the leading dims
+        return hook
+
     for name, mod in block.named_modules():
         m = _EXPERT.search(name)
         if m and isinstance(mod, nn.Linear) and m.group(0) not in counts:
             counts[m.group(0)] = 0
-            hooks.append(mod.register_forward_hook(
-                lambda _m, inp, _out, key=m.group(0): counts.__setitem__(key, counts[key] + inp[0].reshape(-1, inp[0].shape[-1]).shape[0])))
+            hooks.append(mod.register_forward_hook(counter(m.group(0))))
     try:
         yield counts
     finally:

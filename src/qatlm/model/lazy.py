@@ -89,8 +89,7 @@ def checkpoint_renamings(model_type: str) -> list[tuple[str, str]]:
     out = []
     for op in (MODEL_CONFIG.get(model_type) or {}).get("checkpoint_mapping", []):
         if type(op) is WeightRenaming:
-            out += [(re.escape(src) if src.startswith(".") and "(" not in src else src, dst)
-                    for src, dst in zip(op.source_patterns, op.target_patterns)]
+            out += list(zip(op.source_patterns, op.target_patterns))  # regex patterns, as transformers applies them
     return out
 
 
