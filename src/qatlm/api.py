@@ -68,7 +68,10 @@ def quantize(model: nn.Module, config, *, tokenizer=None, out=None, resume: bool
         if not layers:
             raise QatlmError(f"{summary['method']} left no packed layers to save")
         spec = grid_of(stages) or next(iter(layers.values())).spec
+        from qatlm.model.lazy import lazy_source
+
         save_quantized(model, out, spec, tokenizer=tokenizer, overwrite=True, meta={"method": summary["method"]},
+                       block_files=work if lazy_source(model) is not None else None,  # a streamed model's blocks are there
                        report=lambda tmp: (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n"))
         shutil.rmtree(work, ignore_errors=True)
     return summary

@@ -413,7 +413,10 @@ def _print_info(path: str, as_json: bool):
     rows = [
         ("checkpoint", info["path"]),
         ("method", f"{info['method']}{src}"),
-        ("grid", f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"),
+        ("grid", f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"
+                 if info.get("grid", "uniform") == "uniform" else
+                 f"llama.cpp {info['grid'].upper()} (layers whose width is not a multiple of 256: 4-bit groups of 32, GGUF Q4_0); "
+                 "loads in qatlm; for llama.cpp / transformers: qatlm export --format gguf"),
         ("quantized weights", f"{info['quantized_params']:,} at {info['bits_per_quantized_weight']:.3f} bits each (scales, zeros, g_idx included)"),
         ("full precision", f"{info['other_params']:,} parameters in {info['other_dtype'] or '-'}: {', '.join(info['kept_in_full_precision']) or 'nothing'}"),
         ("bits per weight", f"{info['bits_per_weight_all']:.2f} over all parameters"),
@@ -434,14 +437,19 @@ def _print_info(path: str, as_json: bool):
         if t.get("val_loss_after") is not None and t.get("val_loss_before") is not None:
             rows.append(("training", f"{t.get('method')}: {t.get('steps')} steps, validation loss {t['val_loss_before']:.4f} -> "
                                      f"{t['val_loss_after']:.4f}"))
-    rows += [
+    if info.get("grid", "uniform") != "uniform":
+        rows += [("loads in", "qatlm (load_quantized, qatlm eval/generate)"),
+                 ("", f"llama.cpp and transformers (GGUF loader): qatlm export {info['path']} --format gguf --out DIR "
+                      "(bit-exact: the stored blocks are the GGUF tensors)")]
+    else:
+        rows += [
         ("loads in", "qatlm (load_quantized, qatlm eval/generate); " + (
             f"GPTQModel.load (qatlm install gptq); its {info['expert_layers']} per-expert layers are NOT read by transformers' "
             "from_pretrained, which keeps fused experts and would leave them random" if info.get("expert_layers") else
             "transformers + gptqmodel as it is (qatlm install gptq)")),
         ("", f"vLLM: qatlm export {info['path']} --format gptq (or compressed-tensors) --out DIR"),
         ("", f"llama.cpp: qatlm export {info['path']} --format gguf --out DIR"),
-    ]
+        ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
@@ -567,6 +575,9 @@ def cmd_train(a) -> int:
     [config] = _recipe_from_args(a, "train")
     state = PartialState(cpu=not torch.cuda.is_available() or torch.device(a.device).type == "cpu")
     src, qc = read_quant_config(a.src)
+    if spec_from_config(qc).kformat is not None:
+        raise QatlmError(f"{a.method} trains uniform grids only; {src} is on the {spec_from_config(qc).format} grid "
+                         "(use rtn or block-ap for K-quant grids)")
     out = Path(a.out).expanduser()
     work = out.parent / f"{out.name}.work"
     lock = contextlib.nullcontext()

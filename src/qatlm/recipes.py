@@ -86,7 +86,17 @@ def build_recipe(name: str, values: list[dict] | None = None, given: list[set] |
         if i and classes[i - 1] is RTNConfig and getattr(cls, "takes_float_base", False):
             stages[-1] = dataclasses.replace(stages[-1], pack=False)  # the next stage trains from the float weights
         stages.append(build(cls, kw))
+    check_grid_stages(stages)
     return stages
+
+
+def check_grid_stages(stages: list) -> None:
+    """Stages that cannot work on the recipe's grid are refused before anything is loaded."""
+    grid = grid_of(stages)
+    if grid is not None and grid.kformat is not None:
+        for s in stages:
+            if not is_quantizer(s):
+                raise QatlmError(f"{method_name(s)} trains uniform grids only, not --grid {grid.format}: use --method block-ap or rtn")
 
 
 def is_quantizer_cls(cls) -> bool:
@@ -109,6 +119,7 @@ def check_stages(stages: list, model_is_quantized: bool) -> None:
         if not is_quantizer(s) and not quantized:
             raise QatlmError(f"{method_name(s)} trains a quantized model: start from a packed checkpoint or put rtn / block-ap before it")
         quantized = True
+    check_grid_stages(stages)
 
 
 def run_recipe(model, stages: list, data=None, context: Context | None = None) -> dict:

@@ -55,6 +55,9 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     check_output(out, [src], overwrite)
     _, qc = read_quant_config(src)
     spec = spec_from_config(qc)
+    if spec.kformat is not None and fmt != "gguf":
+        raise QatlmError(f"a {spec.format} checkpoint exports to gguf only (its layers are llama.cpp K-quant blocks, "
+                         f"which {fmt} cannot hold)")
     if fmt == "gguf":  # what GGUF cannot express is refused before the model is loaded
         from transformers import AutoConfig
 
@@ -95,7 +98,9 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
 
             report.update(write_gguf(model, spec, src, tmp / name, float_type=float_type))
             report["file"] = name
-            if spec.bits in (2, 3):
+            kinds = [v["type"] for v in report["layers"].values()]
+            report["ggml_types"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+            if spec.bits in (2, 3) and spec.kformat is None:
                 report["warning"] = (f"{spec.bits}-bit codes are stored losslessly in 4-bit {report['ggml_type']} blocks "
                                      "(llama.cpp's 2/3-bit K-quants cannot hold these step sizes exactly): the file is ~5 bits per weight")
         else:

@@ -11,9 +11,11 @@ group size that is a multiple of 32, or per-channel with an input width that is,
 | 8-bit asymmetric      | Q8_0      | as above, only if q − z fits int8 | refused otherwise, naming the layers |
 | 2/3-bit asym / sym    | Q4_1 / Q4_0 | the same codes in a 4-bit block | exact like 4-bit, at ~5 bits per weight |
 
-A 2/3-bit grid is written losslessly in the 4-bit container by default (GGML's own 2/3-bit types,
-Q2_K/Q3_K, have 16-weight sub-blocks with 4-bit-quantized scales and cannot hold our step sizes
-exactly); the report says so and gives the size. Every written tensor is read back with the ``gguf``
+A uniform 2/3-bit grid is written losslessly in the 4-bit container (GGML's own 2/3-bit types,
+Q2_K/Q3_K, have 16-weight sub-blocks with 4-bit-quantized scales and cannot hold those step sizes
+exactly); the report says so and gives the size. To get llama.cpp's 2/3-bit sizes, train on its grid:
+``--grid q2_k|q3_k|q4_k`` (``quant/kquant.py``) stores each layer as the Q2_K/Q3_K/Q4_K blocks themselves,
+which are written to the file as they are (rows permuted like any other tensor's), bit-exact. Every written tensor is read back with the ``gguf``
 package's own dequantizer and compared with the source weights; the maximum error is reported.
 """
 
@@ -28,6 +30,7 @@ import torch
 
 from qatlm.errors import QatlmError
 from qatlm.quant.grid import QuantSpec, dequantize, expand_groups
+from qatlm.quant.kquant import KPackedLinear, unpack_blocks
 
 QK = 32  # weights per GGML block
 # families llama.cpp runs under another architecture's name (its converter writes Mistral as llama)
@@ -73,6 +76,8 @@ def unmapped_tensors(arch, n_layers: int, tensor_names) -> list[str]:
 
 
 def ggml_type_for(spec: QuantSpec) -> str:
+    if spec.kformat is not None:
+        return spec.kformat.name
     if spec.bits == 8:
         return "Q8_0"
     return "Q4_0" if spec.sym else "Q4_1"
@@ -116,6 +121,25 @@ def encode_layer(q: torch.Tensor, z: torch.Tensor, s16: torch.Tensor, spec: Quan
         return np.concatenate([d, qs], axis=2).reshape(out_f, nb * 18), kind
     m = (-_blocks(s16.float(), in_f, spec) * zb.float()).to(torch.float16).numpy().view(np.uint8).reshape(out_f, nb, 2)
     return np.concatenate([d, m, qs], axis=2).reshape(out_f, nb * 20), kind
+
+
+def encode_packed(layer, perm: torch.Tensor | None, name: str):
+    """One packed layer as GGML rows: (bytes [out, row bytes], GGML type, the float weight the file must decode
+    to, the per-weight step to measure errors in), rows permuted by ``perm`` if given."""
+    if isinstance(layer, KPackedLinear):
+        data = layer.kblocks if perm is None else layer.kblocks[perm]
+        w = layer.dequantized_weight(torch.float32)
+        w = w if perm is None else w[perm]
+        step = expand_groups(unpack_blocks(data, layer.spec, layer.in_features)["s"].abs(), layer.spec, layer.in_features)
+        return data.cpu().numpy(), layer.spec.kformat.name, w, step
+    spec = layer.spec
+    q, z, _ = layer.integers()
+    s16 = layer.scales.t().contiguous()
+    w = dequantize(q, s16.float(), z, spec)
+    if perm is not None:
+        q, z, s16, w = q[perm], z[perm], s16[perm], w[perm]
+    data, kind = encode_layer(q.cpu(), z.cpu(), s16.cpu(), spec, name)
+    return data, kind, w, expand_groups(s16.float(), spec, layer.in_features)
 
 
 def _llama_permute(n_out: int, n_head: int) -> torch.Tensor:
@@ -221,7 +245,7 @@ def check_config(config, spec: QuantSpec, tensor_names=None):
                     f"{len(bad)} tensors (e.g. {bad[0]}) have no llama.cpp tensor in the gguf package's map for "
                     f"{gguf.MODEL_ARCH_NAMES[arch]}")
             raise QatlmError(f"GGUF export: {what}")
-    if spec.group_size != -1:
+    if spec.kformat is None and spec.group_size != -1:
         check_grid(spec, spec.group_size, "every layer")
     return arch
 
@@ -322,8 +346,8 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     writer = gguf.GGUFWriter(str(out_file), arch_name)
     writer.add_name(src.name)
     _hparams(writer, config, arch_name, n_head, head_dim)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if ggml_type_for(spec) == "Q4_1" else
-                         gguf.LlamaFileType.MOSTLY_Q4_0 if ggml_type_for(spec) == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    kind = ggml_type_for(spec)
+    writer.add_file_type(getattr(gguf.LlamaFileType, "MOSTLY_" + {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S"}.get(kind, kind)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_meta(writer, src, config, gguf)
 
@@ -341,23 +365,20 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
         gname = gguf_name(names, mod_name)
         if gname is None:
             raise QatlmError(f"GGUF export: no llama.cpp tensor for layer {mod_name}")
-        q, z, _ = layer.integers()
-        s16 = layer.scales.t().contiguous()
-        w = dequantize(q, s16.float(), z, spec)
+        perm = None
         if permute and mod_name.endswith(("q_proj", "k_proj")):
             perm = _llama_permute(layer.out_features, n_head if mod_name.endswith("q_proj") else n_kv)
-            q, z, s16, w = q[perm], z[perm], s16[perm], w[perm]
-        data, kind = encode_layer(q.cpu(), z.cpu(), s16.cpu(), spec, mod_name)
+        data, kind, w, step = encode_packed(layer, perm, mod_name)
         expert = stacked_name(mod_name)[1]
         if expert is not None:
             if layer.bias is not None:
                 raise QatlmError(f"GGUF export: expert layer {mod_name} has a bias, which llama.cpp's stacked experts lack")
-            stacks.setdefault(gname, {})[expert] = (data, w, s16)
+            stacks.setdefault(gname, {})[expert] = (data, w, step, kind)
         else:
             writer.add_tensor(gname + ".weight", data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-            expected[gname + ".weight"] = (w, s16)
+            expected[gname + ".weight"] = (w, step)
         done.add(mod_name + ".weight")
-        for k in ("qweight", "qzeros", "scales", "g_idx"):
+        for k in ("qweight", "qzeros", "scales", "g_idx", "kblocks"):
             done.add(f"{mod_name}.{k}")
         if layer.bias is not None:
             b = layer.bias.detach().float().cpu()
@@ -370,8 +391,11 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
         order = sorted(experts)
         if order != list(range(len(order))):
             raise QatlmError(f"GGUF export: {gname} is missing experts (has {order[:8]}...)")
+        kinds = {experts[e][3] for e in order}
+        if len(kinds) > 1:
+            raise QatlmError(f"GGUF export: the experts of {gname} are stored in different types {sorted(kinds)}")
         writer.add_tensor(gname + ".weight", np.stack([experts[e][0] for e in order]),
-                          raw_dtype=getattr(gguf.GGMLQuantizationType, ggml_type_for(spec)))
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, kinds.pop()))
         expected[gname + ".weight"] = (torch.cat([experts[e][1] for e in order]), torch.cat([experts[e][2] for e in order]))
     for key, t in sd.items():
         if key in done or (tied and key == "lm_head.weight"):
@@ -408,7 +432,7 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
             report["float_max_abs_error"] = max(report.get("float_max_abs_error", 0.0), err)
         else:
             report["max_abs_error"] = max(report["max_abs_error"], err)
-            steps = ((got - want.float()).abs() / expand_groups(s16.float(), spec, want.shape[1])).max().item()
+            steps = ((got - want.float()).abs() / s16.clamp_min(1e-30)).max().item()
             report["max_error_in_steps"] = max(report["max_error_in_steps"], steps)
             report["layers"][t.name] = {"type": t.tensor_type.name, "max_abs_error": err}
         report["tensors"] += 1

@@ -52,6 +52,7 @@ from qatlm.model.lazy import block_file, check_source_weights, lazy_source, mate
 from qatlm.model.arch import capture_layer_inputs, defuse_experts, find_parts, first_layer_input, quant_targets, run_layer
 from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.grid import QuantSpec, expand_groups
+from qatlm.quant.kquant import fake_quant_layer, packed_layer
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
 from qatlm.train import JsonLog, Schedule, release_freed_memory, train_epochs
 
@@ -413,13 +414,13 @@ _EXPERT = re.compile(r"^(.*\.)?experts\.\d+")
 def _block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
     def make(name, lin):
         check_target(f"{prefix}.{name}", lin, spec)
-        return FakeQuantLinear(lin, spec)
+        return fake_quant_layer(lin, spec)
     return swap_layers(block, make, names=list(quant_targets(block)))
 
 
 def _load_packed_block(block, spec: QuantSpec, state: dict, dtype):
     """Rebuild a finished block from its saved tensors (used by resume)."""
-    swap_layers(block, lambda name, lin: PackedLinear(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype),
+    swap_layers(block, lambda name, lin: packed_layer(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype),
                 names=list(quant_targets(block)))
     block.load_state_dict(state, strict=True)
 
@@ -487,14 +488,14 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
     rtn_val = rel_error()
     weights = [m.weight for m in fq.values()]
     scales = [m.scale for m in fq.values()]
-    zeros = [m.zero for m in fq.values()] if not spec.sym else []
+    zeros = [m.zero for m in fq.values() if not m.spec.sym]
     # updates of weights and step sizes in units of each group's initial range (s0 · qmax)
     units = {}
     for m in fq.values() if config.update_units != "absolute" else ():
-        rng = (m.scale.detach().float() * spec.qmax).to(m.weight.dtype)
+        rng = (m.scale.detach().float() * m.spec.qmax).to(m.weight.dtype)
         if config.update_units == "layer":  # one unit per layer: its mean group range (scale-free, groups move alike)
             rng = torch.full_like(rng, float(rng.mean()))
-        units[m.weight] = units[m.scale] = (rng, spec)
+        units[m.weight] = units[m.scale] = (rng, m.spec)
     for p in block.parameters():
         p.requires_grad_(False)
     fq_params = {id(p) for p in weights + scales + zeros}

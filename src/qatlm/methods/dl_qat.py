@@ -59,6 +59,9 @@ class DLQATConfig(E2EQPConfig):
 
 
 def _source_layers(model) -> dict[str, nn.Module]:
+    from qatlm.quant.kquant import refuse_kquant
+
+    refuse_kquant(model, "dl-qat")
     return {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, FakeQuantLinear))}
 
 

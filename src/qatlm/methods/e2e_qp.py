@@ -69,6 +69,9 @@ class E2EQPConfig:
 
 def attach_scale_training(model, train_zeros: bool = False) -> dict[str, ScaleTrainLinear]:
     """Packed layers -> ``ScaleTrainLinear`` (integers frozen); every other parameter frozen."""
+    from qatlm.quant.kquant import refuse_kquant
+
+    refuse_kquant(model, "e2e-qp")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = swap_layers(model, lambda name, m: ScaleTrainLinear(m, train_zeros=train_zeros), PackedLinear)

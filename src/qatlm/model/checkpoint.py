@@ -4,6 +4,11 @@ A qatlm checkpoint is an ordinary Hugging Face folder: ``config.json`` with a GP
 ``quantization_config`` (``checkpoint_format: gptq_v2``), safetensors weights where every quantized
 linear ``X`` is stored as ``X.qweight``/``X.qzeros``/``X.scales``/``X.g_idx`` (+ ``X.bias``), and the
 tokenizer. Writing goes to a temporary sibling folder that is renamed into place only when complete.
+
+A K-quant grid (``--grid q2_k|q3_k|q4_k``) is not GPTQ: its ``quantization_config`` says
+``quant_method: qatlm_kquant`` and the grid; each K-quant layer ``X`` is stored as ``X.kblocks`` (uint8, the
+llama.cpp tensor's rows of GGUF blocks, exported to GGUF as they are), layers of other widths in the GPTQ
+tensors of the 4-bit fallback grid. qatlm loads it; llama.cpp and transformers read its GGUF export.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from qatlm.io import atomic_dir, check_output, write_shards
 from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
+from qatlm.quant.grid import K_FORMATS, KQUANT_FALLBACK
+from qatlm.quant.kquant import packed_layer
 from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import v1_zeros_to_v2
 
@@ -159,10 +166,18 @@ def _tied_duplicates(sd: dict) -> set[str]:
     return dup
 
 
+KQUANT_METHOD = "qatlm_kquant"
+
+
 def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool = False, checkpoint_format: str = "gptq_v2") -> dict:
     meta = dict(meta or {})
     if spec.zero_min:
         meta["zero_min"] = spec.zero_min
+    if spec.kformat is not None:
+        fb = KQUANT_FALLBACK
+        return {"quant_method": KQUANT_METHOD, "grid": spec.format, "bits": spec.bits, "group_size": spec.group_size,
+                "fallback": {"bits": fb.bits, "group_size": fb.group_size, "sym": fb.sym, "format": "gptq_v2"},
+                "lm_head": lm_head, "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta}}
     return {
         "quant_method": "gptq",
         "bits": spec.bits,
@@ -259,12 +274,16 @@ def read_quant_config(path) -> tuple[Path, dict]:
     p = _check_model_dir(path)
     cfg = json.loads((p / "config.json").read_text())
     qc = cfg.get("quantization_config")
-    if not qc or qc.get("quant_method") != "gptq":
+    if not qc or qc.get("quant_method") not in ("gptq", KQUANT_METHOD):
         raise QatlmError(f"{p} is not a qatlm/GPTQ checkpoint (config.json has no GPTQ quantization_config)")
     return p, qc
 
 
 def spec_from_config(qc: dict) -> QuantSpec:
+    if qc.get("quant_method") == KQUANT_METHOD:
+        if qc.get("grid") not in K_FORMATS:
+            raise QatlmError(f"unknown K-quant grid {qc.get('grid')!r} in quantization_config (this qatlm knows {', '.join(K_FORMATS)})")
+        return QuantSpec(format=qc["grid"])
     zmin = int(((qc.get("meta") or {}).get("qatlm") or {}).get("zero_min", 0))
     return QuantSpec(bits=int(qc["bits"]), group_size=int(qc["group_size"]), sym=bool(qc.get("sym", False)), zero_min=zmin)
 
@@ -279,7 +298,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
 
     p, qc = read_quant_config(path)
     spec = spec_from_config(qc)
-    v1 = qc.get("checkpoint_format", "gptq") == "gptq"
+    v1 = qc.get("quant_method") == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq"
     dtype = dtype or default_dtype(device)
     config = _load_config(p)
     if hasattr(config, "quantization_config"):
@@ -297,7 +316,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
 
     reader = ShardReader(p)
     keys = set(reader.where)
-    names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+    names = sorted(k.rsplit(".", 1)[0] for k in keys if k.endswith((".qweight", ".kblocks")))
     for name in names:
         try:
             model.get_submodule(name)
@@ -306,7 +325,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
 
     def make(name, old):
         with torch.device("meta"):  # its tensors come from the shards below
-            return PackedLinear(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
+            return packed_layer(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
     swap_layers(model, make, names=names)
     expected = set(model.state_dict(keep_vars=True))
     unexpected = sorted(keys - expected)
@@ -315,7 +334,8 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     for k in sorted(keys, key=lambda k: (str(reader.where[k]), k)):
         v = reader.get(k)
         if v1 and k.endswith(".qzeros"):
-            v = v1_zeros_to_v2(v, spec.bits, model.get_submodule(k[: -len(".qzeros")]).out_features)
+            layer = model.get_submodule(k[: -len(".qzeros")])
+            v = v1_zeros_to_v2(v, layer.spec.bits, layer.out_features)
         elif v.is_floating_point() and not k.endswith(".scales") and v.dtype != dtype:
             v = v.to(dtype)
         else:  # safetensors hands out views of the mapped file: copy, so that the file is unmapped and the
@@ -323,8 +343,8 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
         set_module_tensor_to_device(model, k, "cpu", value=v, dtype=v.dtype)
         del v
     for m in model.modules():  # g_idx is optional in GPTQ files: without it, the plain group order
-        if isinstance(m, PackedLinear) and m.g_idx.device.type == "meta":
-            m.g_idx = spec.g_idx(m.in_features)
+        if isinstance(m, PackedLinear) and "g_idx" in m._buffers and m.g_idx.device.type == "meta":
+            m.g_idx = m.spec.g_idx(m.in_features)
     if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
@@ -348,11 +368,14 @@ def checkpoint_info(path) -> dict:
                 numel = 1
                 for d in t.get_shape():
                     numel *= d
-                nbytes = numel * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}.get(t.get_dtype(), 4)
-                if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                nbytes = numel * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1}.get(t.get_dtype(), 4)
+                if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx", ".kblocks")):
                     quant_bytes += nbytes
                     if k.endswith(".qweight"):
-                        n_quant += numel * 32 // spec.bits
+                        n_quant += numel * 32 // (spec.bits if spec.kformat is None else KQUANT_FALLBACK.bits)
+                        expert_layers += ".experts." in k
+                    elif k.endswith(".kblocks"):
+                        n_quant += numel * 256 // spec.kformat.block_bytes
                         expert_layers += ".experts." in k
                 else:
                     n_other += numel
@@ -388,7 +411,8 @@ def checkpoint_info(path) -> dict:
         "bits": spec.bits,
         "group_size": spec.group_size,
         "sym": spec.sym,
-        "format": qc.get("checkpoint_format", "gptq"),
+        "format": KQUANT_METHOD if spec.kformat else qc.get("checkpoint_format", "gptq"),
+        "grid": spec.format,
         "method": meta.get("method", "unknown"),
         "source": meta.get("source"),
         "quantized_params": n_quant,

@@ -9,6 +9,7 @@ from torch import nn
 from qatlm.errors import QatlmError
 from qatlm.model.arch import find_parts, quant_targets, replace_module
 from qatlm.quant.grid import QuantSpec
+from qatlm.quant.kquant import fake_quant_layer
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
 
 
@@ -44,7 +45,7 @@ def attach_fake_quant(model: nn.Module, spec: QuantSpec, lm_head: bool = False, 
         check_target(name, mod, spec)
         if lm_head and name.endswith("lm_head"):
             mod.weight = nn.Parameter(mod.weight.detach().clone())
-        return FakeQuantLinear(mod, spec)
+        return fake_quant_layer(mod, spec)
     return swap_layers(model, make, names=names)
 
 

@@ -22,6 +22,31 @@ from qatlm.options import opt
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_SCALE = 1e-5
+QK_K = 256  # weights per llama.cpp K-quant super-block
+
+
+@dataclass(frozen=True)
+class KFormat:
+    """One of llama.cpp's K-quant block types (``quant/kquant.py`` has the math)."""
+
+    name: str  # GGML type name
+    bits: int  # code bits
+    sub: int  # weights per sub-block
+    sc_max: int  # largest sub-block scale (magnitude)
+    m_max: int  # largest sub-block min (0: no mins; symmetric with a sign per sub-block)
+    block_bytes: int  # bytes per super-block of 256 weights
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.block_bytes / QK_K
+
+
+K_FORMATS = {
+    "q2_k": KFormat("Q2_K", 2, 16, 15, 15, 84),
+    "q3_k": KFormat("Q3_K", 3, 16, 32, 0, 110),
+    "q4_k": KFormat("Q4_K", 4, 32, 63, 63, 144),
+}
+GRIDS = ("uniform", *K_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -33,8 +58,21 @@ class QuantSpec:
     sym: bool = opt(False, "symmetric grid (zero point fixed at 2^(bits-1)); off: asymmetric")
     zero_min: int = opt(0, "keep every zero point >= 1 (initialisation and training), so that `qatlm export --format gptq-v1` "
                            "is exact", flag="v1-zeros", as_bool=True)
+    format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp K-quant that exports to GGUF "
+                                 "bit-exactly: q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5); super-blocks of 256 weights, "
+                                 "layers of other widths use a 4-bit grid stored as Q4_0", flag="grid", choices=GRIDS)
 
     def __post_init__(self):
+        if self.format not in GRIDS:
+            raise QatlmError(f"unknown grid '{self.format}'; choose one of {', '.join(GRIDS)}")
+        if self.format != "uniform":  # the K-quant type fixes bits and sub-block size
+            k = K_FORMATS[self.format]
+            if self.sym or self.zero_min:
+                raise QatlmError(f"--grid {self.format} has its own zero points: drop --sym/--v1-zeros")
+            if (self.bits, self.group_size) not in ((4, 128), (k.bits, k.sub)):
+                raise QatlmError(f"--grid {self.format} fixes {k.bits}-bit codes in sub-blocks of {k.sub}: drop --bits/--group-size")
+            object.__setattr__(self, "bits", k.bits)
+            object.__setattr__(self, "group_size", k.sub)
         if self.zero_min not in (0, 1):
             raise QatlmError(f"zero_min must be 0 or 1, not {self.zero_min}")
         if self.bits not in SUPPORTED_BITS:
@@ -45,6 +83,19 @@ class QuantSpec:
     @property
     def qmax(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def kformat(self) -> KFormat | None:
+        """The K-quant type of this grid, or None for a uniform grid."""
+        return K_FORMATS.get(self.format)
+
+    def layer_spec(self, in_features: int) -> "QuantSpec":
+        """The grid of one layer: this one, except that a K-quant grid needs widths that are a multiple of 256
+        (as llama.cpp's own quantizer does, other widths get a 4.5-bit type: here 4-bit symmetric groups of 32,
+        stored exactly as GGUF Q4_0)."""
+        if self.kformat is None or in_features % QK_K == 0:
+            return self
+        return KQUANT_FALLBACK
 
     def round_zero(self, zero: torch.Tensor) -> torch.Tensor:
         """A (float, trained) zero point as the integer it is stored as: rounded, clamped to [zero_min, qmax]."""
@@ -61,8 +112,13 @@ class QuantSpec:
 
     @property
     def tag(self) -> str:
+        if self.kformat is not None:
+            return self.format
         g = "c" if self.group_size == -1 else str(self.group_size)
         return f"w{self.bits}g{g}{'-sym' if self.sym else ''}"
+
+
+KQUANT_FALLBACK = QuantSpec(bits=4, group_size=32, sym=True)
 
 
 def expand_groups(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:

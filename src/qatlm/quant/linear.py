@@ -360,7 +360,7 @@ class DLQATLinear(nn.Module):
 
 def check_target(name: str, linear: nn.Linear, spec: QuantSpec):
     """A layer about to be quantized: packable widths and finite weights (a NaN would become NaN step sizes)."""
-    check_packable(name, linear.in_features, linear.out_features, spec)
+    check_packable(name, linear.in_features, linear.out_features, spec.layer_spec(linear.in_features))
     w = linear.weight
     if w.device.type != "meta" and not bool(w.isfinite().all()):
         bad = int((~w.isfinite()).sum())
@@ -368,6 +368,8 @@ def check_target(name: str, linear: nn.Linear, spec: QuantSpec):
 
 
 def check_packable(name: str, in_f: int, out_f: int, spec: QuantSpec):
+    if spec.kformat is not None:  # GGUF block bytes: one row of super-blocks per output channel
+        return
     vals, _ = unit(spec.bits)
     for what, n in (("input", in_f), ("output", out_f)):
         if n % vals:

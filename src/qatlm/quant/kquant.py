@@ -1,0 +1,338 @@
+"""llama.cpp's K-quant grids (Q2_K, Q3_K, Q4_K) as trainable quantization grids.
+
+A K-quant row is cut into super-blocks of 256 weights, each cut into sub-blocks of ``B`` weights (16 for
+Q2_K/Q3_K, 32 for Q4_K). A sub-block ``j`` has a small-integer scale ``sc_j`` and (Q2_K, Q4_K) a
+small-integer min ``m_j``; the super-block has two fp16 factors ``d`` and ``dmin``:
+
+    Q2_K, Q4_K:  ŵ = d·sc_j · q − dmin·m_j        q ∈ [0, 2^b − 1], sc_j, m_j ∈ [0, 15] (Q2_K) / [0, 63] (Q4_K)
+    Q3_K:        ŵ = d·(sc_j − 32) · (u − 4)       u ∈ [0, 7], sc_j ∈ [0, 63]  (signed 6-bit scales)
+
+qatlm trains a sub-block step ``s_j > 0`` and offset ``z_j`` (in steps) as it does for its uniform grid
+(``grid.py``), and sees them through the format's hierarchy at every forward pass: the super-block factors
+are re-fitted from the current steps (``d = fp16(max_j s_j / sc_max)``), the steps and offsets are rounded
+onto ``d·sc`` / ``dmin·m`` (straight-through), then the weights onto the sub-block grid. Q3_K is symmetric
+with a sign per sub-block; with ``d > 0`` that is a zero point of 4 (``sc − 32 > 0``: codes ``u − 4`` in
+[−4, 3]) or 3 (``sc − 32 < 0``, codes stored as ``7 − u``: the range [−3, 4]), so ``z_j`` is trained
+in [3, 4] and rounded.
+
+``pack_blocks`` writes the integers as the GGUF block bytes, so a ``KPackedLinear`` *is* its llama.cpp tensor
+and the GGUF export copies it: the file's dequantized weights equal qatlm's bit for bit (same fp32 products
+in the same order as ggml's and the ``gguf`` package's dequantizers). Rows whose width is not a multiple of
+256 cannot be K-quant tensors (llama.cpp itself switches those to a 4.5-bit type); they fall back to a
+4-bit symmetric grid with groups of 32, which GGUF stores exactly as Q4_0 (4.5 bits per weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatlm.errors import QatlmError
+from qatlm.quant.grid import MIN_SCALE, QK_K, KFormat, QuantSpec, expand_groups, group_reduce, round_ste
+from qatlm.quant.linear import FakeQuantLinear, PackedLinear
+
+
+
+def kquant_spec(spec: QuantSpec) -> KFormat:
+    fmt = spec.kformat
+    if fmt is None:
+        raise QatlmError(f"{spec.tag} is not a K-quant grid")
+    return fmt
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def _super(t: torch.Tensor, fmt: KFormat) -> torch.Tensor:
+    """``[out, sub-blocks]`` -> ``[out, super-blocks, sub-blocks per super-block]``."""
+    return t.reshape(t.shape[0], -1, QK_K // fmt.sub)
+
+
+def kquant_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest start: per sub-block min-max step and offset (Q2_K/Q4_K: the offset is −min, a
+    sub-block of positive weights gets offset 0 as the format requires); Q3_K: the sign that puts the
+    larger-magnitude extreme on the 4-step side. Returns float ``(scale, zero)`` ``[out, sub-blocks]``."""
+    w = w.detach().float()
+    fmt = kquant_spec(spec)
+    wmin = group_reduce(w, spec, "amin").clamp_max(0.0)
+    wmax = group_reduce(w, spec, "amax")
+    if fmt.m_max:
+        scale = ((wmax - wmin) / spec.qmax).clamp_min(MIN_SCALE)
+        zero = (-wmin / scale).clamp(0, spec.qmax)
+    else:
+        wmin = group_reduce(w, spec, "amin")
+        neg = wmin.abs() >= wmax.abs()  # the negative extreme is larger: codes −4..3 (zero 4)
+        scale = torch.where(neg, wmin.abs() / 4, wmax.abs() / 4).clamp_min(MIN_SCALE)
+        zero = torch.where(neg, 4.0, 3.0)
+    return scale, zero
+
+
+def _quantized_scales(scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, ste: bool):
+    """The sub-block steps and offsets after the hierarchy: (s_q, b_q, z_q, parts) where ŵ = s_q·code − b_q
+    (Q2_K/Q4_K; ``z_q`` None) or ŵ = s_q·(code − z_q) (Q3_K; ``b_q`` None). ``parts``: the stored integers
+    and fp16 factors (d, sc, dmin, m). The factors are fitted to the detached steps (re-fitted at each call);
+    the rounding of the steps onto them is straight-through."""
+    fmt = kquant_spec(spec)
+    rnd = round_ste if ste else torch.round
+    s = scale.float().clamp_min(MIN_SCALE)
+    if fmt.m_max:
+        hi = torch.full_like(s, float(fmt.sc_max))
+        zq = None
+    else:
+        zq = zero.float().clamp(3.0, 4.0)
+        zq = zq + (torch.round(zq.detach()) - zq.detach())  # rounded, straight-through
+        hi = torch.where(zq.detach() > 3.5, float(fmt.sc_max - 1), float(fmt.sc_max))  # +31 or −32
+    d = _fp16((_super(s.detach(), fmt) / _super(hi, fmt)).amax(-1))  # [out, super]
+    d = torch.where(d > 0, d, torch.full_like(d, 2.0**-24))
+    de = d.repeat_interleave(QK_K // fmt.sub, dim=1)
+    sc = torch.minimum(rnd(s / de).clamp_min(0), hi)
+    s_q = de * sc
+    parts = {"d": d, "sc": sc.detach()}
+    if not fmt.m_max:
+        return s_q, None, zq, parts
+    b = (s * zero.float()).clamp_min(0)  # the offset in weight units: −min of the sub-block's grid
+    dmin = _fp16((_super(b.detach(), fmt) / fmt.m_max).amax(-1))
+    dmin = torch.where(dmin > 0, dmin, torch.full_like(dmin, 2.0**-24))
+    dme = dmin.repeat_interleave(QK_K // fmt.sub, dim=1)
+    m = rnd(b / dme).clamp(0, fmt.m_max)
+    parts.update(dmin=dmin, m=m.detach())
+    return s_q, dme * m, None, parts
+
+
+def kquant_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Differentiable ŵ on the K grid (straight-through rounding of codes, steps and offsets)."""
+    in_f = w.shape[1]
+    s_q, b_q, z_q, _ = _quantized_scales(scale, zero, spec, ste=True)
+    s = expand_groups(s_q, spec, in_f)
+    safe = s.clamp_min(2.0**-24)  # a sub-block scale of 0 decodes to a constant: any code will do
+    if b_q is not None:
+        b = expand_groups(b_q, spec, in_f)
+        q = torch.clamp(round_ste((w.float() + b) / safe), 0, spec.qmax)
+        return s * q - b
+    z = expand_groups(z_q, spec, in_f)
+    q = torch.clamp(round_ste(w.float() / safe) + z, 0, spec.qmax)
+    return s * (q - z)
+
+
+@torch.no_grad()
+def kquant_integers(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> dict:
+    """The stored integers: codes ``q`` [out, in] (Q3_K: ``u`` with ŵ = d·(sc−32)·(u−4)), ``sc`` (Q3_K: the
+    stored 0..63), ``m``, and fp16 ``d``/``dmin`` per super-block."""
+    in_f = w.shape[1]
+    s_q, b_q, z_q, parts = _quantized_scales(scale, zero, spec, ste=False)
+    s = expand_groups(s_q, spec, in_f).clamp_min(2.0**-24)
+    if b_q is not None:
+        q = torch.clamp(torch.round((w.float() + expand_groups(b_q, spec, in_f)) / s), 0, spec.qmax)
+        return {"q": q.to(torch.uint8), "sc": parts["sc"].to(torch.uint8), "m": parts["m"].to(torch.uint8),
+                "d": parts["d"].half(), "dmin": parts["dmin"].half()}
+    z = expand_groups(z_q, spec, in_f)
+    q = torch.clamp(torch.round(w.float() / s) + z, 0, spec.qmax)  # ŵ = s·(q − z)
+    pos = z_q > 3.5  # zero 4: sc − 32 = +|sc|, u = q;  zero 3: sc − 32 = −|sc|, u = 7 − q
+    u = torch.where(expand_groups(pos, spec, in_f), q, 7 - q)
+    sc = torch.where(pos, 32 + parts["sc"], 32 - parts["sc"])
+    return {"q": u.to(torch.uint8), "sc": sc.to(torch.uint8), "d": parts["d"].half()}
+
+
+# ---- GGUF block bytes (ggml's block_q2_K / block_q3_K / block_q4_K), packed and decoded with numpy ----
+
+def _pack_2bit_planes(q: np.ndarray) -> np.ndarray:
+    """[n, 256] 2-bit values -> [n, 64] bytes: weight h·128 + j·32 + l sits in byte h·32 + l at bits 2j."""
+    v = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _pack_6bit_pairs(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K's 12 bytes of eight 6-bit scales and eight 6-bit mins."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    return out
+
+
+def pack_blocks(ints: dict, spec: QuantSpec) -> torch.Tensor:
+    """Integers of ``kquant_integers`` -> GGUF block bytes ``uint8 [out, in/256 · block_bytes]``."""
+    fmt = kquant_spec(spec)
+    q = ints["q"].cpu().numpy()
+    out_f, in_f = q.shape
+    nb = out_f * (in_f // QK_K)
+    q = q.reshape(nb, QK_K)
+    sc = ints["sc"].cpu().numpy().reshape(nb, -1)
+    d = ints["d"].cpu().numpy().reshape(nb, 1).view(np.uint8)
+    if fmt.name == "Q2_K":
+        m = ints["m"].cpu().numpy().reshape(nb, -1)
+        dmin = ints["dmin"].cpu().numpy().reshape(nb, 1).view(np.uint8)
+        blocks = np.concatenate([(sc | (m << 4)).astype(np.uint8), _pack_2bit_planes(q), d, dmin], axis=1)
+    elif fmt.name == "Q3_K":
+        hmask = np.zeros((nb, 32), np.uint8)
+        for i in range(8):  # weight i·32 + l: bit i of hmask byte l (the code's third bit)
+            hmask |= ((q[:, i * 32:(i + 1) * 32] >> 2) & 1).astype(np.uint8) << i
+        low = np.zeros((nb, 8), np.uint8)
+        low[:] = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+        high = np.zeros((nb, 4), np.uint8)
+        for s in range(4):  # scale s·4 + b: its top two bits at bits 2s of byte 8 + b
+            high |= ((sc[:, s * 4:(s + 1) * 4] >> 4) & 3).astype(np.uint8) << (2 * s)
+        blocks = np.concatenate([hmask, _pack_2bit_planes(q & 3), low, high, d], axis=1)
+    else:  # Q4_K: weight c·64 + h·32 + l in byte c·32 + l, low nibble for h = 0
+        m = ints["m"].cpu().numpy().reshape(nb, -1)
+        dmin = ints["dmin"].cpu().numpy().reshape(nb, 1).view(np.uint8)
+        v = q.reshape(nb, 4, 2, 32).astype(np.uint8)
+        qs = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(nb, 128)
+        blocks = np.concatenate([d, dmin, _pack_6bit_pairs(sc, m), qs], axis=1)
+    assert blocks.shape[1] == fmt.block_bytes
+    return torch.from_numpy(np.ascontiguousarray(blocks.reshape(out_f, -1)))
+
+
+def unpack_blocks(blocks: torch.Tensor, spec: QuantSpec, in_f: int) -> dict:
+    """GGUF block bytes -> (s_q [out, sub-blocks] fp32, b_q or z, codes) such that ŵ = s_q·q − b_q (Q2_K/Q4_K)
+    or ŵ = s_q·(q − z) (Q3_K) with the products ggml takes: ``dl = d·sc``, ``ml = dmin·m``."""
+    fmt = kquant_spec(spec)
+    out_f = blocks.shape[0]
+    b = blocks.cpu().numpy().reshape(-1, fmt.block_bytes)
+    nb = b.shape[0]
+    if fmt.name == "Q2_K":
+        scm, qs, d, dmin = b[:, :16], b[:, 16:80], b[:, 80:82], b[:, 82:84]
+        sc, m = scm & 0xF, scm >> 4
+        q = ((qs.reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3).reshape(nb, QK_K)
+    elif fmt.name == "Q4_K":
+        d, dmin, s12, qs = b[:, 0:2], b[:, 2:4], b[:, 4:16], b[:, 16:144]
+        sc = np.concatenate([s12[:, 0:4] & 0x3F, (s12[:, 8:12] & 0xF) | ((s12[:, 0:4] >> 6) << 4)], axis=1)
+        m = np.concatenate([s12[:, 4:8] & 0x3F, (s12[:, 8:12] >> 4) | ((s12[:, 4:8] >> 6) << 4)], axis=1)
+        q = ((qs.reshape(nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0xF).reshape(nb, QK_K)
+    else:
+        hmask, qs, s12, d = b[:, 0:32], b[:, 32:96], b[:, 96:108], b[:, 108:110]
+        low = np.concatenate([s12[:, :8] & 0xF, s12[:, :8] >> 4], axis=1)
+        high = ((s12[:, 8:12].reshape(nb, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)) & 3).reshape(nb, 16)
+        sc = low | (high << 4)
+        ql = ((qs.reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3).reshape(nb, QK_K)
+        qh = ((hmask.reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1).reshape(nb, QK_K)
+        q = ql | (qh << 2)  # u; the code is u − 4
+    d = torch.from_numpy(d.copy().view(np.float16).astype(np.float32)).reshape(nb, 1)
+    sc_t = torch.from_numpy(sc.astype(np.float32))
+    codes = torch.from_numpy(q.astype(np.uint8)).reshape(out_f, in_f)
+    if fmt.m_max:
+        dmin = torch.from_numpy(dmin.copy().view(np.float16).astype(np.float32)).reshape(nb, 1)
+        s_q = (d * sc_t).reshape(out_f, -1)
+        b_q = (dmin * torch.from_numpy(m.astype(np.float32))).reshape(out_f, -1)
+        return {"s": s_q, "b": b_q, "q": codes}
+    s_q = (d * (sc_t - 32)).reshape(out_f, -1)  # signed, as ggml: ŵ = dl·(u − 4)
+    return {"s": s_q, "z": torch.full_like(s_q, 4.0), "q": codes}
+
+
+def dequantize_blocks(blocks: torch.Tensor, spec: QuantSpec, in_f: int, dtype=torch.float32) -> torch.Tensor:
+    """GGUF block bytes -> the float weight, computed as ggml computes it (fp32)."""
+    p = unpack_blocks(blocks, spec, in_f)
+    s = expand_groups(p["s"], spec, in_f)
+    if "b" in p:
+        w = s * p["q"].float() - expand_groups(p["b"], spec, in_f)
+    else:
+        w = s * (p["q"].float() - 4.0)
+    return w.to(dtype)
+
+
+def check_kquant_target(name: str, in_f: int):
+    if in_f % QK_K:
+        raise QatlmError(f"{name}: input width {in_f} is not a multiple of {QK_K}, which K-quant super-blocks need")
+
+
+class KFakeQuantLinear(FakeQuantLinear):
+    """A linear layer whose weight is seen through a K-quant grid (``kquant_weight``): the float weight,
+    the sub-block steps ``scale`` and offsets ``zero`` are trained; the hierarchy is re-fitted each call."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec):
+        check_kquant_target("layer", linear.in_features)
+        nn.Module.__init__(self)
+        self.spec = spec
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.data, requires_grad=linear.weight.requires_grad)
+        self.bias = linear.bias
+        scale, zero = kquant_init(linear.weight.data, spec)
+        dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
+        self.scale = nn.Parameter(scale.to(dtype))
+        self.zero = nn.Parameter(zero.to(dtype))
+
+    def quantized_weight(self) -> torch.Tensor:
+        return kquant_weight(self.weight, self.scale, self.zero, self.spec).to(self.weight.dtype)
+
+    def integers(self):
+        raise QatlmError(f"a {self.spec.format} layer has no uniform integers (q, z, s): its codes are GGUF K-quant blocks")
+
+    @torch.no_grad()
+    def kquant_integers(self) -> dict:
+        return kquant_integers(self.weight.detach(), self.scale.detach(), self.zero.detach(), self.spec)
+
+    @torch.no_grad()
+    def to_packed(self) -> "KPackedLinear":
+        layer = KPackedLinear(self.in_features, self.out_features, self.spec, self.bias is not None, dtype=self.weight.dtype)
+        layer.kblocks = pack_blocks(self.kquant_integers(), self.spec).to(self.weight.device)
+        if self.bias is not None:
+            layer.bias = self.bias.detach().to(layer.compute_dtype).clone()
+        return layer
+
+
+class KPackedLinear(PackedLinear):
+    """Inference layer over a K-quant tensor's GGUF block bytes (``kblocks``: uint8 ``[out, in/256 · bytes]``,
+    the rows of the llama.cpp tensor as they are written to the file)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float32):
+        check_kquant_target("layer", in_features)
+        nn.Module.__init__(self)
+        self.spec = spec
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self.register_buffer("kblocks", torch.zeros(out_features, in_features // QK_K * kquant_spec(spec).block_bytes, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self.cache_weight = False
+        self._cached: torch.Tensor | None = None
+        self._int4 = None
+
+    @property
+    def qweight(self) -> torch.Tensor:  # where the codes are (device, bytes), as for the uniform layer
+        return self.kblocks
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)
+
+    def integers(self):
+        raise QatlmError(f"a {self.spec.format} layer has no uniform integers (q, z, s): its codes are GGUF K-quant blocks")
+
+    def use_int4_kernel(self) -> bool:
+        return False
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        if self._cached is not None:
+            return self._cached
+        w = dequantize_blocks(self.kblocks, self.spec, self.in_features).to(self.kblocks.device, dtype or self.compute_dtype)
+        if self.cache_weight:
+            self._cached = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed"
+
+
+def fake_quant_layer(linear: nn.Linear, spec: QuantSpec) -> FakeQuantLinear:
+    """The training layer of ``linear`` on ``spec`` (a K-quant grid falls back on widths it cannot hold)."""
+    ls = spec.layer_spec(linear.in_features)
+    return KFakeQuantLinear(linear, ls) if ls.kformat else FakeQuantLinear(linear, ls)
+
+
+def packed_layer(in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float32) -> PackedLinear:
+    """An empty packed layer of this shape on ``spec``, to load stored tensors into."""
+    ls = spec.layer_spec(in_features)
+    cls = KPackedLinear if ls.kformat else PackedLinear
+    return cls(in_features, out_features, ls, bias, dtype=dtype)
+
+
+def refuse_kquant(model: nn.Module, method: str):
+    """The end-to-end methods train uniform grids' step sizes; a K-quant model is refused in one line."""
+    k = next((m.spec.format for m in model.modules() if isinstance(m, (KPackedLinear, KFakeQuantLinear))), None)
+    if k is not None:
+        raise QatlmError(f"{method} trains uniform grids only; this model is on the {k} grid (use rtn or block-ap for K-quant grids)")
