@@ -331,3 +331,21 @@ def test_gptq_v1_files_with_zero_points_of_zero_load_as_gptq_loaders_read_them(t
     cfg["quantization_config"]["checkpoint_format"] = "gptq"
     (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
     assert torch.equal(logits(load_quantized(tmp_path / "v1")), logits(load_quantized(tmp_path / "v2")))
+
+
+def test_float_model_exports_to_gguf_and_a_gguf_file_evaluates(tmp_path):
+    """`qatlm export FP --format gguf` writes the float model (the input of llama.cpp's own quantizer), and
+    `qatlm eval FILE.gguf` reads any GGUF through transformers' GGUF loader: both give the fp model's logits."""
+    from qatlm.eval.report import load_any
+
+    fp = tmp_path / "fp"
+    model = tiny_model("llama")
+    model.save_pretrained(fp)
+    tiny_tokenizer().save_pretrained(fp)
+    rep = export_checkpoint(fp, "gguf", tmp_path / "g", float_type="f32")
+    assert rep["ggml_type"] == "F32" and rep["float_max_abs_error"] == 0.0
+    back, tok, desc = load_any(tmp_path / "g" / rep["file"])
+    assert desc["recipe"] == "gguf" and desc["setting"] == "ALL_F32" and tok is not None
+    torch.testing.assert_close(logits(back), logits(model), rtol=1e-5, atol=1e-5)
+    _, _, desc_q = load_any(export_checkpoint(make(tmp_path, sym=True), "gguf", tmp_path / "gq", float_type="f32") and tmp_path / "gq")
+    assert desc_q["setting"] == "Q4_0" and desc_q["bits_per_weight"] == 4.5  # 18 bytes per 32 weights, read from the file

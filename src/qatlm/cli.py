@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("eval", "evaluate one model (fp folder or checkpoint): held-out perplexity and zero-shot"),
                            ("compare", "evaluate several models and write one table (Markdown + JSON) and a bar chart")):
         e = sub.add_parser(name, help=helptext)
-        e.add_argument("paths", nargs="*" if name == "compare" else "?", help="model folders or qatlm checkpoints (default: the built-in model)")
+        e.add_argument("paths", nargs="*" if name == "compare" else "?", help="model folders, qatlm checkpoints or GGUF files (read by transformers' GGUF loader) (default: the built-in model)")
         _add_eval_args(e)
         e.add_argument("--out", default=None if name == "eval" else "qatlm-report", help="folder for report.md / report.json / report.png")
         _add_common(e)
@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     _add_recipe_flags(d, "demo", defaults={f"--{k.replace('_', '-')}": v for k, v in DEMO_BUDGET.items()})
 
-    x = sub.add_parser("export", help="write a packed checkpoint in another runtime's format (gptq, gptq-v1, gguf, compressed-tensors)")
+    x = sub.add_parser("export", help="write a packed checkpoint in another runtime's format (gptq, gptq-v1, gguf, compressed-tensors); "
+                                      "a float model folder to an f16/f32 gguf")
     x.add_argument("src", help="qatlm / GPTQ checkpoint folder")
     x.add_argument("--format", required=True, help="gptq (v2), gptq-v1, gguf (llama.cpp) or compressed-tensors (vLLM)")
     x.add_argument("--out", required=True, help="output folder")
@@ -634,8 +635,11 @@ def cmd_export(a) -> int:
     if "reload_max_logit_diff" in r:
         checks.append(f"reloaded, logits identical (max diff {r['reload_max_logit_diff']:.3g})")
     if "max_abs_error" in r:
+        types = ", ".join(f"{k} x{v}" for k, v in r["ggml_types"].items()) if r.get("ggml_types") else r["ggml_type"]
         checks.append(f"{r['tensors']} tensors decoded with gguf's dequantizer, max weight error {r['max_abs_error']:.3g} "
-                      f"({r['max_error_in_steps']:.2g} of a step), type {r['ggml_type']}")
+                      f"({r['max_error_in_steps']:.2g} of a step), types {types}")
+    elif "float_max_abs_error" in r:
+        checks.append(f"{r['tensors']} tensors in {r['ggml_type']}, decoded with gguf's dequantizer (max error {r['float_max_abs_error']:.3g})")
     if fmt == "compressed-tensors":
         checks.append("every layer decompressed by compressed-tensors to the identical weights")
     print(f"wrote {a.out} ({r['size_bytes'] / 2**20:.1f} MiB) in {r['seconds']}s; " + "; ".join(checks), file=sys.stderr)

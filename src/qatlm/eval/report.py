@@ -32,12 +32,53 @@ class EvalSettings:
         check_number("eval_batch_size", self.batch_size, at_least=1)
 
 
+def gguf_file_of(path) -> Path | None:
+    """The GGUF file ``path`` names: the file itself, or the only ``.gguf`` of a folder without a config.json."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and not (p / "config.json").exists():
+        files = sorted(p.glob("*.gguf"))
+        if len(files) == 1:
+            return files[0]
+    return None
+
+
+def load_gguf(path, device="cpu"):
+    """(model, tokenizer, description) of a GGUF file, read by transformers' GGUF loader (its tensors
+    dequantized to fp32 with the gguf package): how a llama.cpp file is evaluated with qatlm's protocol."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    f = gguf_file_of(path)
+    reader = gguf.GGUFReader(str(f))
+    qbytes = qweights = 0
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if name not in ("F32", "F16", "BF16") and len(t.shape) >= 2:
+            qbytes += int(t.n_bytes)
+            qweights += int(t.n_elements)
+            types[name] = types.get(name, 0) + 1
+    ftype = reader.get_field("general.file_type")
+    ftype = gguf.LlamaFileType(int(ftype.contents())).name.removeprefix("MOSTLY_") if ftype is not None else "?"
+    model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32).to(device).eval()
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    desc = {"recipe": "gguf", "bits": None, "group_size": None, "setting": ftype, "ggml_types": types,
+            "bits_per_weight": round(8 * qbytes / max(qweights, 1), 3), "size_on_disk_mib": f.stat().st_size / 2**20}
+    return model, tok, desc
+
+
 def load_any(path, device="cpu", kernel: str = "auto"):
-    """(model, tokenizer, description) for an fp HF folder or a qatlm/GPTQ checkpoint."""
+    """(model, tokenizer, description) for an fp HF folder, a qatlm/GPTQ checkpoint or a GGUF file."""
     from qatlm.model.checkpoint import checkpoint_info, is_quantized_dir, load_fp_model, load_quantized, load_tokenizer
     from qatlm.model.layers import set_kernel
 
     p = Path(path)
+    if gguf_file_of(p) is not None:
+        return load_gguf(p, device)
     if is_quantized_dir(p):
         info = checkpoint_info(p)
         from qatlm.memory import adapt_to_free_memory
@@ -51,7 +92,7 @@ def load_any(path, device="cpu", kernel: str = "auto"):
             "recipe": info["method"],
             "bits": info["bits"],
             "group_size": info["group_size"],
-            "setting": f"w{info['bits']}g{g}",
+            "setting": f"w{info['bits']}g{g}" if info.get("grid", "uniform") == "uniform" else info["grid"],
             "bits_per_weight": round(info["bits_per_quantized_weight"], 3),
             "size_on_disk_mib": info["size_on_disk_bytes"] / 2**20,
             "kernels": kernels,

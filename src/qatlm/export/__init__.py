@@ -53,6 +53,10 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     src = Path(src).expanduser()
     out = Path(out).expanduser()
     check_output(out, [src], overwrite)
+    from qatlm.model.checkpoint import _check_model_dir, is_quantized_dir
+
+    if fmt == "gguf" and not is_quantized_dir(_check_model_dir(src)):
+        return _export_float_gguf(src, out, float_type)
     _, qc = read_quant_config(src)
     spec = spec_from_config(qc)
     if spec.kformat is not None and fmt != "gguf":
@@ -105,6 +109,30 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
                                      "(llama.cpp's 2/3-bit K-quants cannot hold these step sizes exactly): the file is ~5 bits per weight")
         else:
             _write_compressed(model, layers, spec, tmp, tok, meta)  # compress_layer checks every layer's integers
+        report["seconds"] = round(time.time() - t0, 1)
+        report["size_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    atomic_dir(out, build)
+    return report
+
+
+def _export_float_gguf(src: Path, out: Path, float_type: str) -> dict:
+    """A full-precision model folder as an f16/f32 GGUF: what llama.cpp's own quantizer starts from."""
+    from transformers import AutoConfig
+
+    from qatlm.export.gguf_file import check_config, write_gguf
+    from qatlm.model.checkpoint import load_fp_model
+
+    check_config(AutoConfig.from_pretrained(src), None)
+    t0 = time.time()
+    model = load_fp_model(src, dtype=torch.float32)
+    report = {"source": src.name, "format": "gguf", "grid": float_type}
+
+    def build(tmp: Path):
+        name = f"{src.name}-{float_type}.gguf"
+        report.update(write_gguf(model, None, src, tmp / name, float_type=float_type))
+        report["file"] = name
         report["seconds"] = round(time.time() - t0, 1)
         report["size_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")

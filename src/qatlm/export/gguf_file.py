@@ -245,7 +245,7 @@ def check_config(config, spec: QuantSpec, tensor_names=None):
                     f"{len(bad)} tensors (e.g. {bad[0]}) have no llama.cpp tensor in the gguf package's map for "
                     f"{gguf.MODEL_ARCH_NAMES[arch]}")
             raise QatlmError(f"GGUF export: {what}")
-    if spec.kformat is None and spec.group_size != -1:
+    if spec is not None and spec.kformat is None and spec.group_size != -1:
         check_grid(spec, spec.group_size, "every layer")
     return arch
 
@@ -323,8 +323,9 @@ def _hparams(writer, config, arch_name: str, n_head: int, head_dim: int):
         writer.add_attention_scale(float(scalar) ** -0.5)
 
 
-def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: str = "f16") -> dict:
-    """Write the loaded packed ``model`` (from ``src``) to ``out_file``; returns a report."""
+def write_gguf(model, spec: QuantSpec | None, src: Path, out_file: Path, float_type: str = "f16") -> dict:
+    """Write the loaded packed ``model`` (from ``src``) to ``out_file``; returns a report. ``spec`` None: a
+    full-precision model, every tensor in ``float_type`` (the input llama.cpp's own quantizer takes)."""
     import gguf
 
     from qatlm.quant.linear import PackedLinear
@@ -346,15 +347,16 @@ def write_gguf(model, spec: QuantSpec, src: Path, out_file: Path, float_type: st
     writer = gguf.GGUFWriter(str(out_file), arch_name)
     writer.add_name(src.name)
     _hparams(writer, config, arch_name, n_head, head_dim)
-    kind = ggml_type_for(spec)
-    writer.add_file_type(getattr(gguf.LlamaFileType, "MOSTLY_" + {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S"}.get(kind, kind)))
+    kind = ggml_type_for(spec) if spec is not None else float_type.upper()
+    writer.add_file_type(ftype[float_type][1] if spec is None else
+                         getattr(gguf.LlamaFileType, "MOSTLY_" + {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S"}.get(kind, kind)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_meta(writer, src, config, gguf)
 
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     offsets = {n: o for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
                and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1 and (o := norm_offset(m))}
-    report = {"format": "gguf", "arch": gguf.MODEL_ARCH_NAMES[arch], "ggml_type": ggml_type_for(spec), "tensors": 0,
+    report = {"format": "gguf", "arch": gguf.MODEL_ARCH_NAMES[arch], "ggml_type": kind, "tensors": 0,
               "max_abs_error": 0.0, "max_error_in_steps": 0.0, "layers": {}}
     expected = {}  # gguf name -> the float weight the file must decode to
     sd = model.state_dict()

@@ -70,6 +70,57 @@ def kquant_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
+def _subblocks(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return w.detach().float().reshape(w.shape[0], -1, spec.group_size)
+
+
+def kquant_search_init(w: torch.Tensor, spec: QuantSpec, candidates: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RTN start with a search, as llama.cpp's own quantizer does: per sub-block, several grid widths are tried
+    (the min-max width divided by 1 … 0.55; Q3_K: both signs), the codes taken on each, step and offset refitted to
+    them by least squares, and the pair with the smallest squared error kept. Returns ``(scale, zero)``."""
+    x = _subblocks(w, spec)  # [out, sub-blocks, n]
+    fmt = kquant_spec(spec)
+    best_err = torch.full(x.shape[:2], float("inf"))
+    best_s, best_z = kquant_init(w, spec)
+    best_s, best_z = best_s.clone(), best_z.clone()
+    shrink = torch.linspace(1.0, 0.55, candidates)
+    if fmt.m_max:
+        lo = x.amin(-1).clamp_max(0.0)
+        width = (x.amax(-1) - lo).clamp_min(MIN_SCALE)
+        n = x.shape[-1]
+        for f in shrink:
+            s0 = width * f / spec.qmax
+            for shift in (0.0, 0.5):  # where the shrunk grid sits: against the min, or centred
+                b0 = -(lo + shift * (1 - f) * width)
+                L = torch.clamp(torch.round((x + b0.unsqueeze(-1)) / s0.unsqueeze(-1)), 0, spec.qmax)
+                sL, sL2, sx, sLx = L.sum(-1), (L * L).sum(-1), x.sum(-1), (L * x).sum(-1)
+                den = n * sL2 - sL * sL
+                a = torch.where(den > 0, (n * sLx - sL * sx) / den.clamp_min(1e-12), s0)
+                b = (sx - a * sL) / n  # ŵ = a·L + b; the format needs b <= 0 (an offset >= 0)
+                pos = b > 0
+                a = torch.where(pos, sLx / sL2.clamp_min(1e-12), a)
+                b = torch.where(pos, torch.zeros_like(b), b)
+                a = a.clamp_min(MIN_SCALE)
+                err = ((a.unsqueeze(-1) * L + b.unsqueeze(-1) - x) ** 2).sum(-1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s = torch.where(better, a, best_s)
+                best_z = torch.where(better, (-b / a).clamp(0, spec.qmax), best_z)
+        return best_s, best_z
+    for z in (4.0, 3.0):  # zero 4: codes −4..3 (the negative end is the long one); zero 3: −3..4
+        end = (-x.amin(-1) / 4) if z == 4.0 else (x.amax(-1) / 4)
+        for f in shrink:
+            s0 = (end * f).clamp_min(MIN_SCALE)
+            c = torch.clamp(torch.round(x / s0.unsqueeze(-1)) + z, 0, spec.qmax) - z
+            a = ((c * x).sum(-1) / (c * c).sum(-1).clamp_min(1e-12)).clamp_min(MIN_SCALE)
+            err = ((a.unsqueeze(-1) * c - x) ** 2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, a, best_s)
+            best_z = torch.where(better, torch.full_like(best_z, z), best_z)
+    return best_s, best_z
+
+
 def _quantized_scales(scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, ste: bool):
     """The sub-block steps and offsets after the hierarchy: (s_q, b_q, z_q, parts) where ŵ = s_q·code − b_q
     (Q2_K/Q4_K; ``z_q`` None) or ŵ = s_q·(code − z_q) (Q3_K; ``b_q`` None). ``parts``: the stored integers
@@ -250,7 +301,7 @@ class KFakeQuantLinear(FakeQuantLinear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.data, requires_grad=linear.weight.requires_grad)
         self.bias = linear.bias
-        scale, zero = kquant_init(linear.weight.data, spec)
+        scale, zero = kquant_search_init(linear.weight.data, spec)
         dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
         self.scale = nn.Parameter(scale.to(dtype))
         self.zero = nn.Parameter(zero.to(dtype))

@@ -1,0 +1,214 @@
+"""K-quant grids on the built-in model: qatlm (RTN and Block-AP on llama.cpp's Q2_K / Q3_K grids) against
+llama.cpp's own quantizer for the same types, each GGUF read two ways.
+
+    python bench/kquant.py --grids q2_k,q3_k --calib-samples 64
+
+Rows (bench/results/kquant.{json,md}):
+- ``fp``: the model written as an f32 GGUF by ``qatlm export`` (the input of llama.cpp's quantizer).
+- ``llama.cpp <TYPE> pure``: ``llama_model_quantize`` (llama-cpp-python) with ``pure`` (every matrix in TYPE; llama.cpp
+  itself puts rows whose width is not a multiple of 256 in Q4_0) and the token embedding kept in f16, like qatlm's
+  export: the same tensor types as qatlm's file, so the sizes match and the comparison is the grid values alone.
+- ``llama.cpp <mix>``: its default recipe for the type (Q2_K / Q3_K_M: some tensors one type up; a larger file).
+- ``qatlm rtn|block-ap <grid>``: quantized on the grid, saved, exported with ``qatlm export --format gguf``.
+Each file is read (a) by transformers' GGUF loader (dequantized with the gguf package) with qatlm's perplexity code
+(``qatlm eval FILE.gguf``), and (b) by llama.cpp itself (llama-cpp-python logits of the same token windows; its matmuls
+quantize activations to 8 bits, so (b) differs slightly from (a)). Held-out Shakespeare, 512-token windows.
+llama-cpp-python is built from source once (``pip install llama-cpp-python==0.3.36``, ~5 min on 2 cores); without it
+the llama.cpp rows and readings are skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = Path(os.environ.get("QATLM_BENCH_RESULTS", HERE / "results"))
+WORK = HERE / "work" / "kquant"
+MIX = {"q2_k": ("Q2_K", "MOSTLY_Q2_K"), "q3_k": ("Q3_K_M", "MOSTLY_Q3_K_M"), "q4_k": ("Q4_K_M", "MOSTLY_Q4_K_M")}
+PURE = {"q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S"}
+
+
+def llama_cpp():
+    """llama-cpp-python, with the CPU's extra buffer types (repacked / AMX weights) turned off: with them, this build
+    (0.3.36, AVX-512 + AMX CPU) crashes in its first decode of a file with Q4_0 tensors. The plain ggml CPU kernels
+    compute the same GGML types."""
+    try:
+        import llama_cpp as lc
+        import llama_cpp.llama as high
+    except ImportError:
+        return None
+    default = lc.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    high.llama_cpp.llama_model_default_params = params
+    return lc
+
+
+def llama_quantize(lc, src: Path, dst: Path, ftype: str, pure: bool):
+    p = lc.llama_model_quantize_default_params()
+    p.ftype = getattr(lc, f"LLAMA_FTYPE_{ftype}")
+    p.pure = pure
+    p.nthread = os.cpu_count() or 1
+    p.token_embedding_type = 1  # GGML_TYPE_F16, as qatlm's export writes it
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed ({rc}) for {dst.name}")
+
+
+def llama_cpp_ppl(lc, gguf_file: Path, windows: torch.Tensor) -> float:
+    """Perplexity from llama.cpp's own logits over the given token windows (each scored independently)."""
+    n = windows.shape[1]
+    llm = lc.Llama(model_path=str(gguf_file), n_ctx=n, n_batch=n, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1)
+    nll, count = 0.0, 0
+    try:
+        for w in windows.tolist():
+            llm.reset()
+            llm.eval(w)
+            logits = torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))
+            nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum").item()
+            count += n - 1
+    finally:
+        llm.close()
+    return math.exp(nll / count)
+
+
+def gguf_types(f: Path) -> dict:
+    import gguf
+
+    out: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(f)).tensors:
+        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+    return out
+
+
+def read_both(f: Path, label: str, settings, windows, lc, extra: dict) -> dict:
+    """(a) ``qatlm eval FILE.gguf`` on all the windows; the two readings side by side on the first ``len(windows)``
+    windows: (a) again, and (b) llama.cpp."""
+    from qatlm.eval.perplexity import perplexity
+    from qatlm.eval.report import evaluate, load_gguf
+
+    t = time.time()
+    ev = evaluate(f, settings, label=label, progress=False)
+    row = {"label": label, "file": f.name, "size_mib": f.stat().st_size / 2**20, "types": gguf_types(f),
+           "ppl_transformers_gguf": ev["heldout_ppl"], "bits_per_quantized_weight": ev["bits_per_weight"], **extra}
+    if lc is not None:
+        model = load_gguf(f)[0]
+        row["check_windows"] = len(windows)
+        row["check_ppl_transformers_gguf"] = perplexity(model, windows.reshape(-1), windows.shape[1], len(windows))
+        del model
+        row["check_ppl_llama_cpp"] = llama_cpp_ppl(lc, f, windows)
+    row["eval_s"] = round(time.time() - t, 1)
+    print(f"   {label}: ppl {row['ppl_transformers_gguf']:.2f}; first {len(windows)} windows: "
+          f"{row.get('check_ppl_transformers_gguf', float('nan')):.2f} (transformers) / "
+          f"{row.get('check_ppl_llama_cpp', float('nan')):.2f} (llama.cpp); {row['size_mib']:.1f} MiB", file=sys.stderr, flush=True)
+    return row
+
+
+def quantize_qatlm(method: str, grid: str, fp_dir: Path, a) -> tuple[Path, dict]:
+    from qatlm import BlockAPConfig, QuantSpec, RTNConfig, quantize
+    from qatlm.export import export_checkpoint
+    from qatlm.model.checkpoint import load_fp_model, load_tokenizer
+
+    torch.manual_seed(0)
+    spec = QuantSpec(format=grid)
+    cfg = RTNConfig(grid=spec) if method == "rtn" else BlockAPConfig(grid=spec, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
+    model, tok = load_fp_model(fp_dir), load_tokenizer(fp_dir)
+    t = time.time()
+    summary = quantize(model, cfg, tokenizer=tok, out=WORK / f"{method}-{grid}", overwrite=True, progress=False)
+    extra = {"quant_wall_s": round(time.time() - t, 1)}
+    if method == "block-ap":
+        extra["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
+        extra["rtn_fallback_blocks"] = summary.get("rtn_fallback_blocks", [])
+        extra["block_error_mean"] = [sum(b[k] for b in summary["blocks"]) / len(summary["blocks"]) for k in ("rtn_mse", "trained_mse")]
+    rep = export_checkpoint(WORK / f"{method}-{grid}", "gguf", WORK / f"{method}-{grid}-gguf", overwrite=True)
+    extra["export_max_abs_error"] = rep["max_abs_error"]
+    return WORK / f"{method}-{grid}-gguf" / rep["file"], extra
+
+
+def markdown(rows: list[dict]) -> str:
+    n = next((r["check_windows"] for r in rows if "check_windows" in r), 0)
+    lines = ["| file | types (matrices) | size MiB | bits/weight (quantized matrices) | held-out ppl (40 windows) | "
+             f"first {n} windows: transformers GGUF / llama.cpp | quantize s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()) if k not in ("F32",))
+        check = f"{r['check_ppl_transformers_gguf']:.2f} / {r['check_ppl_llama_cpp']:.2f}" if "check_ppl_llama_cpp" in r else "–"
+        lines.append(f"| {r['label']} | {types} | {r['size_mib']:.1f} | {r['bits_per_quantized_weight']:.3f} | "
+                     f"{r['ppl_transformers_gguf']:.2f} | {check} | {r.get('quant_wall_s', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grids", default="q2_k,q3_k")
+    ap.add_argument("--methods", default="rtn,block-ap")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--check-windows", type=int, default=8, help="windows read by both transformers and llama.cpp")
+    ap.add_argument("--name", default="kquant", help="results file stem")
+    ap.add_argument("--redo", action="store_true", help="measure again the rows already in the results file")
+    a = ap.parse_args()
+
+    from qatlm.data.assets import default_model_dir
+    from qatlm.data.text import bos_token, cut_windows, token_ids
+    from qatlm.eval.report import EvalSettings
+    from qatlm.export import export_checkpoint
+    from qatlm.model.checkpoint import load_tokenizer
+
+    lc = llama_cpp()
+    if lc is None:
+        print("llama-cpp-python is not installed: llama.cpp rows and readings skipped", file=sys.stderr)
+    fp_dir = default_model_dir()
+    settings = EvalSettings(ppl_windows=a.ppl_windows, tasks=())
+    tok = load_tokenizer(fp_dir)
+    windows = cut_windows(token_ids(tok, settings.heldout), settings.seqlen, bos_token(tok), a.check_windows)
+    out_path = RESULTS / f"{a.name}.json"
+    rows = json.loads(out_path.read_text()) if out_path.exists() else []
+
+    def keep(row):
+        rows[:] = [r for r in rows if r["label"] != row["label"]] + [row]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(rows, indent=2) + "\n")
+        (RESULTS / f"{a.name}.md").write_text(markdown(rows))
+
+    done = set() if a.redo else {r["label"] for r in rows}
+    fp_gguf = WORK / "fp" / f"{fp_dir.name}-f32.gguf"
+    if not fp_gguf.exists():
+        export_checkpoint(fp_dir, "gguf", WORK / "fp", overwrite=True, float_type="f32")
+    if "fp (f32 GGUF)" not in done:
+        keep(read_both(fp_gguf, "fp (f32 GGUF)", settings, windows, lc, {}))
+    for grid in a.grids.split(","):
+        if lc is not None:
+            for label, ftype, pure in ((f"llama.cpp {grid.upper()} pure", PURE[grid], True),
+                                       (f"llama.cpp {MIX[grid][0]} (its default mix)", MIX[grid][1], False)):
+                f = WORK / f"llama-{ftype.lower()}-{'pure' if pure else 'mix'}.gguf"
+                if label in done:
+                    continue
+                t = time.time()
+                llama_quantize(lc, fp_gguf, f, ftype, pure)
+                keep(read_both(f, label, settings, windows, lc, {"quant_wall_s": round(time.time() - t, 1)}))
+        for method in a.methods.split(","):
+            if f"qatlm {method} {grid}" in done:
+                continue
+            f, extra = quantize_qatlm(method, grid, fp_dir, a)
+            keep(read_both(f, f"qatlm {method} {grid}", settings, windows, lc, extra))
+
+
+if __name__ == "__main__":
+    main()
