@@ -206,3 +206,26 @@ def test_llama_cpp_runs_the_k_quant_gguf(tmp_path):
     ref = model(ids).logits[0].detach()
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_search_start_is_never_worse_than_min_max_per_sub_block(grid):
+    """The clipping search keeps, per sub-block, the best of candidates that include min-max's own codes refitted by
+    least squares: its squared error (before the super-block rounding) is at most min-max's, sub-block by sub-block."""
+    from qatlm.quant.kquant import kquant_init, kquant_search_init
+
+    spec = QuantSpec(format=grid)
+    w = _weights(8, 512, seed=5) + torch.randn(8, 512, generator=torch.Generator().manual_seed(6)) ** 3 * 0.01  # heavy tails
+
+    def err(scale, zero):
+        x = w.reshape(8, -1, spec.group_size)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        if spec.kformat.m_max:
+            q = torch.clamp(torch.round((x + s * z) / s), 0, spec.qmax)
+            return ((s * q - s * z - x) ** 2).sum(-1)
+        q = torch.clamp(torch.round(x / s) + z, 0, spec.qmax)
+        return ((s * (q - z) - x) ** 2).sum(-1)
+
+    e_mm, e_s = err(*kquant_init(w, spec)), err(*kquant_search_init(w, spec))
+    assert (e_s <= e_mm * (1 + 1e-5) + 1e-12).all()
+    assert e_s.sum() < 0.9 * e_mm.sum() or grid == "q4_k"  # and clearly better at 2 and 3 bits

@@ -61,7 +61,7 @@ def kquant_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     wmax = group_reduce(w, spec, "amax")
     if fmt.m_max:
         scale = ((wmax - wmin) / spec.qmax).clamp_min(MIN_SCALE)
-        zero = (-wmin / scale).clamp(0, spec.qmax)
+        zero = (-wmin / scale).clamp_min(0)  # an offset in steps: any size (the format stores it as dmin·m)
     else:
         wmin = group_reduce(w, spec, "amin")
         neg = wmin.abs() >= wmax.abs()  # the negative extreme is larger: codes −4..3 (zero 4)
@@ -105,7 +105,7 @@ def kquant_search_init(w: torch.Tensor, spec: QuantSpec, candidates: int = 16) -
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_s = torch.where(better, a, best_s)
-                best_z = torch.where(better, (-b / a).clamp(0, spec.qmax), best_z)
+                best_z = torch.where(better, (-b / a).clamp_min(0), best_z)
         return best_s, best_z
     for z in (4.0, 3.0):  # zero 4: codes −4..3 (the negative end is the long one); zero 3: −3..4
         end = (-x.amin(-1) / 4) if z == 4.0 else (x.amax(-1) / 4)
