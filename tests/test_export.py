@@ -349,3 +349,29 @@ def test_float_model_exports_to_gguf_and_a_gguf_file_evaluates(tmp_path):
     torch.testing.assert_close(logits(back), logits(model), rtol=1e-5, atol=1e-5)
     _, _, desc_q = load_any(export_checkpoint(make(tmp_path, sym=True), "gguf", tmp_path / "gq", float_type="f32") and tmp_path / "gq")
     assert desc_q["setting"] == "Q4_0" and desc_q["bits_per_weight"] == 4.5  # 18 bytes per 32 weights, read from the file
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "mixtral"])
+def test_llama_cpp_runs_every_exported_family(tmp_path, family):
+    """Where llama-cpp-python is installed (not in CI): llama.cpp itself loads each family's GGUF (Q4_0, bit-exact
+    weights) and its logits follow qatlm's (llama.cpp's matmuls quantize activations to 8 bits: close, not equal)."""
+    pytest.importorskip("llama_cpp")
+    from tiny import llama_cpp_logits
+
+    over = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"head_dim": 16, "norm_topk_prob": True}}.get(family, {})
+    src = make(tmp_path, family=family, sym=True, **over)
+    rep = export_checkpoint(src, "gguf", tmp_path / "g", float_type="f32")
+    ids = tiny_ids(1, 24)
+    got = llama_cpp_logits(tmp_path / "g" / rep["file"], ids)
+    ref = logits(load_quantized(src), ids)[0]
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max(), family
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8, family
+
+
+def test_gguf_refuses_a_gemma_attention_scale_llama_cpp_ignores(tmp_path):
+    """llama.cpp's Gemma graphs take the attention scale from the head size, not from the file: a config whose
+    query_pre_attn_scalar is neither head_dim nor hidden/heads is refused (llama.cpp's logits were 70 % off)."""
+    src = make(tmp_path, family="gemma3", sym=True, head_dim=16, query_pre_attn_scalar=256)
+    with pytest.raises(QatlmError, match="query_pre_attn_scalar 256"):
+        export_checkpoint(src, "gguf", tmp_path / "g")
+    assert not (tmp_path / "g").exists()

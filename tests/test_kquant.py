@@ -185,24 +185,14 @@ def test_llama_cpp_runs_the_k_quant_gguf(tmp_path):
     """Where llama-cpp-python is installed (bench/kquant.py builds it; CI does not): llama.cpp itself loads the exported
     Q2_K file and its logits follow qatlm's (its matmuls quantize activations to 8 bits: close, not equal)."""
     pytest.importorskip("llama_cpp")
-    import importlib.util
-    from pathlib import Path
+    from tiny import llama_cpp_logits
 
-    spec = importlib.util.spec_from_file_location("bench_kquant", Path(__file__).parents[1] / "bench" / "kquant.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    lc = bench.llama_cpp()
     model = _model()
     quantize(model, RTNConfig(grid=QuantSpec(format="q2_k")))
     save_quantized(model, tmp_path / "q", QuantSpec(format="q2_k"), tokenizer=tiny_tokenizer())
     rep = export_checkpoint(tmp_path / "q", "gguf", tmp_path / "g", float_type="f32")
     ids = tiny_ids(1, 24)
-    llm = lc.Llama(model_path=str(tmp_path / "g" / rep["file"]), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
-    try:
-        llm.eval(ids[0].tolist())
-        got = torch.from_numpy(np.array(llm.scores[:24], dtype=np.float32))
-    finally:
-        llm.close()
+    got = llama_cpp_logits(tmp_path / "g" / rep["file"], ids)
     ref = model(ids).logits[0].detach()
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

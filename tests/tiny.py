@@ -23,8 +23,8 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=16)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
-    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, num_hidden_layers=3)),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, num_hidden_layers=3)),
+    "gemma2": ("Gemma2Config", dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=8, num_hidden_layers=3)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=256, query_pre_attn_scalar=256, sliding_window=8, num_hidden_layers=3)),
     "phi3": ("Phi3Config", {}),
     "qwen2_moe": (
         "Qwen2MoeConfig",
@@ -111,3 +111,24 @@ def tiny_spm_tokenizer(vocab_size: int = 600, prefix: bool = True):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens, show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def llama_cpp_logits(gguf_file, ids: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's own logits for one sequence (llama-cpp-python, loaded as bench/kquant.py loads it); the caller
+    skips when llama-cpp-python is not installed (CI does not build it)."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_kquant", Path(__file__).parents[1] / "bench" / "kquant.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lc = bench.llama_cpp()
+    n = ids.shape[-1]
+    llm = lc.Llama(model_path=str(gguf_file), n_ctx=max(32, n), logits_all=True, verbose=False, n_threads=1)
+    try:
+        llm.eval(ids.reshape(-1).tolist())
+        return torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))
+    finally:
+        llm.close()

@@ -163,7 +163,7 @@ def _tokenizer_meta(writer, src: Path, config, gguf):
 
     tok = AutoTokenizer.from_pretrained(src)
     vocab = tok.get_vocab()
-    n = max(config.vocab_size, max(vocab.values()) + 1)
+    n = config.vocab_size  # llama.cpp wants one token per embedding row: ids past the embedding cannot be used anyway
     rev = {i: t for t, i in vocab.items()}
     added = {t.content: t for t in tok.added_tokens_decoder.values()} if hasattr(tok, "added_tokens_decoder") else {}
     unk = model.get("unk_token")
@@ -236,6 +236,14 @@ def check_config(config, spec: QuantSpec, tensor_names=None):
     for rope in _rope_dicts(config):
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise QatlmError(f"GGUF export does not handle rope scaling '{rope.get('rope_type', rope.get('type'))}' yet")
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar and arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if scalar not in (head_dim, config.hidden_size // config.num_attention_heads):
+            # llama.cpp's Gemma graphs do not read the attention scale from the file (measured: logits off by 70 %)
+            raise QatlmError(f"GGUF export: llama.cpp scales Gemma's attention by 1/sqrt(head_dim) (or hidden/heads for 27B); "
+                             f"this config's query_pre_attn_scalar {scalar} is neither {head_dim} nor "
+                             f"{config.hidden_size // config.num_attention_heads}, so llama.cpp would compute another model")
     if tensor_names is not None:
         bad = unmapped_tensors(arch, config.num_hidden_layers, tensor_names)
         if bad:
