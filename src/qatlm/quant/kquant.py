@@ -18,8 +18,13 @@ in [3, 4] and rounded.
 ``pack_blocks`` writes the integers as the GGUF block bytes, so a ``KPackedLinear`` *is* its llama.cpp tensor
 and the GGUF export copies it: the file's dequantized weights equal qatlm's bit for bit (same fp32 products
 in the same order as ggml's and the ``gguf`` package's dequantizers). Rows whose width is not a multiple of
-256 cannot be K-quant tensors (llama.cpp itself switches those to a 4.5-bit type); they fall back to a
-4-bit symmetric grid with groups of 32, which GGUF stores exactly as Q4_0 (4.5 bits per weight).
+256 cannot be K-quant tensors (llama.cpp's own quantizer puts those in Q4_0 for Q2_K/Q3_K, Q5_0 for Q4_K); they
+fall back to a 4-bit symmetric grid with groups of 32, which GGUF stores exactly as Q4_0 (4.5 bits per weight).
+
+The start (``kquant_search_init``) searches each sub-block's grid width as llama.cpp's quantizer does (several
+clippings, least-squares refit of step and offset to the codes, the best kept): on SmolLM2's ``down_proj`` its
+weight error after the hierarchy is 0.074 (relative, Q2_K) against 0.110 for min-max and 0.093 for llama.cpp's
+own Q2_K of the same weights.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from torch import nn
 from qatlm.errors import QatlmError
 from qatlm.quant.grid import MIN_SCALE, QK_K, KFormat, QuantSpec, expand_groups, group_reduce, round_ste
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear
-
 
 
 def kquant_spec(spec: QuantSpec) -> KFormat:
