@@ -8,7 +8,7 @@ Rows (bench/results/kquant.{json,md}):
 - ``llama.cpp <TYPE> pure``: ``llama_model_quantize`` (llama-cpp-python) with ``pure`` (every matrix in TYPE; llama.cpp
   itself puts rows whose width is not a multiple of 256 in Q4_0) and the token embedding kept in f16, like qatlm's
   export: the same tensor types as qatlm's file, so the sizes match and the comparison is the grid values alone.
-- ``llama.cpp <mix>``: its default recipe for the type (Q2_K / Q3_K_M: some tensors one type up; a larger file).
+- ``llama.cpp <mix>`` (``--mix``): its default recipe for the type (Q2_K / Q3_K_M: some tensors a type up; larger).
 - ``qatlm rtn|block-ap <grid>``: quantized on the grid, saved, exported with ``qatlm export --format gguf``.
 Each file is read (a) by transformers' GGUF loader (dequantized with the gguf package) with qatlm's perplexity code
 (``qatlm eval FILE.gguf``), and (b) by llama.cpp itself (llama-cpp-python logits of the same token windows; its matmuls
@@ -163,6 +163,7 @@ def main():
     ap.add_argument("--check-windows", type=int, default=8, help="windows read by both transformers and llama.cpp")
     ap.add_argument("--name", default="kquant", help="results file stem")
     ap.add_argument("--redo", action="store_true", help="measure again the rows already in the results file")
+    ap.add_argument("--mix", action="store_true", help="also llama.cpp's default mixes (Q2_K, Q3_K_M: some tensors a type up)")
     a = ap.parse_args()
 
     from qatlm.data.assets import default_model_dir
@@ -196,7 +197,7 @@ def main():
     for grid in a.grids.split(","):
         if lc is not None:
             for label, ftype, pure in ((f"llama.cpp {grid.upper()} pure", PURE[grid], True),
-                                       (f"llama.cpp {MIX[grid][0]} (its default mix)", MIX[grid][1], False)):
+                                       (f"llama.cpp {MIX[grid][0]} (its default mix)", MIX[grid][1], False))[: 2 if a.mix else 1]:
                 f = WORK / f"llama-{ftype.lower()}-{'pure' if pure else 'mix'}.gguf"
                 if label in done:
                     continue
