@@ -300,15 +300,12 @@ class KFakeQuantLinear(FakeQuantLinear):
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec):
         check_kquant_target("layer", linear.in_features)
-        nn.Module.__init__(self)
-        self.spec = spec
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.data, requires_grad=linear.weight.requires_grad)
-        self.bias = linear.bias
-        scale, zero = kquant_search_init(linear.weight.data, spec)
-        dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
-        self.scale = nn.Parameter(scale.to(dtype))
-        self.zero = nn.Parameter(zero.to(dtype))
+        super().__init__(linear, spec)  # the offset (or Q3_K's sign) of every sub-block is trained: spec.sym is False
+
+    @staticmethod
+    def start(w: torch.Tensor, spec: QuantSpec):
+        """The initial (step, offset) per sub-block: llama.cpp-style clipping search."""
+        return kquant_search_init(w, spec)
 
     def quantized_weight(self) -> torch.Tensor:
         return kquant_weight(self.weight, self.scale, self.zero, self.spec).to(self.weight.dtype)

@@ -36,11 +36,16 @@ class FakeQuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.data, requires_grad=linear.weight.requires_grad)
         self.bias = linear.bias
-        scale, zero = minmax_init(linear.weight.data, spec)
+        scale, zero = self.start(linear.weight.data, spec)
         dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
         self.scale = nn.Parameter(scale.to(dtype))
         # the symmetric zero point is fixed at 2^(b-1); the asymmetric one is trained as a float
         self.zero = nn.Parameter(zero.to(dtype), requires_grad=not spec.sym)
+
+    @staticmethod
+    def start(w: torch.Tensor, spec: QuantSpec):
+        """The initial (scale, zero) per group: the min-max (RTN) grid."""
+        return minmax_init(w, spec)
 
     def quantized_weight(self) -> torch.Tensor:
         w = fake_quantize(self.weight.to(self.scale.dtype), fp16_ste(self.scale.clamp_min(MIN_SCALE)), self.zero, self.spec)
