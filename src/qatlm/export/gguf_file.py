@@ -30,7 +30,7 @@ import torch
 
 from qatlm.errors import QatlmError
 from qatlm.quant.grid import QuantSpec, dequantize, expand_groups
-from qatlm.quant.kquant import KPackedLinear, unpack_blocks
+from qatlm.quant.kquant import KPackedLinear, decode, unpack_blocks
 
 QK = 32  # weights per GGML block
 # families llama.cpp runs under another architecture's name (its converter writes Mistral as llama)
@@ -128,10 +128,9 @@ def encode_packed(layer, perm: torch.Tensor | None, name: str):
     to, the per-weight step to measure errors in), rows permuted by ``perm`` if given."""
     if isinstance(layer, KPackedLinear):
         data = layer.kblocks if perm is None else layer.kblocks[perm]
-        w = layer.dequantized_weight(torch.float32)
-        w = w if perm is None else w[perm]
-        step = expand_groups(unpack_blocks(data, layer.spec, layer.in_features)["s"].abs(), layer.spec, layer.in_features)
-        return data.cpu().numpy(), layer.spec.kformat.name, w, step
+        parts = unpack_blocks(data, layer.spec, layer.in_features)  # decoded once: the weight and its steps
+        step = expand_groups(parts["s"].abs(), layer.spec, layer.in_features)
+        return data.cpu().numpy(), layer.spec.kformat.name, decode(parts, layer.spec, layer.in_features), step
     spec = layer.spec
     q, z, _ = layer.integers()
     s16 = layer.scales.t().contiguous()

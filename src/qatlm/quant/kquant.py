@@ -61,13 +61,13 @@ def kquant_init(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     larger-magnitude extreme on the 4-step side. Returns float ``(scale, zero)`` ``[out, sub-blocks]``."""
     w = w.detach().float()
     fmt = kquant_spec(spec)
-    wmin = group_reduce(w, spec, "amin").clamp_max(0.0)
+    wmin = group_reduce(w, spec, "amin")
     wmax = group_reduce(w, spec, "amax")
     if fmt.m_max:
+        wmin = wmin.clamp_max(0.0)
         scale = ((wmax - wmin) / spec.qmax).clamp_min(MIN_SCALE)
         zero = (-wmin / scale).clamp_min(0)  # an offset in steps: any size (the format stores it as dmin·m)
     else:
-        wmin = group_reduce(w, spec, "amin")
         neg = wmin.abs() >= wmax.abs()  # the negative extreme is larger: codes −4..3 (zero 4)
         scale = torch.where(neg, wmin.abs() / 4, wmax.abs() / 4).clamp_min(MIN_SCALE)
         zero = torch.where(neg, 4.0, 3.0)
@@ -280,13 +280,21 @@ def unpack_blocks(blocks: torch.Tensor, spec: QuantSpec, in_f: int) -> dict:
 
 def dequantize_blocks(blocks: torch.Tensor, spec: QuantSpec, in_f: int, dtype=torch.float32) -> torch.Tensor:
     """GGUF block bytes -> the float weight, computed as ggml computes it (fp32)."""
-    p = unpack_blocks(blocks, spec, in_f)
+    return decode(unpack_blocks(blocks, spec, in_f), spec, in_f).to(dtype)
+
+
+def decode(p: dict, spec: QuantSpec, in_f: int) -> torch.Tensor:
+    """The fp32 weight of ``unpack_blocks``' parts."""
     s = expand_groups(p["s"], spec, in_f)
     if "b" in p:
         w = s * p["q"].float() - expand_groups(p["b"], spec, in_f)
     else:
         w = s * (p["q"].float() - 4.0)
-    return w.to(dtype)
+    return w
+
+
+def _no_integers(spec: QuantSpec) -> QatlmError:
+    return QatlmError(f"a {spec.format} layer has no uniform integers (q, z, s): its codes are GGUF K-quant blocks")
 
 
 def check_kquant_target(name: str, in_f: int):
@@ -311,7 +319,7 @@ class KFakeQuantLinear(FakeQuantLinear):
         return kquant_weight(self.weight, self.scale, self.zero, self.spec).to(self.weight.dtype)
 
     def integers(self):
-        raise QatlmError(f"a {self.spec.format} layer has no uniform integers (q, z, s): its codes are GGUF K-quant blocks")
+        raise _no_integers(self.spec)
 
     @torch.no_grad()
     def kquant_integers(self) -> dict:
@@ -350,7 +358,7 @@ class KPackedLinear(PackedLinear):
         return nn.Module._apply(self, fn, recurse)
 
     def integers(self):
-        raise QatlmError(f"a {self.spec.format} layer has no uniform integers (q, z, s): its codes are GGUF K-quant blocks")
+        raise _no_integers(self.spec)
 
     def use_int4_kernel(self) -> bool:
         return False
