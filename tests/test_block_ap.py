@@ -384,6 +384,41 @@ def test_relative_norm_updates_do_not_depend_on_the_norms_scale(updates):
 
 
 
+def _weights_rescaled_twin(model, c: float):
+    """The same function with every layer's weights on another scale: q and v x c, k and o x 1/c; up x c, down x 1/c
+    (attention scores, the heads' outputs and the MLP's product are unchanged; each layer's group ranges are not)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin, f in ((layer.self_attn.q_proj, c), (layer.self_attn.k_proj, 1 / c), (layer.self_attn.v_proj, c),
+                           (layer.self_attn.o_proj, 1 / c), (layer.mlp.up_proj, c), (layer.mlp.down_proj, 1 / c)):
+                lin.weight.mul_(f)
+    return model
+
+
+@pytest.mark.parametrize("units", ["layer", "range"])
+def test_weights_10x_smaller_or_larger_train_alike_with_scale_free_units(units):
+    """The default update units (and per-group ranges) are scale-free: a twin whose layers' weights are 10x smaller or
+    larger ends with the same block errors; the reference's absolute units do not (checked as the contrast)."""
+    ids = calib(16, 4)
+    plain = tiny_model("llama", num_hidden_layers=2)
+    twin = _weights_rescaled_twin(tiny_model("llama", num_hidden_layers=2), 10.0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids[1]).logits, twin(ids[1]).logits, rtol=1e-4, atol=1e-4)
+    errors = {}
+    for kind in (units, "absolute"):
+        cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, update_units=kind)
+        a = quantize_block_ap(tiny_model("llama", num_hidden_layers=2), cfg, calib=ids, progress=False)["blocks"]
+        b = quantize_block_ap(_weights_rescaled_twin(tiny_model("llama", num_hidden_layers=2), 10.0), cfg, calib=ids,
+                              progress=False)["blocks"]
+        errors[kind] = [(x["rtn_mse"], y["rtn_mse"], x["trained_mse"], y["trained_mse"]) for x, y in zip(a, b)]
+    for i, (rtn_a, rtn_b, tr_a, tr_b) in enumerate(errors[units]):
+        # block 0 sees the same input in both; block 1 the outputs of two trained 2-bit blocks that differ by float rounding
+        rel = 0.02 if i == 0 else 0.1
+        assert rtn_b == pytest.approx(rtn_a, rel=rel)  # RTN is scale-equivariant (up to fp16 step storage)
+        assert tr_a < 0.9 * rtn_a and tr_b == pytest.approx(tr_a, rel=rel)
+    assert any(abs(tr_b / tr_a - 1) > 0.2 for _, _, tr_a, tr_b in errors["absolute"]), errors["absolute"]
+
+
 @pytest.mark.parametrize("units", ["range", "layer", "absolute"])
 def test_every_update_unit_trains_below_rtn(units):
     s = quantize_block_ap(tiny_model("llama"), BlockAPConfig(bits=2, group_size=32, epochs=2, update_units=units), calib=calib(16, 4),

@@ -10,8 +10,9 @@ block is packed in place and its quantized outputs become the next block's input
 Nothing depends on the model's weight or activation scale:
 - the loss is the block's squared error divided by the energy of the block's own contribution
   ``‖fp_out − fp_in‖²`` (a relative error: the same number for a model whose hidden states are 1000x larger);
-- weight and step-size updates are measured in each quantization group's initial range (max − min), so a
-  learning rate means "fraction of the group's range per step" on every model (``RelativeAdamW``);
+- weight and step-size updates are measured in the layer's mean initial group range (max − min), so a
+  learning rate means "fraction of a group's range per step" on every model (``RelativeAdamW``; every group
+  of a layer moves by the same amount, as with the reference's absolute rates);
 - a block whose trained validation error is not below its RTN error is retrained once at a tenth of the
   rates and otherwise falls back to its RTN grid: Block-AP never ends a block worse than RTN.
 
@@ -31,12 +32,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -47,15 +48,14 @@ from tqdm import tqdm
 from qatlm.errors import QatlmError, check_number
 from qatlm.io import atomic_write_json, resume_point
 from qatlm.methods.base import Context, with_grid
-from qatlm.options import opt
-from qatlm.model.lazy import block_file, check_source_weights, lazy_source, materialize_block, release_block, save_block
 from qatlm.model.arch import capture_layer_inputs, defuse_experts, find_parts, first_layer_input, quant_targets, run_layer
 from qatlm.model.layers import pack_model, swap_layers
+from qatlm.model.lazy import block_file, check_source_weights, lazy_source, materialize_block, release_block, save_block
+from qatlm.options import opt
 from qatlm.quant.grid import QuantSpec, expand_groups
 from qatlm.quant.kquant import fake_quant_layer, packed_layer
-from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
+from qatlm.quant.linear import FakeQuantLinear, check_target
 from qatlm.train import JsonLog, Schedule, release_freed_memory, train_epochs
-
 
 PAPER_STEPS = 4096
 LOSSES = ("mse", "mse-capped")
@@ -94,9 +94,11 @@ class BlockAPConfig:
     seed: int = opt(0, "seed for calibration sampling and shuffling")
     epochs: int = opt(2, "epochs per block")
     batch_size: int = opt(2, "samples per step (the global batch under torchrun)")
-    lr_quant: float | None = opt(None, "learning rate of step sizes (fraction of each group's range per step) and zero points "
-                                       "(integer units)", default_help="1e-4 scaled by 4096/steps, at most 1e-2")
-    lr_weight: float | None = opt(None, "learning rate of weights and norms, as a fraction of each group's range per step",
+    lr_quant: float | None = opt(None, "learning rate of step sizes (fraction of a group's range per step, see "
+                                       "--update-units) and zero points (integer units)",
+                                 default_help="1e-4 scaled by 4096/steps, at most 1e-2")
+    lr_weight: float | None = opt(None, "learning rate of weights and norms, as a fraction of a group's range per step "
+                                        "(see --update-units)",
                                   default_help="2e-5 at 2 bits / 1e-5 above, scaled by 4096/steps, at most 1e-3")
     min_lr_ratio: float = opt(0.05, "cosine decay ends at this fraction of each learning rate")
     clip_grad: float | None = opt(None, "gradient-norm clip", flag="block-clip-grad", default_help="none, as the reference")
@@ -104,9 +106,10 @@ class BlockAPConfig:
     loss: str = opt("mse", "reconstruction loss: mse (the paper) or mse-capped (tokens of massive norm, e.g. attention sinks, "
                            "count by their relative error)", flag="block-loss", choices=LOSSES)
     train_norms: bool = opt(True, "train each block's norm weights with its linear weights, as the reference (biases stay fixed)")
-    update_units: str = opt("range", "units of the weights' and step sizes' learning rates: range (each group's initial range: "
-                                     "scale-free), layer (the layer's mean group range: scale-free, every group of a layer alike) "
-                                     "or absolute (the reference's; only right for models whose group ranges are ~1)",
+    update_units: str = opt("layer", "units of the weights' and step sizes' learning rates: layer (the layer's mean initial "
+                                     "group range: scale-free, every group of a layer alike), range (each group's own initial "
+                                     "range: scale-free) or absolute (the reference's; only right for models whose group ranges "
+                                     "are ~1)",
                             choices=("range", "layer", "absolute"))
     norm_updates: str = opt("absolute", "how norm weights move per step: absolute (lr_weight itself, as the reference) or "
                                         "relative (lr_weight times each norm's RMS: the same on a model whose norms are 10x "
@@ -144,7 +147,7 @@ class BlockAPConfig:
         return getattr(torch, self.cache_dtype)
 
     def learning_rates(self, steps: int) -> tuple[float, float]:
-        """(lr_quant, lr_weight), both in units of each quantization group's initial range (max − min) per
+        """(lr_quant, lr_weight), both in units of a quantization group's initial range (max − min; see ``update_units``) per
         step (zero points: integer units). Unset ones keep the paper's lr x steps budget: the paper trains
         each block for 4096 steps (4096 samples, batch 2, 2 epochs) at 1e-4 / 2e-5 (1e-5 above 2 bits); with
         fewer steps the rate grows by 4096/steps, capped at 1e-2 / 1e-3. (The paper's rates are absolute;
@@ -489,7 +492,7 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
     weights = [m.weight for m in fq.values()]
     scales = [m.scale for m in fq.values()]
     zeros = [m.zero for m in fq.values() if not m.spec.sym]
-    # updates of weights and step sizes in units of each group's initial range (s0 · qmax)
+    # updates of weights and step sizes in units of the groups' initial range (s0 · qmax): each group's, or the layer's mean
     units = {}
     for m in fq.values() if config.update_units != "absolute" else ():
         rng = (m.scale.detach().float() * m.spec.qmax).to(m.weight.dtype)
