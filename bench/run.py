@@ -112,7 +112,7 @@ def run_one(a) -> dict:
             row["block_ap_fields"] = block_ap_fields(a.block_ap)
             summary = quantize_block_ap(model, cfg, tokenizer=tok, progress=False)
             row["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
-            row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary["lr_quant"], summary["lr_weight"], a.epochs, cfg.loss
+            row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary["lr_quant"], summary["lr_weight"], summary["epochs"], cfg.loss
             hidden = model.config.hidden_size
             inter = model.config.intermediate_size
             kv = model.config.num_key_value_heads * model.config.head_dim
@@ -207,6 +207,12 @@ def trained(r) -> str:
     return f"{r['trainable_fraction']:.2%}{lrs}"
 
 
+def calib_cell(r) -> str:
+    """Calibration budget; a Block-AP row also says its epochs per block (the default became step-based: 4 at 64 samples)."""
+    calib = r.get("calib") or "–"
+    return f"{calib}, {r['epochs']} ep" if r["recipe"] == "block-ap" and r.get("epochs") else calib
+
+
 def markdown(rows) -> str:
     head = ("| recipe | setting | calib | held-out ppl | zero-shot avg | bits/weight | size MiB | wall s (quant) | peak RSS MiB (quant) "
             "| train/matmul throughput | trained params (DL-QAT lr LoRA/magnitude) | device |")
@@ -214,7 +220,7 @@ def markdown(rows) -> str:
     for r in rows:
         frac = f"{r['throughput_fraction']:.0%} ({r['train_gflops']:.0f}/{r['matmul_gflops']:.0f} GFLOP/s)" if r.get("throughput_fraction") else "–"
         lines.append(
-            f"| {r['recipe']} | {r['setting']} | {r.get('calib') or '–'} | {r['heldout_ppl']:,.2f} | "
+            f"| {r['recipe']} | {r['setting']} | {calib_cell(r)} | {r['heldout_ppl']:,.2f} | "
             f"{'–' if r.get('zeroshot_avg') is None else format(r['zeroshot_avg'], '.3f')} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
             f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | "
             f"{trained(r)} | {r['device']} |"
@@ -253,7 +259,7 @@ def main():
     ap.add_argument("--settings", default="w2g64,w3g128,w4g128")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default: BlockAPConfig's)")
     ap.add_argument("--block-loss", default=None, choices=("mse", "mse-capped"), help="Block-AP reconstruction loss: mse or mse-capped (default: BlockAPConfig's)")
     ap.add_argument("--block-ap", action="append", default=[], metavar="FIELD=VALUE",
                     help="set any BlockAPConfig field for the block-ap rows, e.g. clip_grad=1.0 or train_norms=false (repeatable)")
@@ -287,10 +293,11 @@ def main():
             jobs += [(recipe, s) for s in a.settings.split(",")]
     for recipe, setting in jobs:
         cmd = [sys.executable, __file__, "--one", recipe, setting] + [
-            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--epochs={a.epochs}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
+            f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
             f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
         cmd += [f"--e2e-lr={a.e2e_lr}"] if a.e2e_lr is not None else []
+        cmd += [f"--epochs={a.epochs}"] if a.epochs is not None else []
         cmd += [f"--model={a.model}"] if a.model else []
         cmd += [f"--block-loss={a.block_loss}"] if a.block_loss else []
         cmd += [f"--block-ap={kv}" for kv in a.block_ap]

@@ -43,6 +43,20 @@ def test_step_scaled_learning_rates():
     assert BlockAPConfig(bits=4, lr_quant=1e-4, lr_weight=1e-5).learning_rates(64) == (1e-4, 1e-5)
 
 
+def test_unset_epochs_give_every_block_at_least_128_steps():
+    assert BlockAPConfig().epochs_for(128) == 2  # the default 128 samples at batch 2: the reference's 2 epochs
+    assert BlockAPConfig().epochs_for(4096) == 2
+    assert BlockAPConfig().epochs_for(64) == 4 and BlockAPConfig().epochs_for(32) == 8
+    assert BlockAPConfig().epochs_for(63) == 4  # 32 steps per epoch (the last batch holds one sample)
+    assert BlockAPConfig(batch_size=4).epochs_for(64) == 8
+    assert BlockAPConfig(epochs=1).epochs_for(8) == 1  # a set value is kept
+    # a run: 6 training samples at batch 2 = 3 steps per epoch -> 43 epochs, 129 steps per block, rates scaled to that
+    s = quantize_block_ap(tiny_model("llama", num_hidden_layers=1), BlockAPConfig(bits=4, group_size=32), calib=calib(6, 2),
+                          progress=False)
+    assert s["epochs"] == 43 and s["steps_per_block"] == 129 and s["blocks"][0]["steps"] == 129
+    assert (s["lr_quant"], s["lr_weight"]) == BlockAPConfig(bits=4).learning_rates(129)
+
+
 def test_memmap_caches_give_the_same_model(tmp_path):
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
     cfg = dict(bits=3, group_size=32, epochs=1)

@@ -58,6 +58,7 @@ from qatlm.quant.linear import FakeQuantLinear, check_target
 from qatlm.train import JsonLog, Schedule, release_freed_memory, train_epochs
 
 PAPER_STEPS = 4096
+MIN_STEPS = 128  # unset epochs: at least this many steps per block (the default 128 samples x 2 epochs at batch 2)
 LOSSES = ("mse", "mse-capped")
 CAP = 4.0  # "mse-capped": a token's squared error counts in full up to CAP x the batch's median target norm
 
@@ -92,7 +93,8 @@ class BlockAPConfig:
     calib_seqlen: int = opt(512, "tokens per calibration sample")
     val_samples: int = opt(16, "validation samples, disjoint from calibration")
     seed: int = opt(0, "seed for calibration sampling and shuffling")
-    epochs: int = opt(2, "epochs per block")
+    epochs: int | None = opt(None, "epochs per block", default_help=f"2 (the reference), or more so that each block trains at "
+                             f"least {MIN_STEPS} steps (the default 128 samples at batch 2 give exactly 2)")
     batch_size: int = opt(2, "samples per step (the global batch under torchrun)")
     lr_quant: float | None = opt(None, "learning rate of step sizes (fraction of a group's range per step, see "
                                        "--update-units) and zero points (integer units)",
@@ -145,6 +147,14 @@ class BlockAPConfig:
         if self.cache_dtype == "auto":
             return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
         return getattr(torch, self.cache_dtype)
+
+    def epochs_for(self, n_train: int) -> int:
+        """The epochs a block trains for on ``n_train`` samples: ``epochs`` when set, else the reference's 2, raised
+        so that a block takes at least MIN_STEPS steps (on a small calibration set more passes over the same tokens
+        beat the same passes at a higher rate: SmolLM2 w4g128 on 64 samples, 44.02 -> 42.13 ppl)."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(2, math.ceil(MIN_STEPS / max(1, math.ceil(n_train / self.batch_size))))
 
     def learning_rates(self, steps: int) -> tuple[float, float]:
         """(lr_quant, lr_weight), both in units of a quantization group's initial range (max − min; see ``update_units``) per
@@ -511,9 +521,10 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
     trained = weights + scales + zeros + norms
     for p in trained:
         p.requires_grad_(True)
-    lr_q, lr_w = config.learning_rates(config.epochs * steps_per_epoch)
+    n_epochs = config.epochs_for(n_tr)
+    lr_q, lr_w = config.learning_rates(n_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(config.seed * 100003 + bi)
-    epochs = [epoch_batches(n_tr, config.batch_size, gen) for _ in range(config.epochs)]
+    epochs = [epoch_batches(n_tr, config.batch_size, gen) for _ in range(n_epochs)]
 
     def fetch(idx):
         rows = shard.mine(idx)
@@ -547,10 +558,10 @@ def train_block(block, kw, chain: ActivationChain, energy: torch.Tensor, bi: int
                 _restore(trained, start)
             groups = [{"params": scales + zeros, "lr": lr_q * lr_factor}, {"params": weights + norms, "lr": lr_w * lr_factor}]
             opt = RelativeAdamW(groups, units, weight_decay=0.0)
-            bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"block {bi}/{ctx.n_blocks - 1}", unit="step",
+            bar = tqdm(total=n_epochs * steps_per_epoch, desc=f"block {bi}/{ctx.n_blocks - 1}", unit="step",
                        disable=not ctx.progress, leave=False, position=1)
-            res = train_epochs(groups, loss_fn, lambda e: prefetch(epochs[e]), config.epochs, steps_per_epoch,
-                               clip=config.clip_grad or None, schedule=Schedule(config.epochs * steps_per_epoch, 0.0, config.min_lr_ratio),
+            res = train_epochs(groups, loss_fn, lambda e: prefetch(epochs[e]), n_epochs, steps_per_epoch,
+                               clip=config.clip_grad or None, schedule=Schedule(n_epochs * steps_per_epoch, 0.0, config.min_lr_ratio),
                                val_fn=rel_error if n_va else None, early_stop=config.early_stop, log=ctx.log,
                                log_extra={"block": bi, "lr_factor": lr_factor}, progress=bar, optimizer=opt, backward=False)
             bar.close()
@@ -709,9 +720,10 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     compute_dtype = next(model.parameters()).dtype
     log = JsonLog((log_path or (work / "train_log.jsonl" if work else None)) if shard.main else None,
                   keep=lambda r: r.get("block", 0) < state.done)
-    steps = config.epochs * math.ceil(n_tr / config.batch_size)
+    steps = config.epochs_for(n_tr) * math.ceil(n_tr / config.batch_size)
     lrs = config.learning_rates(steps)
-    summary = {"method": "block-ap", "config": asdict(config), "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": state.previous_blocks(),
+    summary = {"method": "block-ap", "config": asdict(config), "epochs": config.epochs_for(n_tr), "steps_per_block": steps,
+               "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": state.previous_blocks(),
                "resumed_from_block": state.done, "replayed_blocks": state.done - chain_start, "processes": shard.world,
                "block_error": "validation squared error / energy of the fp block's own contribution (rtn_mse, trained_mse)"}
     ctx = BlockContext(config, device, shard, n_tr, n_va, log, progress, len(layers))
