@@ -720,9 +720,10 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     compute_dtype = next(model.parameters()).dtype
     log = JsonLog((log_path or (work / "train_log.jsonl" if work else None)) if shard.main else None,
                   keep=lambda r: r.get("block", 0) < state.done)
-    steps = config.epochs_for(n_tr) * math.ceil(n_tr / config.batch_size)
+    n_epochs = config.epochs_for(n_tr)
+    steps = n_epochs * math.ceil(n_tr / config.batch_size)
     lrs = config.learning_rates(steps)
-    summary = {"method": "block-ap", "config": asdict(config), "epochs": config.epochs_for(n_tr), "steps_per_block": steps,
+    summary = {"method": "block-ap", "config": asdict(config), "epochs": n_epochs, "steps_per_block": steps,
                "lr_quant": lrs[0], "lr_weight": lrs[1], "blocks": state.previous_blocks(),
                "resumed_from_block": state.done, "replayed_blocks": state.done - chain_start, "processes": shard.world,
                "block_error": "validation squared error / energy of the fp block's own contribution (rtn_mse, trained_mse)"}
