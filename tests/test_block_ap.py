@@ -15,6 +15,7 @@ from tiny import FAMILIES, tiny_model, tiny_tokenizer
 from qatlm import load_quantized, save_quantized
 from qatlm.errors import QatlmError
 from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+from qatlm.summary import RunSummary
 from qatlm.model.layers import target_names
 from qatlm.quant.linear import PackedLinear
 
@@ -28,10 +29,10 @@ def test_training_beats_rtn_on_every_block():
     model = tiny_model("llama", num_hidden_layers=3)
     cfg = BlockAPConfig(bits=2, group_size=32, epochs=3, lr_quant=2e-3, lr_weight=2e-4)
     s = quantize_block_ap(model, cfg, calib=calib(32, 8), progress=False)
-    assert len(s["blocks"]) == 3
-    for b in s["blocks"]:
-        assert b["trained_mse"] < 0.95 * b["rtn_mse"], b
-        assert b["steps"] == 3 * 16 and len(b["val_losses"]) == 3
+    assert len(s.blocks) == 3
+    for b in s.blocks:
+        assert b.trained_rel_error < 0.95 * b.rtn_rel_error, b
+        assert b.steps == 3 * 16 and len(b.val_losses) == 3
     assert all(isinstance(m, PackedLinear) for n, m in model.named_modules() if n.endswith("_proj"))
 
 
@@ -53,8 +54,8 @@ def test_unset_epochs_give_every_block_at_least_128_steps():
     # a run: 6 training samples at batch 2 = 3 steps per epoch -> 43 epochs, 129 steps per block, rates scaled to that
     s = quantize_block_ap(tiny_model("llama", num_hidden_layers=1), BlockAPConfig(bits=4, group_size=32), calib=calib(6, 2),
                           progress=False)
-    assert s["epochs"] == 43 and s["steps_per_block"] == 129 and s["blocks"][0]["steps"] == 129
-    assert (s["lr_quant"], s["lr_weight"]) == BlockAPConfig(bits=4).learning_rates(129)
+    assert s.epochs == 43 and s.steps_per_block == 129 and s.blocks[0].steps == 129
+    assert (s.lr_quant, s.lr_weight) == BlockAPConfig(bits=4).learning_rates(129)
 
 
 def test_memmap_caches_give_the_same_model(tmp_path):
@@ -81,7 +82,7 @@ def test_nan_loss_restores_block_lowers_lr_and_goes_on(tmp_path):
     model.model.layers[0].register_forward_hook(poison)
     log = tmp_path / "log.jsonl"
     s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=2), calib=calib(), progress=False, log_path=log)
-    assert s["blocks"][0]["retries"] == 1 and s["blocks"][1]["retries"] == 0
+    assert s.blocks[0].retries == 1 and s.blocks[1].retries == 0
     events = [json.loads(x) for x in log.read_text().splitlines() if "event" in x]
     assert any(e.get("event") == "non_finite_loss" and e["lr_scale"] == 0.5 for e in events)
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
@@ -102,7 +103,7 @@ def test_every_architecture(family, tmp_path):
     ids = calib(4, 2, 16)
     targets = target_names(model)
     s = quantize_block_ap(model, BlockAPConfig(bits=4, group_size=32, epochs=1, input_mode="fp"), calib=ids, progress=False)
-    assert len(s["blocks"]) == model.config.num_hidden_layers
+    assert len(s.blocks) == model.config.num_hidden_layers
     assert all(isinstance(model.get_submodule(n), PackedLinear) for n in targets)
     with torch.no_grad():
         out = model(ids[1]).logits
@@ -159,9 +160,9 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["resumed_from_block"] >= 3 and len(summary["blocks"]) == 6
-    assert summary["replayed_blocks"] <= 1  # from the chain snapshot (1 only if killed between progress and snapshot)
+    summary = RunSummary.from_dict(json.loads((out / "training_summary.json").read_text())).block_ap
+    assert summary.resumed_from_block >= 3 and len(summary.blocks) == 6
+    assert summary.replayed_blocks <= 1  # from the chain snapshot (1 only if killed between progress and snapshot)
     assert (out / "training_loss.png").stat().st_size > 0 and (out / "training_log.jsonl").exists()
     # the log reads as one run: the killed attempts' records past the resumed block are gone
     steps = lambda p: [(r["block"], r["step"]) for r in map(json.loads, (p / "training_log.jsonl").read_text().splitlines()) if "loss" in r]
@@ -205,7 +206,7 @@ def test_capped_loss_trains_and_unknown_loss_is_refused():
     model = tiny_model("llama", num_hidden_layers=2)
     s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=2, loss="mse-capped", lr_quant=2e-3, lr_weight=2e-4),
                           calib=calib(16, 4), progress=False)
-    assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
+    assert all(b.trained_rel_error < b.rtn_rel_error for b in s.blocks)
     with pytest.raises(QatlmError, match="block loss must be one of mse, mse-capped"):
         BlockAPConfig(loss="l1")
 
@@ -232,14 +233,14 @@ def test_hidden_states_scaled_by_1e3_train_as_well_with_the_default_rates():
     cfg = BlockAPConfig(bits=2, group_size=32, epochs=2)  # default learning rates
     s_plain = quantize_block_ap(plain, cfg, calib=ids, progress=False)
     s_scaled = quantize_block_ap(scaled, cfg, calib=ids, progress=False)
-    assert s_scaled["rtn_fallback_blocks"] == [] and s_scaled["lr_retried_blocks"] == []
-    for a, b in zip(s_plain["blocks"], s_scaled["blocks"]):
-        assert b["trained_mse"] < 0.9 * b["rtn_mse"], b  # training lowers every block's error below RTN's
+    assert s_scaled.rtn_fallback_blocks == [] and s_scaled.lr_retried_blocks == []
+    for a, b in zip(s_plain.blocks, s_scaled.blocks):
+        assert b.trained_rel_error < 0.9 * b.rtn_rel_error, b  # training lowers every block's error below RTN's
         # the relative block error reads the same on both models, before and after training (block 0 sees the same
         # input on both; later blocks see the outputs of trained 2-bit blocks, where float rounding in training
         # flips a few grid points, so they agree within a few percent)
-        assert b["rtn_mse"] == pytest.approx(a["rtn_mse"], rel=1e-3 if a["block"] == 0 else 0.05)
-        assert b["trained_mse"] == pytest.approx(a["trained_mse"], rel=0.1)
+        assert b.rtn_rel_error == pytest.approx(a.rtn_rel_error, rel=1e-3 if a.block == 0 else 0.05)
+        assert b.trained_rel_error == pytest.approx(a.trained_rel_error, rel=0.1)
 
 
 def test_a_block_that_training_makes_worse_keeps_its_rtn_grid(tmp_path):
@@ -253,9 +254,9 @@ def test_a_block_that_training_makes_worse_keeps_its_rtn_grid(tmp_path):
     log = tmp_path / "log.jsonl"
     s = quantize_block_ap(model, BlockAPConfig(bits=2, group_size=32, epochs=1, lr_quant=3.0, lr_weight=3.0, train_norms=False),
                           calib=ids, progress=False, log_path=log)
-    assert s["rtn_fallback_blocks"] == [0, 1] and s["lr_retried_blocks"] == [0, 1]
-    for b in s["blocks"]:
-        assert b["trained_mse"] == b["rtn_mse"] and b["rtn_fallback"]
+    assert s.rtn_fallback_blocks == [0, 1] and s.lr_retried_blocks == [0, 1]
+    for b in s.blocks:
+        assert b.trained_rel_error == b.rtn_rel_error and b.rtn_fallback
     got, want = model.state_dict(), ref.state_dict()
     for k in want:
         assert torch.equal(got[k], want[k]), k  # bit-for-bit the RTN model
@@ -273,15 +274,15 @@ def test_two_activation_caches_of_the_chosen_width(tmp_path, dtype, width):
     files = sorted((tmp_path / "w" / "activations").glob("*.mmap"))
     assert [f.name for f in files] == ["fp.mmap", "q.mmap"]
     assert sum(f.stat().st_size for f in files) == 2 * (n + n_val) * L * model.config.hidden_size * width
-    assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
+    assert all(b.trained_rel_error < b.rtn_rel_error for b in s.blocks)
 
 
 @pytest.mark.parametrize("input_mode,cache_dtype", [("quant", "float32"), ("fp", "bfloat16")])
 def test_resume_starts_from_the_chain_snapshot_without_replaying(tmp_path, monkeypatch, input_mode, cache_dtype):
     """Interrupted after block 3 of 6: the resumed run reads the snapshot of both chains at block 3, runs no finished
     block again, and ends bit for bit where an uninterrupted run ends."""
-    from qatlm.methods import block_ap
-    from qatlm.methods.block_ap import BlockAPConfig, quantize_block_ap
+    from qatlm.methods.block_ap import BlockAPConfig, caches, quantize_block_ap, state
+    from qatlm.model import sequential
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 320, (10, 24), generator=g)
@@ -295,25 +296,25 @@ def test_resume_starts_from_the_chain_snapshot_without_replaying(tmp_path, monke
     quantize_block_ap(ref, cfg, calib=calib, progress=False)
     # a snapshot after every block: what is tested is resuming from one, not the timing rule that spaces them
     # (on a busy machine that rule skipped the block-3 snapshot and this test failed)
-    monkeypatch.setattr(block_ap, "_CHAIN_OVERHEAD", 1e12)
+    monkeypatch.setattr(state, "CHAIN_OVERHEAD", 1e12)
 
-    real_save = block_ap.save_block
+    real_save = sequential.save_block
 
     def save_then_die(work, bi, block):
         real_save(work, bi, block)
         if bi == 3:
             raise KeyboardInterrupt  # as a kill right after block 3's files and the snapshot for block 3
-    monkeypatch.setattr(block_ap, "save_block", save_then_die)
+    monkeypatch.setattr(sequential, "save_block", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         quantize_block_ap(tiny_model("llama", num_hidden_layers=6), cfg, calib=calib, work_dir=tmp_path / "w", progress=False)
     assert json.loads((tmp_path / "w" / "chain.json").read_text())["block"] == 3
-    monkeypatch.setattr(block_ap, "save_block", real_save)
+    monkeypatch.setattr(sequential, "save_block", real_save)
     ran = []
-    real_chain = block_ap._run_chain
-    monkeypatch.setattr(block_ap, "_run_chain", lambda block, *a, **k: ran.append(block) or real_chain(block, *a, **k))
+    real_chain = caches._run_chain
+    monkeypatch.setattr(caches, "_run_chain", lambda block, *a, **k: ran.append(block) or real_chain(block, *a, **k))
     model = tiny_model("llama", num_hidden_layers=6)
     summary = quantize_block_ap(model, cfg, calib=calib, work_dir=tmp_path / "w", resume=True, progress=False)
-    assert summary["resumed_from_block"] == 3 and summary["replayed_blocks"] == 0
+    assert summary.resumed_from_block == 3 and summary.replayed_blocks == 0
     finished = {id(b) for b in list(model.model.layers)[:3]}
     assert not any(id(b) in finished for b in ran)  # no finished block ran again
     a, b = packed(ref), packed(model)
@@ -351,11 +352,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     one = quantize_cli("one")
     two = quantize_cli("two", launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2"))
     rtn = quantize_cli("rtn", method="rtn")
-    summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
-    assert summary["processes"] == 2
-    ref = json.loads((tmp_path / "one" / "training_summary.json").read_text())
-    for a, b in zip(ref["blocks"], summary["blocks"]):
-        assert b["rtn_mse"] == pytest.approx(a["rtn_mse"], rel=1e-3) and b["trained_mse"] == pytest.approx(a["trained_mse"], rel=1e-2)
+    summary = RunSummary.from_dict(json.loads((tmp_path / "two" / "training_summary.json").read_text())).block_ap
+    assert summary.processes == 2
+    ref = RunSummary.from_dict(json.loads((tmp_path / "one" / "training_summary.json").read_text())).block_ap
+    for a, b in zip(ref.blocks, summary.blocks):
+        assert b.rtn_rel_error == pytest.approx(a.rtn_rel_error, rel=1e-3) and b.trained_rel_error == pytest.approx(a.trained_rel_error, rel=1e-2)
     from qatlm.quant.packing import unpack_rows as unpack
 
     codes = [k for k in one if k.endswith(".qweight")]
@@ -421,10 +422,10 @@ def test_weights_10x_smaller_or_larger_train_alike_with_scale_free_units(units):
     errors = {}
     for kind in (units, "absolute"):
         cfg = BlockAPConfig(bits=2, group_size=32, epochs=2, update_units=kind)
-        a = quantize_block_ap(tiny_model("llama", num_hidden_layers=2), cfg, calib=ids, progress=False)["blocks"]
+        a = quantize_block_ap(tiny_model("llama", num_hidden_layers=2), cfg, calib=ids, progress=False).blocks
         b = quantize_block_ap(_weights_rescaled_twin(tiny_model("llama", num_hidden_layers=2), 10.0), cfg, calib=ids,
-                              progress=False)["blocks"]
-        errors[kind] = [(x["rtn_mse"], y["rtn_mse"], x["trained_mse"], y["trained_mse"]) for x, y in zip(a, b)]
+                              progress=False).blocks
+        errors[kind] = [(x.rtn_rel_error, y.rtn_rel_error, x.trained_rel_error, y.trained_rel_error) for x, y in zip(a, b)]
     for i, (rtn_a, rtn_b, tr_a, tr_b) in enumerate(errors[units]):
         # block 0 sees the same input in both; block 1 the outputs of two trained 2-bit blocks that differ by float rounding
         rel = 0.02 if i == 0 else 0.1
@@ -437,6 +438,6 @@ def test_weights_10x_smaller_or_larger_train_alike_with_scale_free_units(units):
 def test_every_update_unit_trains_below_rtn(units):
     s = quantize_block_ap(tiny_model("llama"), BlockAPConfig(bits=2, group_size=32, epochs=2, update_units=units), calib=calib(16, 4),
                           progress=False)
-    assert all(b["trained_mse"] < b["rtn_mse"] for b in s["blocks"])
+    assert all(b.trained_rel_error < b.rtn_rel_error for b in s.blocks)
     with pytest.raises(QatlmError, match="update units"):
         BlockAPConfig(update_units="per-weight")

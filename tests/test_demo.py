@@ -40,7 +40,8 @@ def test_demo_writes_the_qat_row_and_its_training_curves(offline, tmp_path, caps
     assert f"{method} w2g32" in md and "![training curves](training_curves.png)" in md
     assert (out / "training_curves.png").stat().st_size > 10_000 and (out / "report.png").stat().st_size > 10_000
     summary = json.loads((out / f"tiny-llama-{method}-w2g32" / "training_summary.json").read_text())
-    assert len(summary["blocks"]) == 2 and all(b["trained_mse"] <= b["rtn_mse"] for b in summary["blocks"])
+    blocks = summary["block_ap"]["blocks"]
+    assert len(blocks) == 2 and all(b["trained_rel_error"] <= b["rtn_rel_error"] for b in blocks)
     if curve_panels == "e2e":
         assert summary["e2e_qp"]["steps"] > 0
     assert not list(out.glob(".*"))  # no work folders left

@@ -90,10 +90,10 @@ def test_training_lowers_validation_loss(tmp_path):
     quantize(model, RTNConfig(3, 32))
     s = train_dl_qat(model, DLQATConfig(data=str(text), samples=16, seqlen=32, val_samples=4, epochs=3, batch_size=4, lr_lora=2e-2,
                                         lr_magnitude=1e-2), tiny_tokenizer(), progress=False, cache_dir=tmp_path)
-    assert s["val_losses"][-1] < s["val_loss_before"]
+    assert s.val_losses[-1] < s.val_loss_before
     assert all(isinstance(model.get_submodule(n), PackedLinear) for n in target_names(model))
-    assert s["cost"]["trainable_params"] == s["trainable_params"]
-    assert s["cost"]["fraction_of_model"] == pytest.approx(s["trainable_fraction"])
+    assert s.cost["trainable_params"] == s.trainable_params
+    assert s.cost["fraction_of_model"] == pytest.approx(s.trainable_fraction)
 
 
 def test_cli_train_dl_qat_from_checkpoint(tmp_path):

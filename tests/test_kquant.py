@@ -122,7 +122,7 @@ def test_block_ap_on_k_grid_saves_reloads_and_exports_bit_exactly(tmp_path, grid
     ids = tiny_ids(4, 32)
     cfg = BlockAPConfig(grid=QuantSpec(format=grid), epochs=2, batch_size=2, val_samples=0)
     summary = quantize(model, cfg, calib=(ids, ids[:0]))
-    assert all(b["trained_mse"] < b["rtn_mse"] for b in summary["blocks"])
+    assert all(b.trained_rel_error < b.rtn_rel_error for b in summary.block_ap.blocks)
     kinds = {type(m) for m in model.modules() if isinstance(m, PackedLinear)}
     assert kinds == {KPackedLinear, PackedLinear}  # down_proj (320 wide) falls back to Q4_0's grid
     ref = model(tiny_ids()).logits.detach()

@@ -56,7 +56,7 @@ def test_block_ap_streams_one_block_at_a_time_and_equals_the_in_memory_run(tmp_p
         real(m, i, dtype, device)
         loaded_at_once.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in layers))
 
-    monkeypatch.setattr("qatlm.methods.block_ap.materialize_block", watch)
+    monkeypatch.setattr("qatlm.model.sequential.materialize_block", watch)
     quantize_block_ap(model, cfg, calib=calib, progress=False, work_dir=tmp_path / "work")
     assert loaded_at_once == [1, 1, 1, 1]  # never more than the block being trained
     assert all(t.device.type == "meta" for t in layers.state_dict().values())

@@ -170,4 +170,4 @@ def test_training_summary_names_the_data_file_not_its_directory(models, tmp_path
     assert code == 0, err
     for f in ("training_summary.json", "config.json"):
         assert str(text.parent) not in (out / f).read_text()
-    assert json.loads((out / "training_summary.json").read_text())["config"]["calib"] == "calib.txt"
+    assert json.loads((out / "training_summary.json").read_text())["block_ap"]["config"]["calib"] == "calib.txt"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatlm.train import train_epochs
+from qatlm.train.loop import train_epochs
 
 
 def _problem():
@@ -31,7 +31,7 @@ def test_step_seconds_exclude_validation_and_the_loop_still_trains():
 _HEAP_PROBE = """
 import os, sys, torch
 from pathlib import Path
-from qatlm.train import release_freed_memory
+from qatlm.memory import release_freed_memory
 
 def rss_mib():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -4,23 +4,19 @@
     summary = qatlm.quantize(model, qatlm.recipe("efficientqat", grid=qatlm.QuantSpec(2, 64)), tokenizer=tok)
     summary = qatlm.quantize(model, [qatlm.BlockAPConfig(2, 64, epochs=1), qatlm.DLQATConfig(samples=256)], tokenizer=tok)
 
-``config`` is one stage (RTN, Block-AP on a float model; E2E-QP, DL-QAT on a packed one) or a list of stages
-run in order (``qatlm.recipes``). The model is changed in place and the run's summary returned. With ``out``
-the API owns the folders: resumable state in ``out.work`` (``resume=True`` continues an interrupted run), the
-packed checkpoint written atomically to ``out`` with ``training_summary.json``, then the work folder removed.
+``model`` is a model folder or a model in memory; ``config`` one stage (RTN, Block-AP on a float model; E2E-QP,
+DL-QAT on a packed one) or a list of stages run in order (``qatlm.recipes``). It is the same pipeline as the
+command line (``qatlm.pipeline.run_pipeline``): with ``out``, resumable state in ``out.work`` (``resume=True``
+continues an interrupted run), the checkpoint written atomically to ``out``, the same refusals (an output that
+is or contains an input, an existing output without ``overwrite``, a second run on the same output).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
-from torch import nn
-
 from qatlm.errors import QatlmError
-from qatlm.methods.base import Context
-from qatlm.recipes import RECIPES, STAGES, build_recipe, check_stages, grid_of, run_recipe
+from qatlm.pipeline import run_pipeline
+from qatlm.recipes import RECIPES, STAGES, build_recipe
+from qatlm.summary import RunSummary
 
 METHODS = RECIPES  # recipe name -> its stage config classes
 
@@ -41,37 +37,11 @@ def recipe(name: str, grid=None, **stages) -> list:
     return build_recipe(name, values)
 
 
-def quantize(model: nn.Module, config, *, tokenizer=None, out=None, resume: bool = False, overwrite: bool = False, device=None,
-             progress: bool = True, cache_dir=None, calib=None, log_path=None, accelerator=None) -> dict:
-    """Run one stage or a list of stages on ``model`` in place; returns the summary. ``calib``: optional
+def quantize(model, config, *, tokenizer=None, out=None, resume: bool = False, overwrite: bool = False, device=None,
+             progress: bool = True, cache_dir=None, calib=None, log_path=None, accelerator=None, save_dtype: str = "auto") -> RunSummary:
+    """Run one stage or a list of stages on ``model`` — a model folder (float or packed; read block by block when the
+    recipe streams) or a model in memory (changed in place) — and return the summary. With ``out`` the packed
+    checkpoint is written there with every guarantee of the command line (``qatlm.pipeline``). ``calib``: optional
     pre-tokenized ``(train_ids, val_ids)`` for a first Block-AP stage."""
-    from qatlm.model.checkpoint import save_quantized
-    from qatlm.model.layers import packed_layers
-    from qatlm.quant.linear import FakeQuantLinear, PackedLinear
-
-    stages = list(config) if isinstance(config, (list, tuple)) else [config]
-    check_stages(stages, model_is_quantized=any(isinstance(m, (PackedLinear, FakeQuantLinear)) for m in model.modules()))
-    work = None
-    if out is not None:
-        out = Path(out).expanduser()
-        work = out.parent / f"{out.name}.work"
-        if out.exists() and not (overwrite or resume):
-            raise QatlmError(f"{out} exists: pass overwrite=True to replace it")
-        if work.exists() and not resume:
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(tokenizer=tokenizer, device=device, work_dir=work, resume=resume, progress=progress, cache_dir=cache_dir,
-                  log_path=log_path, accelerator=accelerator)
-    summary = run_recipe(model, stages, calib, ctx)
-    if out is not None:
-        layers = packed_layers(model)
-        if not layers:
-            raise QatlmError(f"{summary['method']} left no packed layers to save")
-        spec = grid_of(stages) or next(iter(layers.values())).spec
-        from qatlm.model.lazy import lazy_source
-
-        save_quantized(model, out, spec, tokenizer=tokenizer, overwrite=True, meta={"method": summary["method"]},
-                       block_files=work if lazy_source(model) is not None else None,  # a streamed model's blocks are there
-                       report=lambda tmp: (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n"))
-        shutil.rmtree(work, ignore_errors=True)
-    return summary
+    return run_pipeline(model, config, out, resume=resume, overwrite=overwrite, device=device, tokenizer=tokenizer, calib=calib,
+                        save_dtype=save_dtype, progress=progress, cache_dir=cache_dir, accelerator=accelerator, log_path=log_path)

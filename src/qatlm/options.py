@@ -14,16 +14,9 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import MISSING, field
 
 from qatlm.errors import QatlmError
-
-
-def opt(default, help: str, **meta):
-    """A config field with its help text (and optional CLI metadata: flag, choices, as_bool, cli)."""
-    if isinstance(default, type):  # a nested config: a fresh default instance each time
-        return field(default_factory=default, metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+from qatlm.fields import field_default, flag_name, nested_type
 
 
 def _base_type(annotation):
@@ -34,14 +27,6 @@ def _base_type(annotation):
         args = [a for a in typing.get_args(t) if a is not type(None)]
         t = args[0] if len(args) == 1 else str
     return t
-
-
-def field_default(f):
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
 
 
 @dataclasses.dataclass
@@ -63,22 +48,12 @@ def config_flags(cls, prefix: str = "") -> list[Flag]:
     for f in dataclasses.fields(cls):
         if not f.metadata.get("cli", True) or not f.metadata.get("help"):
             continue
-        t = _nested_type(f)
+        t = nested_type(cls, f)
         if t is not None:
             out += [Flag(x.flag, (f.name, *x.path), x.field) for x in config_flags(t, prefix="")]
             continue
-        flag = "--" + (f.metadata["flag"] if "flag" in f.metadata else prefix + f.name.replace("_", "-"))
-        out.append(Flag(flag, (f.name,), f))
+        out.append(Flag(flag_name(f, prefix), (f.name,), f))
     return out
-
-
-def _nested_type(f):
-    from qatlm.quant.grid import QuantSpec
-
-    t = f.type
-    if isinstance(t, str):
-        return QuantSpec if t.split("|")[0].strip() == "QuantSpec" else None
-    return t if dataclasses.is_dataclass(t) else None
 
 
 def add_flags(parser, flags: list[Flag], title: str, defaults: dict | None = None, seen: set | None = None) -> None:
@@ -132,22 +107,88 @@ def values_for(flags: list[Flag], given: dict[str, object]) -> dict:
     return out
 
 
-def build(cls, values: dict, base=None):
-    """``cls(**values)``, nested configs built from their sub-dicts (over ``base``'s values where given)."""
-    kw = {}
-    for f in dataclasses.fields(cls):
-        t = _nested_type(f)
-        if f.name in values and t is not None and isinstance(values[f.name], dict):
-            start = getattr(base, f.name) if base is not None else field_default(f)
-            kw[f.name] = dataclasses.replace(start, **values[f.name])
-        elif f.name in values:
-            kw[f.name] = values[f.name]
-        elif base is not None:
-            kw[f.name] = getattr(base, f.name)
-    return cls(**kw)
-
-
 def refuse_extra(given: dict[str, object], used: set[str], what: str) -> None:
     extra = sorted(set(given) - used)
     if extra:
         raise QatlmError(f"{flag_of_dest(extra[0])} does not apply to {what}")
+
+
+# --- recipes on the command line -------------------------------------------------------------------------------
+
+
+def stage_prefix(cls, command: str) -> str:
+    """In ``quantize`` (and the demo) the end-to-end stage's fields are ``--e2e-*``; in ``train`` it is the only stage
+    and its flags carry no prefix."""
+    from qatlm.recipes import is_quantizer_cls
+
+    return "" if command == "train" or is_quantizer_cls(cls) else "e2e-"
+
+
+def _group_title(cls, command: str, shared: bool) -> str:
+    from qatlm.recipes import STAGES
+
+    if shared:
+        return ("end-to-end training (e2e-qp and dl-qat)" if command == "train" else
+                "the end-to-end stage of efficientqat, dl-qat and efficientqat+dl-qat (--e2e-*)")
+    name = STAGES[cls][0]
+    return f"{name} only" if name in ("e2e-qp", "dl-qat") else name
+
+
+def add_recipe_flags(parser, command: str, defaults: dict | None = None) -> None:
+    """Every flag of every stage config a recipe of ``command`` may use, generated from the dataclass fields: the
+    grid's, then each stage's; the end-to-end loop's shared fields in one group."""
+    from qatlm.methods.end_to_end import EndToEndConfig
+    from qatlm.recipes import RECIPES, TRAINERS
+
+    classes = list(TRAINERS.values()) if command == "train" else list(dict.fromkeys(c for cs in RECIPES.values() for c in cs))
+    shared = {f.name for f in dataclasses.fields(EndToEndConfig)}
+    seen: set = set()
+    for cls in classes:
+        flags = config_flags(cls, stage_prefix(cls, command))
+        grid = [f for f in flags if f.path[0] == "grid"]
+        if grid:
+            add_flags(parser, grid, "grid", defaults, seen)
+        own = [f for f in flags if f.path[0] != "grid"]
+        common = issubclass(cls, EndToEndConfig)
+        if common:
+            add_flags(parser, [f for f in own if f.path[0] in shared], _group_title(cls, command, True), defaults, seen)
+        add_flags(parser, [f for f in own if not (common and f.path[0] in shared)], _group_title(cls, command, False), defaults, seen)
+
+
+# a recipe with no calibrated stage (dl-qat: RTN, then DL-QAT) reads the calibration flags as its training stage's
+TRAIN_STAGE_SPELLINGS = {"calib": "data", "calib_samples": "samples", "calib_seqlen": "seqlen", "val_samples": "val_samples",
+                         "seed": "seed", "epochs": "epochs", "batch_size": "batch_size"}
+
+
+def recipe_from_args(ns: argparse.Namespace, command: str, preset: dict | None = None) -> list:
+    """The stage configs of ``ns.method`` from the flags the user typed; a typed flag that no stage of the recipe
+    takes is refused in one line (never silently dropped). ``preset``: values by flag dest applied when not typed."""
+    from qatlm.recipes import RECIPES, TRAINERS, build_recipe, is_quantizer_cls
+
+    given = typed(ns)
+    all_given = {**(preset or {}), **given}
+    table = TRAINERS if command == "train" else RECIPES
+    if ns.method not in table:
+        what = "training method" if command == "train" else "method"
+        raise QatlmError(f"unknown {what} '{ns.method}'; choose {' or '.join(table) if command == 'train' else 'one of ' + ', '.join(table)}")
+    classes = [table[ns.method]] if command == "train" else table[ns.method]
+    values, given_sets, used = [], [], set()
+    for cls in classes:
+        flags = config_flags(cls, stage_prefix(cls, command))
+        values.append(values_for(flags, all_given))
+        given_sets.append(set(values[-1]))  # a preset (the demo's budget) counts as chosen
+        used |= {f.dest for f in flags}
+    if command != "train" and len(classes) > 1 and not any(hasattr(c, "calib") for c in classes if is_quantizer_cls(c)):
+        for old, name in TRAIN_STAGE_SPELLINGS.items():
+            dest = f"{old}@"
+            if dest in all_given and dest not in used:
+                values[-1].setdefault(name, all_given[dest])
+                if dest in given:
+                    given_sets[-1].add(name)
+                used.add(dest)
+    refuse_extra(given, used, f"--method {ns.method}")
+    if command == "train":
+        from qatlm.fields import build
+
+        return [build(classes[0], values[0])]
+    return build_recipe(ns.method, values, given_sets)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from qatlm.errors import QatlmError
+from qatlm.fields import build
 from qatlm.methods import block_ap, dl_qat, e2e_qp, rtn
 from qatlm.methods.base import Context
 from qatlm.methods.block_ap import BlockAPConfig
@@ -21,6 +22,7 @@ from qatlm.methods.dl_qat import DLQATConfig
 from qatlm.methods.e2e_qp import E2EQPConfig
 from qatlm.methods.rtn import RTNConfig
 from qatlm.quant.grid import QuantSpec
+from qatlm.summary import RunSummary
 
 # config class -> (method name, run function)
 STAGES = {
@@ -68,8 +70,6 @@ def recipe_name(stages: list) -> str:
 def build_recipe(name: str, values: list[dict] | None = None, given: list[set] | None = None) -> list:
     """The stage configs of recipe ``name``. ``values[i]``: keyword arguments of stage i (nested grid values as a
     dict); ``given[i]``: which of them the user set (for ``INHERIT``; default: all of them)."""
-    from qatlm.options import build
-
     if name not in RECIPES:
         raise QatlmError(f"unknown method '{name}'; choose one of {', '.join(RECIPES)}")
     classes = RECIPES[name]
@@ -122,26 +122,19 @@ def check_stages(stages: list, model_is_quantized: bool) -> None:
     check_grid_stages(stages)
 
 
-def run_recipe(model, stages: list, data=None, context: Context | None = None) -> dict:
+def run_recipe(model, stages: list, data=None, context: Context | None = None) -> RunSummary:
     """Run the stages in order on ``model`` (in place). ``data``: pre-tokenized samples for the first stage.
     Each stage after the first works in its own subfolder of the work folder (``stage-1-e2e-qp``...), so an
-    interrupted recipe resumes inside the stage it was in. The summary is that of the first stage that trains
-    (RTN only initialises), with every other stage's under its method name (``e2e_qp``, ``dl_qat``, ``rtn``),
+    interrupted recipe resumes inside the stage it was in. Returns every stage's summary under its method name,
     ``method`` = the recipe and ``stages`` = the stage names in order."""
     from qatlm.model.arch import defuse_experts
 
     context = context or Context()
     defuse_experts(model)  # an in-memory MoE model: one linear layer per expert (the loaders do this already)
-    results = []
+    summary = RunSummary(method=recipe_name(stages), stages=[])
     for i, stage in enumerate(stages):
         name, fn = STAGES[type(stage)]
         ctx = context if i == 0 else context.sub(f"stage-{i}-{name}")
-        results.append((name, fn(model, stage, data if i == 0 else None, ctx) or {}))
-    main = next((i for i, (name, _) in enumerate(results) if name != "rtn"), 0)
-    summary = dict(results[main][1])
-    for i, (name, s) in enumerate(results):
-        if i != main:
-            summary[name.replace("-", "_")] = s
-    summary["method"] = recipe_name(stages)
-    summary["stages"] = [name for name, _ in results]
+        setattr(summary, name.replace("-", "_"), fn(model, stage, data if i == 0 else None, ctx))
+        summary.stages.append(name)
     return summary

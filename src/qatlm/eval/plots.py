@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qatlm.summary import BlockAPSummary
 
-def loss_curve(log_path, png_path, summary: dict | None = None):
-    """The training curves a log holds: Block-AP's per-step loss and per-block error before/after (with
-    ``summary``), and the end-to-end phase's loss with its validation points."""
+
+def loss_curve(log_path, png_path, block_ap: BlockAPSummary | None = None):
+    """The training curves a log holds: Block-AP's per-step loss and per-block relative error before/after (with
+    ``block_ap``, its summary), and the end-to-end phase's loss with its validation points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +19,7 @@ def loss_curve(log_path, png_path, summary: dict | None = None):
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     blocks = [r for r in recs if "loss" in r and "block" in r]
     e2e = [r for r in recs if "loss" in r and "block" not in r]
-    panels = [p for p in ("blocks" if blocks else None, "errors" if summary and summary.get("blocks") else None,
+    panels = [p for p in ("blocks" if blocks else None, "errors" if block_ap and block_ap.blocks else None,
                           "e2e" if e2e else None) if p]
     if not panels:
         return
@@ -30,9 +32,9 @@ def loss_curve(log_path, png_path, summary: dict | None = None):
             ax.set_ylabel("block error (relative)")
             ax.set_title("Block-AP training loss")
         elif panel == "errors":
-            b = summary["blocks"]
-            ax.plot([x["block"] for x in b], [x["rtn_mse"] for x in b], "o-", ms=3, label="RTN")
-            ax.plot([x["block"] for x in b], [x["trained_mse"] for x in b], "o-", ms=3, label="after Block-AP")
+            b = block_ap.blocks
+            ax.plot([x.block for x in b], [x.rtn_rel_error for x in b], "o-", ms=3, label="RTN")
+            ax.plot([x.block for x in b], [x.trained_rel_error for x in b], "o-", ms=3, label="after Block-AP")
             ax.set_yscale("log")
             ax.set_xlabel("block")
             ax.set_ylabel("validation error vs fp block")

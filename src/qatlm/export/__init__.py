@@ -53,9 +53,9 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     src = Path(src).expanduser()
     out = Path(out).expanduser()
     check_output(out, [src], overwrite)
-    from qatlm.model.checkpoint import _check_model_dir, is_quantized_dir
+    from qatlm.model.source import check_model_dir, is_quantized_dir
 
-    if fmt == "gguf" and not is_quantized_dir(_check_model_dir(src)):
+    if fmt == "gguf" and not is_quantized_dir(check_model_dir(src)):
         return _export_float_gguf(src, out, float_type)
     _, qc = read_quant_config(src)
     spec = spec_from_config(qc)
@@ -175,3 +175,19 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
         model.generation_config.save_pretrained(folder)
     if tok is not None:
         tok.save_pretrained(folder)
+
+
+def export_checks(r: dict, fmt: str) -> str:
+    """What an export verified, in words (the line ``qatlm export`` closes with)."""
+    checks = []
+    if "reload_max_logit_diff" in r:
+        checks.append(f"reloaded, logits identical (max diff {r['reload_max_logit_diff']:.3g})")
+    if "max_abs_error" in r:
+        types = ", ".join(f"{k} x{v}" for k, v in r["ggml_types"].items()) if r.get("ggml_types") else r["ggml_type"]
+        checks.append(f"{r['tensors']} tensors decoded with gguf's dequantizer, max weight error {r['max_abs_error']:.3g} "
+                      f"({r['max_error_in_steps']:.2g} of a step), types {types}")
+    elif "float_max_abs_error" in r:
+        checks.append(f"{r['tensors']} tensors in {r['ggml_type']}, decoded with gguf's dequantizer (max error {r['float_max_abs_error']:.3g})")
+    if fmt == "compressed-tensors":
+        checks.append("every layer decompressed by compressed-tensors to the identical weights")
+    return "; ".join(checks)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qatlm.fields import check_choices, field_default
 from qatlm.quant.grid import QuantSpec
 
 
@@ -38,12 +39,14 @@ class Context:
 GRID_KEYS = ("bits", "group_size", "sym", "v1_zeros")
 
 
-def with_grid(cls):
-    """A config whose ``grid`` field is a ``QuantSpec``, also built from the grid's own keywords or leading
-    positional integers, as in ``RTNConfig(4, 128)`` = ``RTNConfig(bits=4, group_size=128)`` =
+class GridConfig:
+    """Base of the configs that put a float model on a grid (RTN, Block-AP): a dataclass declared with
+    ``@dataclass(init=False)`` whose ``grid`` field is a ``QuantSpec``. Its constructor also takes the grid's own
+    keywords or leading positional integers: ``RTNConfig(4, 128)`` = ``RTNConfig(bits=4, group_size=128)`` =
     ``RTNConfig(grid=QuantSpec(4, 128))``; ``v1_zeros=True`` is ``zero_min=1``. ``.spec``, ``.bits``,
     ``.group_size``, ``.sym`` read the grid."""
-    init = cls.__init__
+
+    shortcut_fields = GRID_KEYS  # taken by the constructor besides the dataclass fields
 
     def __init__(self, *args, **kw):
         args = list(args)
@@ -53,17 +56,41 @@ def with_grid(cls):
                 given[key] = args.pop(0)
             elif key in kw:
                 given[key] = kw.pop(key)
-        if given:
-            if "v1_zeros" in given:
-                given["zero_min"] = int(bool(given.pop("v1_zeros")))
-            base = kw.pop("grid", None) or (args.pop(0) if args else QuantSpec())
-            kw["grid"] = dataclasses.replace(base, **given)
-        init(self, *args, **kw)
+        if "v1_zeros" in given:
+            given["zero_min"] = int(bool(given.pop("v1_zeros")))
+        base = kw.pop("grid", None) or (args.pop(0) if args else None) or QuantSpec()
+        kw["grid"] = dataclasses.replace(base, **given) if given else base
+        fields = [f for f in dataclasses.fields(self) if f.init]
+        if len(args) > len(fields) - 1:
+            raise TypeError(f"{type(self).__name__} takes at most {len(fields) - 1} positional values after the grid")
+        kw.update(zip([f.name for f in fields if f.name != "grid"], args))
+        unknown = set(kw) - {f.name for f in fields}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
+        for f in fields:
+            setattr(self, f.name, kw[f.name] if f.name in kw else field_default(f))
+        self.__post_init__()
 
-    __init__.__doc__ = init.__doc__
-    cls.__init__ = __init__
-    cls.spec = property(lambda self: self.grid, doc="the grid (QuantSpec)")
-    for key in ("bits", "group_size", "sym"):
-        setattr(cls, key, property(lambda self, key=key: getattr(self.grid, key)))
-    cls.v1_zeros = property(lambda self: self.grid.zero_min == 1)
-    return cls
+    def __post_init__(self):
+        check_choices(self)
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The grid (QuantSpec)."""
+        return self.grid
+
+    @property
+    def bits(self) -> int:
+        return self.grid.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.grid.group_size
+
+    @property
+    def sym(self) -> bool:
+        return self.grid.sym
+
+    @property
+    def v1_zeros(self) -> bool:
+        return self.grid.zero_min == 1

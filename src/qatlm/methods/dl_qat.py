@@ -23,9 +23,10 @@ from torch import nn
 
 from qatlm.errors import QatlmError, check_number
 from qatlm.methods.base import Context
-from qatlm.methods.e2e_qp import E2EQPConfig
-from qatlm.options import opt
-from qatlm.train import Trainable, run_end_to_end, train_end_to_end
+from qatlm.summary import EndToEndSummary
+from qatlm.fields import opt
+from qatlm.methods.end_to_end import EndToEndConfig
+from qatlm.train.end_to_end import Trainable, run_end_to_end, train_end_to_end
 from qatlm.model.layers import pack_model, swap_layers
 from qatlm.quant.linear import DLQATLinear, FakeQuantLinear, PackedLinear
 
@@ -33,7 +34,7 @@ LORA_BUDGET = 0.002
 
 
 @dataclass
-class DLQATConfig(E2EQPConfig):
+class DLQATConfig(EndToEndConfig):
     """DL-QAT: a magnitude per quantization group and LoRA factors that move the weights inside the integer grid."""
 
     takes_float_base: ClassVar[bool] = True  # after RTN it trains from the float weights on the grid, not from integers
@@ -41,7 +42,7 @@ class DLQATConfig(E2EQPConfig):
     rank: int | None = opt(None, "LoRA rank", flag="rank", default_help="the largest <= 16 costing at most 0.2% of the quantized weights")
     alpha: float | None = opt(None, "LoRA alpha", flag="alpha", default_help="the rank, i.e. scaling 1")
     magnitude: str = opt("group", "one magnitude per quantization group or per output channel", flag="magnitude",
-                         choices=("group", "channel"))
+                         choices=("group", "channel"), what="magnitude")
     lora: bool = opt(True, "train LoRA factors (--no-lora: the magnitudes only)", flag="lora")
     lr_lora: float = opt(5e-2, "learning rate of the LoRA factors", flag="lr-lora")  # bench/lr_sweep.py: best val loss at w3/w4g128
     lr_magnitude: float = opt(1e-2, "learning rate of the magnitudes", flag="lr-magnitude")
@@ -54,12 +55,10 @@ class DLQATConfig(E2EQPConfig):
         check_number("alpha", self.alpha, above=0)
         check_number("lr_lora", self.lr_lora, above=0)
         check_number("lr_magnitude", self.lr_magnitude, above=0)
-        if self.magnitude not in ("group", "channel"):
-            raise QatlmError(f"magnitude must be 'group' or 'channel', got '{self.magnitude}'")
 
 
 def _source_layers(model) -> dict[str, nn.Module]:
-    from qatlm.quant.kquant import refuse_kquant
+    from qatlm.quant.layers import refuse_kquant
 
     refuse_kquant(model, "dl-qat")
     return {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, FakeQuantLinear))}
@@ -118,12 +117,12 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
 
 
 def train_dl_qat(model, config: DLQATConfig, tokenizer, work_dir=None, resume=False, progress=True, cache_dir=None, device=None,
-                 accelerator=None) -> dict:
+                 accelerator=None) -> EndToEndSummary:
     """DL-QAT in place on a model whose quantized layers are packed or RTN fake-quant; merges at the end."""
     return train_end_to_end(model, config, tokenizer, dlqat_trainable, "dl-qat", work_dir, resume, progress, accelerator, cache_dir,
                             device=device)
 
 
-def run(model, config: DLQATConfig, data=None, context: Context | None = None) -> dict:
+def run(model, config: DLQATConfig, data=None, context: Context | None = None) -> EndToEndSummary:
     """The method protocol (``methods/base.py``): trains in place and merges into packed integers."""
     return run_end_to_end(model, config, context or Context(), dlqat_trainable, "dl-qat")

@@ -23,51 +23,18 @@ from torch import nn
 from qatlm.version import __version__
 from qatlm.errors import QatlmError
 from qatlm.io import atomic_dir, check_output, write_shards
+from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, is_quantized_dir, load_config
 from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
 from qatlm.quant.grid import K_FORMATS, KQUANT_FALLBACK
-from qatlm.quant.kquant import packed_layer
+from qatlm.quant.layers import packed_layer
 from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import v1_zeros_to_v2
+from qatlm.summary import RunSummary
 
 SHARD_BYTES = 4 * 1024**3
 STREAM_SHARD_BYTES = 512 * 1024**2  # when assembling a lazily loaded model block by block
-
-
-def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """fp32 on CPU (bf16 matmul is ~400x slower there), bf16 on an accelerator."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-
-
-def _check_model_dir(path) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise QatlmError(f"model path {p} does not exist")
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise QatlmError(f"{p} is not a Hugging Face model folder (no config.json)")
-    check_safetensors(p)
-    return p
-
-
-def check_safetensors(folder: Path) -> None:
-    """Every ``.safetensors`` file of a folder must open and hold all the bytes its header promises:
-    an empty, truncated or corrupt file is named in one line before anything is loaded."""
-    import struct
-
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        size = f.stat().st_size
-        try:
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                if n > size - 8:
-                    raise ValueError("header longer than the file")
-                header = json.loads(fh.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise QatlmError(f"{f} is not a valid safetensors file ({'empty' if size == 0 else e})") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise QatlmError(f"{f} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}")
 
 
 def source_dtype(model_dir, cache_dir=None, builtin_fp16: bool = True) -> torch.dtype:
@@ -84,16 +51,6 @@ def source_dtype(model_dir, cache_dir=None, builtin_fp16: bool = True) -> torch.
     return dt if dt in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
-def _load_config(p: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(p, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QatlmError(f"unsupported model at {p}: {first}") from None
-
-
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -105,27 +62,6 @@ def load_tokenizer(path):
     except Exception as e:  # its files are there but broken: say so instead of dropping the tokenizer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QatlmError(f"the tokenizer in {p} does not load: {first}") from None
-
-
-def is_quantized_dir(path) -> bool:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        return False
-    return "quantization_config" in json.loads((p / "config.json").read_text())
-
-
-def check_fp_folder(path):
-    """``(folder, config)`` of a full-precision causal LM in safetensors, or a one-line error."""
-    p = _check_model_dir(path)
-    config = _load_config(p)
-    if getattr(config, "quantization_config", None):
-        raise QatlmError(f"{p} is already a quantized checkpoint; load it with qatlm.load_quantized")
-    if not list(p.glob("*.safetensors")):
-        raise QatlmError(f"{p} has no .safetensors weights (qatlm does not load pickled .bin files)")
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
-        raise QatlmError(f"{p} is not a causal language model (architectures: {', '.join(archs)}); qatlm quantizes decoder LMs")
-    return p, config
 
 
 def load_fp_model(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -271,7 +207,7 @@ def weights_size(path) -> int:
 
 
 def read_quant_config(path) -> tuple[Path, dict]:
-    p = _check_model_dir(path)
+    p = check_model_dir(path)
     cfg = json.loads((p / "config.json").read_text())
     qc = cfg.get("quantization_config")
     if not qc or qc.get("quant_method") not in ("gptq", KQUANT_METHOD):
@@ -300,7 +236,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     spec = spec_from_config(qc)
     v1 = qc.get("quant_method") == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq"
     dtype = dtype or default_dtype(device)
-    config = _load_config(p)
+    config = load_config(p)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
@@ -353,6 +289,25 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     return model.to(device).eval()
 
 
+def training_info(s: RunSummary) -> dict:
+    """What ``qatlm info`` shows of a run: the recipe, Block-AP's blocks and mean relative errors, each end-to-end
+    stage's validation loss before and after."""
+    training = {"method": s.method, "stages": s.stages}
+    if s.block_ap is not None and s.block_ap.blocks:
+        b = s.block_ap.blocks
+        training.update(blocks=len(b), steps_per_block=b[0].steps, seconds=s.block_ap.seconds, lr_quant=s.block_ap.lr_quant,
+                        lr_weight=s.block_ap.lr_weight, rtn_fallback_blocks=s.block_ap.rtn_fallback_blocks,
+                        lr_retried_blocks=s.block_ap.lr_retried_blocks,
+                        block_rel_error_rtn_mean=sum(x.rtn_rel_error for x in b) / len(b),
+                        block_rel_error_trained_mean=sum(x.trained_rel_error for x in b) / len(b))
+    for name, e in (("e2e_qp", s.e2e_qp), ("dl_qat", s.dl_qat)):
+        if e is not None and e.val_losses:
+            training[f"{name}_val_loss"] = [e.val_loss_before, e.val_loss_after]
+            training[f"{name}_steps"] = e.steps
+            training[f"{name}_trainable_fraction"] = e.trainable_fraction
+    return training
+
+
 def checkpoint_info(path) -> dict:
     """What a checkpoint holds, measured from the files on disk."""
     p, qc = read_quant_config(path)
@@ -390,22 +345,7 @@ def checkpoint_info(path) -> dict:
     src_dtype = meta.get("source_dtype")
     src_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(src_dtype, 2) * (n_quant + n_other)
     summary_file = p / "training_summary.json"
-    training = None
-    if summary_file.is_file():
-        s = json.loads(summary_file.read_text())
-        training = {k: s[k] for k in ("method", "seconds", "lr_quant", "lr_weight", "rtn_fallback_blocks", "lr_retried_blocks",
-                                      "val_loss_before", "steps", "trainable_fraction") if k in s}
-        if s.get("blocks"):
-            b = s["blocks"]
-            training["blocks"] = len(b)
-            training["steps_per_block"] = b[0].get("steps")
-            training["block_error_rtn_mean"] = sum(x["rtn_mse"] for x in b) / len(b)
-            training["block_error_trained_mean"] = sum(x["trained_mse"] for x in b) / len(b)
-        if s.get("val_losses"):
-            training["val_loss_after"] = s["val_losses"][-1]
-        for sub, key in (("e2e_qp", "e2e_val_loss"), ("e2e", "e2e_val_loss"), ("dl_qat", "dl_qat_val_loss")):  # "e2e": before 0.2
-            if isinstance(s.get(sub), dict) and s[sub].get("val_losses"):
-                training[key] = [s[sub].get("val_loss_before"), s[sub]["val_losses"][-1]]
+    training = training_info(RunSummary.from_dict(json.loads(summary_file.read_text()))) if summary_file.is_file() else None
     return {
         "path": str(p),
         "bits": spec.bits,

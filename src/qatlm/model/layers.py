@@ -9,7 +9,7 @@ from torch import nn
 from qatlm.errors import QatlmError
 from qatlm.model.arch import find_parts, quant_targets, replace_module
 from qatlm.quant.grid import QuantSpec
-from qatlm.quant.kquant import fake_quant_layer
+from qatlm.quant.layers import fake_quant_layer
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear, check_target
 
 

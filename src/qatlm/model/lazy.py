@@ -104,7 +104,7 @@ def load_lazy_model(path, dtype: torch.dtype | None = None, device="cpu") -> nn.
     from transformers import AutoModelForCausalLM
 
     from qatlm.model.arch import defuse_experts, find_parts
-    from qatlm.model.checkpoint import check_fp_folder, default_dtype
+    from qatlm.model.source import check_fp_folder, default_dtype
 
     p, config = check_fp_folder(path)
     dtype = dtype or default_dtype(device)
@@ -154,7 +154,7 @@ def release_block(block: nn.Module) -> None:
     without the trim glibc keeps the pages and the RSS grows ~35 MiB per 1024-wide block (measured)."""
     import gc
 
-    from qatlm.train import release_freed_memory
+    from qatlm.memory import release_freed_memory
 
     block.to("meta")
     gc.collect()

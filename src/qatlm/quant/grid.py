@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from qatlm.errors import QatlmError
-from qatlm.options import opt
+from qatlm.fields import check_choices, opt
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_SCALE = 1e-5
@@ -60,11 +60,10 @@ class QuantSpec:
                            "is exact", flag="v1-zeros", as_bool=True)
     format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp K-quant that exports to GGUF "
                                  "bit-exactly: q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5); super-blocks of 256 weights, "
-                                 "layers of other widths use a 4-bit grid stored as Q4_0", flag="grid", choices=GRIDS)
+                                 "layers of other widths use a 4-bit grid stored as Q4_0", flag="grid", choices=GRIDS, what="grid")
 
     def __post_init__(self):
-        if self.format not in GRIDS:
-            raise QatlmError(f"unknown grid '{self.format}'; choose one of {', '.join(GRIDS)}")
+        check_choices(self)
         if self.format != "uniform":  # the K-quant type fixes bits and sub-block size
             k = K_FORMATS[self.format]
             if self.sym or self.zero_min:

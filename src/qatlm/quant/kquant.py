@@ -376,23 +376,3 @@ class KPackedLinear(PackedLinear):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.spec.tag}, packed"
-
-
-def fake_quant_layer(linear: nn.Linear, spec: QuantSpec) -> FakeQuantLinear:
-    """The training layer of ``linear`` on ``spec`` (a K-quant grid falls back on widths it cannot hold)."""
-    ls = spec.layer_spec(linear.in_features)
-    return KFakeQuantLinear(linear, ls) if ls.kformat else FakeQuantLinear(linear, ls)
-
-
-def packed_layer(in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float32) -> PackedLinear:
-    """An empty packed layer of this shape on ``spec``, to load stored tensors into."""
-    ls = spec.layer_spec(in_features)
-    cls = KPackedLinear if ls.kformat else PackedLinear
-    return cls(in_features, out_features, ls, bias, dtype=dtype)
-
-
-def refuse_kquant(model: nn.Module, method: str):
-    """The end-to-end methods train uniform grids' step sizes; a K-quant model is refused in one line."""
-    k = next((m.spec.format for m in model.modules() if isinstance(m, (KPackedLinear, KFakeQuantLinear))), None)
-    if k is not None:
-        raise QatlmError(f"{method} trains uniform grids only; this model is on the {k} grid (use rtn or block-ap for K-quant grids)")
