@@ -31,7 +31,7 @@ def one(kind: str, src: str, steps: int, ckpt: bool) -> dict:
     from qatlm.data.assets import default_model_dir
     from qatlm.methods.dl_qat import DLQATConfig, dlqat_trainable
     from qatlm.methods.e2e_qp import E2EQPConfig, scale_trainable
-    from qatlm.train import Trainable, train_end_to_end
+    from qatlm.train.end_to_end import Trainable, train_end_to_end
     from qatlm.model.checkpoint import load_fp_model, load_quantized, load_tokenizer
 
     batch = 4
@@ -55,7 +55,7 @@ def one(kind: str, src: str, steps: int, ckpt: bool) -> dict:
         model = load_quantized(src)
         s = train_end_to_end(model, DLQATConfig(**kw), tok, dlqat_trainable, "dl-qat", progress=False)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
-    return {"kind": kind, "steps": s["steps"], "grad_checkpointing": ckpt, "model_tensors_mib": weights,
+    return {"kind": kind, "steps": s.steps, "grad_checkpointing": ckpt, "model_tensors_mib": weights,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "torch": torch.__version__}
 
 

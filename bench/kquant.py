@@ -133,8 +133,9 @@ def quantize_qatlm(method: str, grid: str, fp_dir: Path, a) -> tuple[Path, dict]
     extra = {"quant_wall_s": round(time.time() - t, 1)}
     if method == "block-ap":
         extra["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
-        extra["rtn_fallback_blocks"] = summary.get("rtn_fallback_blocks", [])
-        extra["block_error_mean"] = [sum(b[k] for b in summary["blocks"]) / len(summary["blocks"]) for k in ("rtn_mse", "trained_mse")]
+        b = summary.block_ap.blocks
+        extra["rtn_fallback_blocks"] = summary.block_ap.rtn_fallback_blocks
+        extra["block_error_mean"] = [sum(x.rtn_rel_error for x in b) / len(b), sum(x.trained_rel_error for x in b) / len(b)]
     rep = export_checkpoint(WORK / f"{method}-{grid}", "gguf", WORK / f"{method}-{grid}-gguf", overwrite=True)
     extra["export_max_abs_error"] = rep["max_abs_error"]
     return WORK / f"{method}-{grid}-gguf" / rep["file"], extra

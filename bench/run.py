@@ -112,19 +112,19 @@ def run_one(a) -> dict:
             row["block_ap_fields"] = block_ap_fields(a.block_ap)
             summary = quantize_block_ap(model, cfg, tokenizer=tok, progress=False)
             row["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
-            row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary["lr_quant"], summary["lr_weight"], summary["epochs"], cfg.loss
+            row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary.lr_quant, summary.lr_weight, summary.epochs, cfg.loss
             hidden = model.config.hidden_size
             inter = model.config.intermediate_size
             kv = model.config.num_key_value_heads * model.config.head_dim
             shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
             mm = matmul_flops(shapes, cfg.batch_size * cfg.calib_seqlen, device=a.device)
-            row["train_gflops"] = summary["train_flops_per_s"] / 1e9
+            row["train_gflops"] = summary.train_flops_per_s / 1e9
             row["matmul_gflops"] = mm / 1e9
-            row["throughput_fraction"] = summary["train_flops_per_s"] / mm
-            row["block_mse"] = [{"block": b["block"], "rtn": b["rtn_mse"], "trained": b["trained_mse"]} for b in summary["blocks"]]
-            row["block_error"] = summary.get("block_error", "mse")
-            row["rtn_fallback_blocks"] = summary.get("rtn_fallback_blocks", [])
-            row["lr_retried_blocks"] = summary.get("lr_retried_blocks", [])
+            row["throughput_fraction"] = summary.train_flops_per_s / mm
+            row["block_rel_error"] = [{"block": b.block, "rtn": b.rtn_rel_error, "trained": b.trained_rel_error} for b in summary.blocks]
+            row["block_error"] = summary.block_error
+            row["rtn_fallback_blocks"] = summary.rtn_fallback_blocks
+            row["lr_retried_blocks"] = summary.lr_retried_blocks
         elif a.recipe.endswith("+dl-qat"):
             from qatlm.methods.dl_qat import DLQATConfig, train_dl_qat
             from qatlm.model.layers import attach_fake_quant
@@ -141,10 +141,10 @@ def run_one(a) -> dict:
             row["dl_lr_lora"], row["dl_lr_magnitude"] = dl.lr_lora, dl.lr_magnitude
             summary = train_dl_qat(model, dl, tok, progress=False)
             row["calib"] = (f"{a.calib_samples}x{a.calib_seqlen} + " if base_recipe != "rtn" else "") + f"e2e {a.e2e_samples}x{a.calib_seqlen}"
-            row["trainable_fraction"] = summary["trainable_fraction"]
-            row["dlqat_cost"] = summary["cost"]
-            row["e2e_val_loss"] = [summary["val_loss_before"], summary["val_losses"][-1]]
-            row["e2e_wall_s"] = summary["seconds"]
+            row["trainable_fraction"] = summary.trainable_fraction
+            row["dlqat_cost"] = summary.cost
+            row["e2e_val_loss"] = [summary.val_loss_before, summary.val_losses[-1]]
+            row["e2e_wall_s"] = summary.seconds
         elif a.recipe.endswith("+e2e-qp"):
             from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
 
@@ -155,9 +155,9 @@ def run_one(a) -> dict:
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
             base_calib = "" if a.recipe.startswith("rtn+") else f"{a.calib_samples}x{a.calib_seqlen} + "
             row["calib"] = f"{base_calib}e2e {a.e2e_samples}x{a.calib_seqlen}" + ("" if a.e2e_data == "wikipedia" else f" {a.e2e_data}")
-            row["e2e_lr"], row["e2e_steps"] = summary["lr"], summary["steps"]
-            row["e2e_val_loss"] = [summary["val_loss_before"], summary["val_losses"][-1]]
-            row["e2e_wall_s"] = summary["seconds"]
+            row["e2e_lr"], row["e2e_steps"] = summary.lr, summary.steps
+            row["e2e_val_loss"] = [summary.val_loss_before, summary.val_losses[-1]]
+            row["e2e_wall_s"] = summary.seconds
         else:
             raise SystemExit(f"unknown recipe {a.recipe}")
         row["quant_wall_s"] = round(time.time() - t0, 1)

@@ -4,7 +4,7 @@
 
 For each setting: one SmolLM2 decoder block (layer --layer) with every linear fake-quantized, trained
 exactly as Block-AP trains it (batch 2 x 512 tokens, MSE, AdamW on weights + step sizes + zero points,
-gradient clipping, through qatlm.train.train_epochs); the step time is the mean of --steps steps after two warm-up steps.
+gradient clipping, through qatlm.train.loop.train_epochs); the step time is the mean of --steps steps after two warm-up steps.
 Counted FLOPs: the linears' forward + backward (6 x weights x tokens), attention is not counted.
 The reference is bench/run.py's matmul_flops on the same linear shapes (best of 3 timings per shape).
 Writes bench/results/throughput.{md,json}; figures vary with the machine's load, tests never read them.
@@ -30,7 +30,7 @@ def step_profile(block, kwargs, fq, device, steps: int, tokens: int):
 
     from qatlm.methods.block_ap import block_loss
     from qatlm.model.arch import run_layer
-    from qatlm.train import train_epochs
+    from qatlm.train.loop import train_epochs
 
     for p in block.parameters():
         p.requires_grad_(False)
@@ -66,7 +66,7 @@ def main():
     import torch
 
     from qatlm.data.assets import MODEL_NAME, default_model_dir
-    from qatlm.methods.block_ap import _block_fake_quant
+    from qatlm.methods.block_ap.block import block_fake_quant
     from qatlm.model.arch import capture_layer_inputs, find_parts
     from qatlm.model.checkpoint import load_fp_model
     from qatlm.quant.grid import QuantSpec
@@ -80,7 +80,7 @@ def main():
     for setting in a.settings.split(","):
         bits, group = parse_setting(setting)
         block = copy.deepcopy(parts.layers[a.layer]).float()
-        fq = _block_fake_quant(block, QuantSpec(bits, group), f"layer{a.layer}")
+        fq = block_fake_quant(block, QuantSpec(bits, group), f"layer{a.layer}")
         shapes = [(m.out_features, m.in_features) for m in fq.values()]
         flops = 6.0 * sum(o * i for o, i in shapes) * tokens
         t, share = step_profile(block, kwargs[a.layer], fq, "cpu", a.steps, tokens)

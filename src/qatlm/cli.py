@@ -189,8 +189,7 @@ def cmd_demo(a) -> int:
     from qatlm.options import recipe_from_args
 
     recipe = recipe_from_args(a, "demo", preset={f"{k}@": v for k, v in DEMO_BUDGET.items()})
-    run_demo(a.model, a.out, a.method, recipe, _eval_settings(a), device=a.device, cache_dir=a.cache_dir)
-    return 0
+    return 0 if run_demo(a.model, a.out, a.method, recipe, _eval_settings(a), device=a.device, cache_dir=a.cache_dir) else 1
 
 
 def cmd_eval(a) -> int:
@@ -255,8 +254,7 @@ def cmd_generate(a) -> int:
 def cmd_info(a) -> int:
     from qatlm.describe import print_info
 
-    print_info(a.path, a.json)
-    return 0
+    return print_info(a.path, a.json) or 0
 
 
 def cmd_assets(a) -> int:
@@ -273,8 +271,7 @@ def cmd_assets(a) -> int:
 def cmd_install(a) -> int:
     from qatlm.install import install_runtime
 
-    install_runtime(a.runtime, a.dry_run)
-    return 0
+    return install_runtime(a.runtime, a.dry_run) or 0
 
 
 COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info,

@@ -278,8 +278,8 @@ def claim_work_dir(work: Path, source: str, resume: bool) -> None:
         if old == source:
             return
         if resume:
-            raise QatlmError(f"cannot resume from {work}: it was started from another source model or checkpoint "
-                             "(pass --overwrite to start over)")
+            raise QatlmError(f"cannot resume from {work}: it was started from another source model or checkpoint, or "
+                             "with another method or grid (pass --overwrite to start over)")
         if any(p.name != "source.json" for p in work.iterdir()):
             return  # another source's unfinished run: the method refuses it without --resume / --overwrite
     work.mkdir(parents=True, exist_ok=True)

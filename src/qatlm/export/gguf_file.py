@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -330,53 +331,48 @@ def _hparams(writer, config, arch_name: str, n_head: int, head_dim: int):
         writer.add_attention_scale(float(scalar) ** -0.5)
 
 
-def write_gguf(model, spec: QuantSpec | None, src: Path, out_file: Path, float_type: str = "f16") -> dict:
-    """Write the loaded packed ``model`` (from ``src``) to ``out_file``; returns a report. ``spec`` None: a
-    full-precision model, every tensor in ``float_type`` (the input llama.cpp's own quantizer takes)."""
-    import gguf
+@dataclass
+class _GGUFJob:
+    """One export: the writer, the model's tensor-name map and rotary layout, and what the file must decode to."""
 
-    from qatlm.quant.linear import PackedLinear
+    writer: object
+    names: object
+    n_head: int
+    n_kv: int
+    permute: bool  # llama.cpp's llama graph pairs adjacent rotary channels
+    expected: dict = field(default_factory=dict)  # gguf name -> (the float tensor it must decode to, step sizes or None)
+    done: set = field(default_factory=set)  # state-dict keys written
 
-    config = model.config
-    arch = check_config(config, spec)
-    n_layers = config.num_hidden_layers
-    names = gguf.get_tensor_name_map(arch, n_layers)
-    n_head = config.num_attention_heads
-    n_kv = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    permute = arch == gguf.MODEL_ARCH.LLAMA  # llama.cpp's llama graph pairs adjacent rotary channels
-    ftype = {"f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16), "f32": (np.float32, gguf.LlamaFileType.ALL_F32)}
-    if float_type not in ftype:
-        raise QatlmError(f"--float-type must be f16 or f32, not {float_type}")
-    fdtype = ftype[float_type][0]
+    def rows(self, name: str, n_rows: int):
+        """The row order of q_proj / k_proj in llama.cpp's rotary layout (None: unchanged)."""
+        if self.permute and name.endswith(("q_proj", "k_proj")):
+            return _llama_permute(n_rows, self.n_head if name.endswith("q_proj") else self.n_kv)
+        return None
 
+
+def _write_header(writer, config, arch, spec, src: Path, float_type: str, gguf) -> str:
+    """Architecture, hyper-parameters, file type and tokenizer; returns the GGML type of the quantized layers."""
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
-    writer = gguf.GGUFWriter(str(out_file), arch_name)
     writer.add_name(src.name)
-    _hparams(writer, config, arch_name, n_head, head_dim)
+    n_head = config.num_attention_heads
+    _hparams(writer, config, arch_name, n_head, getattr(config, "head_dim", None) or config.hidden_size // n_head)
     kind = ggml_type_for(spec) if spec is not None else float_type.upper()
-    writer.add_file_type(ftype[float_type][1] if spec is None else
+    float_ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[float_type]
+    writer.add_file_type(float_ftype if spec is None else
                          getattr(gguf.LlamaFileType, "MOSTLY_" + {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S"}.get(kind, kind)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_meta(writer, src, config, gguf)
+    return kind
 
-    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-    offsets = {n: o for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
-               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1 and (o := norm_offset(m))}
-    report = {"format": "gguf", "arch": gguf.MODEL_ARCH_NAMES[arch], "ggml_type": kind, "tensors": 0,
-              "max_abs_error": 0.0, "max_error_in_steps": 0.0, "layers": {}}
-    expected = {}  # gguf name -> the float weight the file must decode to
-    sd = model.state_dict()
-    tied = getattr(config, "tie_word_embeddings", False)
-    done = set()
-    stacks: dict[str, dict] = {}  # stacked experts: gguf name -> {expert: (bytes, weight, step sizes)}
+
+def _write_packed(job: _GGUFJob, packed: dict, gguf) -> dict:
+    """Every packed layer as its GGML blocks (stacked experts are collected and returned, not yet written)."""
+    stacks: dict[str, dict] = {}  # gguf name -> {expert: (bytes, weight, step sizes, type)}
     for mod_name, layer in packed.items():
-        gname = gguf_name(names, mod_name)
+        gname = gguf_name(job.names, mod_name)
         if gname is None:
             raise QatlmError(f"GGUF export: no llama.cpp tensor for layer {mod_name}")
-        perm = None
-        if permute and mod_name.endswith(("q_proj", "k_proj")):
-            perm = _llama_permute(layer.out_features, n_head if mod_name.endswith("q_proj") else n_kv)
+        perm = job.rows(mod_name, layer.out_features)
         data, kind, w, step = encode_packed(layer, perm, mod_name)
         expert = stacked_name(mod_name)[1]
         if expert is not None:
@@ -384,33 +380,41 @@ def write_gguf(model, spec: QuantSpec | None, src: Path, out_file: Path, float_t
                 raise QatlmError(f"GGUF export: expert layer {mod_name} has a bias, which llama.cpp's stacked experts lack")
             stacks.setdefault(gname, {})[expert] = (data, w, step, kind)
         else:
-            writer.add_tensor(gname + ".weight", data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-            expected[gname + ".weight"] = (w, step)
-        done.add(mod_name + ".weight")
-        for k in ("qweight", "qzeros", "scales", "g_idx", "kblocks"):
-            done.add(f"{mod_name}.{k}")
+            job.writer.add_tensor(gname + ".weight", data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            job.expected[gname + ".weight"] = (w, step)
+        job.done.update(f"{mod_name}.{k}" for k in ("weight", "qweight", "qzeros", "scales", "g_idx", "kblocks"))
         if layer.bias is not None:
             b = layer.bias.detach().float().cpu()
-            if permute and mod_name.endswith(("q_proj", "k_proj")):
-                b = b[perm]
-            writer.add_tensor(gname + ".bias", b.numpy().astype(np.float32))
-            expected[gname + ".bias"] = (b, None)
-            done.add(mod_name + ".bias")
-    for gname, experts in stacks.items():  # [experts, out, bytes per row]: one tensor per block and projection
+            b = b[perm] if perm is not None else b
+            job.writer.add_tensor(gname + ".bias", b.numpy().astype(np.float32))
+            job.expected[gname + ".bias"] = (b, None)
+            job.done.add(mod_name + ".bias")
+    return stacks
+
+
+def _write_stacks(job: _GGUFJob, stacks: dict, gguf) -> None:
+    """Stacked experts: [experts, out, bytes per row], one tensor per block and projection."""
+    for gname, experts in stacks.items():
         order = sorted(experts)
         if order != list(range(len(order))):
             raise QatlmError(f"GGUF export: {gname} is missing experts (has {order[:8]}...)")
         kinds = {experts[e][3] for e in order}
         if len(kinds) > 1:
             raise QatlmError(f"GGUF export: the experts of {gname} are stored in different types {sorted(kinds)}")
-        writer.add_tensor(gname + ".weight", np.stack([experts[e][0] for e in order]),
-                          raw_dtype=getattr(gguf.GGMLQuantizationType, kinds.pop()))
-        expected[gname + ".weight"] = (torch.cat([experts[e][1] for e in order]), torch.cat([experts[e][2] for e in order]))
-    for key, t in sd.items():
-        if key in done or (tied and key == "lm_head.weight"):
+        job.writer.add_tensor(gname + ".weight", np.stack([experts[e][0] for e in order]),
+                              raw_dtype=getattr(gguf.GGMLQuantizationType, kinds.pop()))
+        job.expected[gname + ".weight"] = (torch.cat([experts[e][1] for e in order]), torch.cat([experts[e][2] for e in order]))
+
+
+def _write_floats(job: _GGUFJob, model, fdtype, tied: bool) -> None:
+    """Every tensor that is not a packed layer (embeddings, norms, head, routers) in float."""
+    offsets = {n: o for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
+               and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1 and (o := norm_offset(m))}
+    for key, t in model.state_dict().items():
+        if key in job.done or (tied and key == "lm_head.weight"):
             continue
         base, _, suffix = key.rpartition(".")
-        gname = names.get_name(base)
+        gname = job.names.get_name(base)
         if gname is None:
             if "rotary" in key:
                 continue
@@ -418,19 +422,17 @@ def write_gguf(model, spec: QuantSpec | None, src: Path, out_file: Path, float_t
         a = t.detach().float().cpu()
         if suffix == "weight" and base in offsets:
             a = a + offsets[base]  # Gemma's norms scale by 1 + weight; llama.cpp stores weight + 1
-        if permute and base.endswith(("q_proj", "k_proj")):
-            a = a[_llama_permute(a.shape[0], n_head if base.endswith("q_proj") else n_kv)]
+        perm = job.rows(base, a.shape[0])
+        a = a[perm] if perm is not None else a
         if a.dim() == 2 and a.shape[0] == 1:
             a = a[0]  # a one-row matrix (the shared-expert gate) is one of llama.cpp's vectors
         arr = a.numpy().astype(fdtype if a.dim() == 2 else np.float32)
-        writer.add_tensor(f"{gname}.{suffix}", arr)
-        expected[f"{gname}.{suffix}"] = (torch.from_numpy(arr.astype(np.float32)), None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        job.writer.add_tensor(f"{gname}.{suffix}", arr)
+        job.expected[f"{gname}.{suffix}"] = (torch.from_numpy(arr.astype(np.float32)), None)
 
-    # read every tensor back with gguf's own dequantizer and compare with what it must hold
+
+def _verify(out_file: Path, expected: dict, report: dict, gguf) -> dict:
+    """Read every tensor back with gguf's own dequantizer and compare with what it must hold."""
     reader = gguf.GGUFReader(str(out_file))
     for t in reader.tensors:
         want, s16 = expected.pop(t.name)
@@ -448,3 +450,31 @@ def write_gguf(model, spec: QuantSpec | None, src: Path, out_file: Path, float_t
     if expected:
         raise QatlmError(f"GGUF export: tensors missing from the written file: {sorted(expected)[:3]}")
     return report
+
+
+def write_gguf(model, spec: QuantSpec | None, src: Path, out_file: Path, float_type: str = "f16") -> dict:
+    """Write the loaded packed ``model`` (from ``src``) to ``out_file``, read it back with gguf's dequantizer, and
+    return a report. ``spec`` None: a full-precision model, every tensor in ``float_type`` (the input llama.cpp's
+    own quantizer takes)."""
+    import gguf
+
+    from qatlm.quant.linear import PackedLinear
+
+    config = model.config
+    arch = check_config(config, spec)
+    if float_type not in ("f16", "f32"):
+        raise QatlmError(f"--float-type must be f16 or f32, not {float_type}")
+    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
+    kind = _write_header(writer, config, arch, spec, src, float_type, gguf)
+    job = _GGUFJob(writer, gguf.get_tensor_name_map(arch, config.num_hidden_layers), config.num_attention_heads,
+                   config.num_key_value_heads, arch == gguf.MODEL_ARCH.LLAMA)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    _write_stacks(job, _write_packed(job, packed, gguf), gguf)
+    _write_floats(job, model, np.float16 if float_type == "f16" else np.float32, getattr(config, "tie_word_embeddings", False))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    report = {"format": "gguf", "arch": gguf.MODEL_ARCH_NAMES[arch], "ggml_type": kind, "tensors": 0,
+              "max_abs_error": 0.0, "max_error_in_steps": 0.0, "layers": {}}
+    return _verify(out_file, job.expected, report, gguf)
