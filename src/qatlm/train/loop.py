@@ -128,7 +128,7 @@ def train_epochs(
     retries, t0, epoch, best_val = 0, time.time(), first_epoch, float("inf")
     while epoch < epochs:
         # the epoch's starting point is kept in host memory (on a GPU it would cost 3x the trained tensors' bytes)
-        snap = [p.detach().to("cpu", copy=True) for p in params] if recover else None
+        snap = snapshot(params) if recover else None
         opt_snap = _to_host(opt.state_dict()) if recover else None
         start_step = run.step
         if not all(run.take(loss_fn, batch, epoch) for batch in batches(epoch)):
@@ -137,7 +137,7 @@ def train_epochs(
             where = ", ".join(f"{k} {v}" for k, v in extra.items()) or "training"
             if retries > max_retries or not recover:
                 raise QatlmError(f"{where}: loss stayed non-finite after {max_retries} retries with lower learning rates")
-            _copy_into(params, snap)
+            restore(params, snap)
             opt.load_state_dict(opt_snap)
             run.lr_scale /= 2
             if progress is not None:
@@ -149,15 +149,21 @@ def train_epochs(
             run.vals.append(v)
             log.write(**extra, epoch=epoch, step=run.step, val_loss=v)
             if early_stop and v > best_val and recover:  # worse than the last epoch: go back to it and stop
-                _copy_into(params, snap)
+                restore(params, snap)
                 return run.result(t0, retries, stopped_early=True)
             best_val = min(best_val, v)
         epoch += 1
     return run.result(t0, retries)
 
 
+def snapshot(params) -> list[torch.Tensor]:
+    """A copy of the tensors in host memory (on a GPU it would cost their bytes again on the device)."""
+    return [p.detach().to("cpu", copy=True) for p in params]
+
+
 @torch.no_grad()
-def _copy_into(params, values):
+def restore(params, values) -> None:
+    """Put a ``snapshot`` back into the tensors."""
     for p, v in zip(params, values):
         p.copy_(v)
 

@@ -23,7 +23,7 @@ from qatlm.quant.grid import QuantSpec
 from qatlm.quant.layers import fake_quant_layer, packed_layer
 from qatlm.quant.linear import FakeQuantLinear, check_target
 from qatlm.summary import BlockRecord
-from qatlm.train.loop import JsonLog, Schedule, train_epochs
+from qatlm.train.loop import JsonLog, Schedule, restore, snapshot, train_epochs
 
 
 class _Prefetch:
@@ -106,17 +106,6 @@ def _relative_error(block, kw, chain: ActivationChain, shard: Shard, idx: torch.
         out = run_layer(block, chain.inputs[r].to(device, dtype), kw)
         tot += block_loss(out, chain.targets[r].to(device), kind, "sum").double().cpu()
     return float(shard.all_sum(tot)) / max(float(energy[idx].sum()), 1e-30)
-
-
-def _snapshot(params) -> list[torch.Tensor]:
-    """A copy in host memory (not on the training GPU, where it would cost the block's size again)."""
-    return [p.detach().to("cpu", copy=True) for p in params]
-
-
-@torch.no_grad()
-def _restore(params, snap):
-    for p, v in zip(params, snap):
-        p.copy_(v)
 
 
 @dataclass
@@ -208,11 +197,11 @@ def train_guarded(trained: TrainedParams, loss_fn, batches, rel_error, rtn_val: 
     steps_per_epoch = math.ceil(n_tr / config.batch_size)
     n_epochs = config.epochs_for(n_tr)
     lr_q, lr_w = config.learning_rates(n_epochs * steps_per_epoch)
-    start = _snapshot(trained.all)  # the RTN starting point, for the guard
+    start = snapshot(trained.all)  # the RTN starting point, for the guard
     attempts, fallback, after_val = [], False, rtn_val
     for lr_factor in (1.0, 0.1):
         if attempts:
-            _restore(trained.all, start)
+            restore(trained.all, start)
         groups = [{"params": trained.scales + trained.zeros, "lr": lr_q * lr_factor},
                   {"params": trained.weights + trained.norms, "lr": lr_w * lr_factor}]
         opt = RelativeAdamW(groups, trained.units, weight_decay=0.0)
@@ -228,7 +217,7 @@ def train_guarded(trained: TrainedParams, loss_fn, batches, rel_error, rtn_val: 
         if after_val < rtn_val or res.steps == 0:
             break
     else:  # both attempts ended at or above RTN: keep the RTN grid
-        _restore(trained.all, start)
+        restore(trained.all, start)
         after_val, fallback = rtn_val, True
         ctx.log.write(event="rtn_fallback", block=bi, attempts=attempts)
     return res, after_val, attempts, fallback
