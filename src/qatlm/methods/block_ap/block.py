@@ -4,6 +4,7 @@ the guard against ending worse than RTN, then pack the block to integers."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import time
@@ -165,6 +166,23 @@ def select_trained(block, fq: dict[str, FakeQuantLinear], config: BlockAPConfig)
     return trained
 
 
+def forward_loss(block, x: torch.Tensor, y: torch.Tensor, kw: dict, kind: str, autocast: bool) -> torch.Tensor:
+    """The block on ``x`` (fp32 master weights; bf16 autocast on an accelerator) and its summed reconstruction loss
+    against ``y``: what one Block-AP step differentiates."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = run_layer(block, x, kw)
+    return block_loss(out, y, kind, "sum")
+
+
+@functools.cache
+def compiled_forward_loss():
+    """``forward_loss`` compiled once for the process: the blocks' parameters are graph inputs (torch inlines
+    modules), so every block of one shape reuses the same compiled graph. Casts are kept as written
+    (``emulate_precision_casts``): without it inductor skips the fp16 rounding of the step sizes and trains another
+    grid than the one stored."""
+    return torch.compile(forward_loss, dynamic=False, options={"emulate_precision_casts": True})
+
+
 def block_step_loss(block, kw, energy: torch.Tensor, trained: list, ctx: BlockContext):
     """The loss of one batch (this process's share, back-propagated here; gradients summed over processes),
     normalised by the batch's energy so that it is a relative error."""
@@ -174,9 +192,9 @@ def block_step_loss(block, kw, energy: torch.Tensor, trained: list, ctx: BlockCo
         idx, x, y = item
         denom = max(float(energy[idx].sum()), 1e-30)
         if len(x):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type != "cpu"):
-                out = run_layer(block, x.to(device, torch.float32, non_blocking=True), kw)
-            loss = block_loss(out, y.to(device, torch.float32, non_blocking=True), config.loss, "sum") / denom
+            fn = compiled_forward_loss() if config.compile_step else forward_loss
+            loss = fn(block, x.to(device, torch.float32, non_blocking=True), y.to(device, torch.float32, non_blocking=True), kw,
+                      config.loss, device.type != "cpu") / denom
             loss.backward()
         else:
             loss = torch.zeros((), device=device)

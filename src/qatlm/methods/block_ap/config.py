@@ -61,6 +61,9 @@ class BlockAPConfig(GridConfig):
     chain_batch: int = opt(8, "samples per forward when moving activations through a finished block")
     cache_dtype: str = opt("auto", "the two activation caches: auto = float32 on CPU, bfloat16 on GPU",
                            choices=("auto", "float32", "bfloat16", "float16"), what="cache dtype")
+    compile_step: bool = opt(False, "compile each block's training step (fake-quant, block, loss) with torch.compile: fewer, "
+                                    "fused kernels where eager is launch- or memory-bound (GPUs); the first block pays the "
+                                    "compile time, equal to eager up to float rounding")
 
     def __post_init__(self):
         super().__post_init__()  # the grid, and every field's choices
