@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny import tiny_model
@@ -96,17 +97,21 @@ def test_info_on_fp_folder_is_clear_error(model_dir, capsys):
     assert code == 2 and "not a qatlm/GPTQ checkpoint" in err
 
 
-def test_failed_save_leaves_nothing_behind(model_dir, tmp_path, monkeypatch):
-    """A crash while writing leaves neither the output folder nor a temporary one."""
+def test_failed_save_leaves_nothing_behind(model_dir, tmp_path, monkeypatch, capsys):
+    """A crash while writing leaves neither the output folder nor a temporary one, and is one line naming the file
+    that holds its traceback."""
     import qatlm.model.checkpoint as ck
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(ck, "write_shards", boom)
-    with pytest.raises(RuntimeError):
-        main(["quantize", "--model", str(model_dir), "--out", str(tmp_path / "o")])
+    assert main(["quantize", "--model", str(model_dir), "--out", str(tmp_path / "o")]) == 1
     assert list(tmp_path.iterdir()) == []
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("qatlm: error:")]
+    assert len(err) == 1 and "qatlm quantize failed unexpectedly (RuntimeError: disk full)" in err[0]
+    trace = err[0].rsplit("the full traceback is in ", 1)[1]
+    assert "Traceback" in Path(trace).read_text() and "disk full" in Path(trace).read_text()
 
 
 def test_overwrite_replaces_existing_checkpoint(model_dir, tmp_path, capsys):

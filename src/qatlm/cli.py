@@ -196,6 +196,10 @@ def cmd_eval(a) -> int:
     from qatlm.eval.report import evaluate, markdown_table, write_report
 
     settings = _eval_settings(a)
+    if a.out:  # a report that cannot be written is refused before the evaluation, not after it
+        from qatlm.io import check_output
+
+        check_output(a.out, overwrite=True, what="report folder")
     paths = ([a.paths] if isinstance(a.paths, str) else a.paths) or [str(_default_model(None, a.cache_dir))]
     rows = [evaluate(p, settings) for p in paths]
     print(markdown_table(rows))
@@ -230,6 +234,10 @@ def cmd_generate(a) -> int:
 
     from qatlm.eval.report import load_any
 
+    if not a.prompt.strip():
+        raise QatlmError("--prompt is empty: give the text to continue")
+    if a.max_new_tokens < 1:
+        raise QatlmError("--max-new-tokens must be at least 1")
     path = a.path or str(_default_model(None, a.cache_dir))
     t0 = time.time()
     model, tok, desc = load_any(path, kernel=a.kernel)
@@ -238,8 +246,6 @@ def cmd_generate(a) -> int:
         raise QatlmError(f"{path} has no chat template; drop --chat")
     text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True) if a.chat else a.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=not a.chat)
-    if a.max_new_tokens < 1:
-        raise QatlmError("--max-new-tokens must be at least 1")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t1 = time.time()
     with torch.no_grad():
@@ -284,16 +290,23 @@ def main(argv=None) -> int:
     if not a.command:
         parser.print_help()
         return 2
+    from qatlm.errors import crash_report, on_sigterm
+
     try:
-        if getattr(a, "device", None):
-            check_device(a.device)
-        return COMMANDS[a.command](a)
+        with on_sigterm():
+            if getattr(a, "device", None) is not None:
+                check_device(a.device)
+            return COMMANDS[a.command](a)
     except QatlmError as e:
         print(f"qatlm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qatlm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a scheduler / docker stop
+        resume = " (run the same command with --resume to continue)" if hasattr(a, "resume") else ""
+        print(f"\nqatlm: interrupted{' by ' + e.args[0] if e.args else ''}{resume}", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - nobody foresaw it: one line, and the whole traceback in a file
+        print(f"qatlm: error: {crash_report(a.command)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

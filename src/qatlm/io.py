@@ -15,7 +15,8 @@
   taken over).
 - ``source_fingerprint`` / ``claim_work_dir``: a resumed run must continue from the same source model.
 - ``resume_point``: the one resume rule of every training method (Block-AP's finished blocks, the end-to-end
-  loop's checkpoints): an unfinished run is continued only with ``resume``, and only with the same settings.
+  loop's checkpoints): an unfinished run is continued only with ``resume``, and only with the same settings; a
+  damaged state file is named (``DamagedWorkFolder``) and its folder kept, never deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -130,14 +132,30 @@ def resume_point(state_file: Path, fingerprint: str, resume: bool, where: str) -
     state_file = Path(state_file)
     if not state_file.is_file():
         return None
-    state = json.loads(state_file.read_text())
     work = state_file.parent if state_file.name == "progress.json" else state_file.parent.parent
+    state = read_state(state_file)
+    if state is None:
+        raise DamagedWorkFolder(f"{work} is damaged: {state_file.name} is empty or unreadable. It is kept as it is: "
+                                "pass --resume to recover what verifies, or --overwrite to start over")
     if not resume:
         raise QatlmError(f"{work} holds an unfinished run ({where(state) if callable(where) else where}): pass --resume to "
                          "continue it, or --overwrite to start over")
     if state.get("fingerprint") != fingerprint:
         raise QatlmError(f"cannot resume from {work}: it was started with other settings or data")
     return state
+
+
+class DamagedWorkFolder(QatlmError):
+    """A work folder whose state file cannot be read: never deleted, and recovered where the method can verify."""
+
+
+def read_state(f: Path) -> dict | None:
+    """A JSON state file as a dict; None when it is empty, cut or not a JSON object (a damaged file)."""
+    try:
+        state = json.loads(Path(f).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def write_shards(items, folder: Path, shard_bytes: int):
@@ -198,8 +216,10 @@ def check_output(out, inputs=(), overwrite: bool = False, what: str = "output fo
         parent = parent.parent
     if not parent.is_dir():
         raise QatlmError(f"cannot create {what} {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise QatlmError(f"cannot create {what} {out}: {parent} is not writable")
+    try:  # a real probe: permission bits say yes to root, and some file systems (/proc) refuse whatever they say
+        os.rmdir(tempfile.mkdtemp(prefix=".qatlm-probe-", dir=parent))
+    except OSError as e:
+        raise QatlmError(f"cannot create {what} {out}: {parent} is not writable ({e.strerror})") from None
     return out
 
 
@@ -208,8 +228,11 @@ def output_lock(out):
     """Hold ``.<name>.lock`` beside ``out`` for the whole run: a second run on the same output is refused
     while the owner lives; a dead owner's lock is taken over."""
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QatlmError(f"cannot create {out}: its folder cannot be made ({e.strerror})") from None
     me = str(os.getpid())
     for _ in range(3):
         try:
@@ -224,6 +247,8 @@ def output_lock(out):
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # its owner is dead: take it over
             continue
+        except OSError as e:
+            raise QatlmError(f"cannot create {out}: {out.parent} is not writable ({e.strerror})") from None
         with os.fdopen(fd, "w") as fh:
             fh.write(me)
         break
@@ -293,11 +318,11 @@ def resumable(work: Path) -> bool:
     if not work.is_dir():
         return False
     for f in work.rglob("progress.json"):
-        try:
-            if json.loads(f.read_text()).get("done", 0) > 0:
-                return True
-        except (OSError, ValueError):
-            pass
+        state = read_state(f)
+        if state is None or state.get("done", 0) > 0:  # (a damaged state is kept: what it guarded may be recovered)
+            return True
+    if any(work.rglob("blocks/*.safetensors")):
+        return True
     return any(p.is_dir() for p in work.rglob("checkpoint"))
 
 

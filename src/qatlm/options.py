@@ -187,8 +187,22 @@ def recipe_from_args(ns: argparse.Namespace, command: str, preset: dict | None =
                     given_sets[-1].add(name)
                 used.add(dest)
     refuse_extra(given, used, f"--method {ns.method}")
-    if command == "train":
-        from qatlm.fields import build
+    try:
+        if command == "train":
+            from qatlm.fields import build
 
-        return [build(classes[0], values[0])]
-    return build_recipe(ns.method, values, given_sets)
+            return [build(classes[0], values[0])]
+        return build_recipe(ns.method, values, given_sets)
+    except QatlmError as e:  # a config names its field's plain flag; on this command line it may carry the stage's prefix
+        raise QatlmError(_as_typed(str(e), classes, command)) from None
+
+
+def _as_typed(message: str, classes, command: str) -> str:
+    """``--lr must be > 0`` said of the end-to-end stage of ``quantize`` is ``--e2e-lr must be > 0``."""
+    for cls in classes:
+        prefix = stage_prefix(cls, command)
+        for f in dataclasses.fields(cls) if prefix else ():
+            plain, typed_flag = flag_name(f), flag_name(f, prefix)
+            if plain != typed_flag and message.startswith(plain + " "):
+                return typed_flag + message[len(plain):]
+    return message

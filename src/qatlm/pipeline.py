@@ -80,6 +80,24 @@ class Source:
             raise QatlmError(f"{method} trains uniform grids only; {self.folder} is on the {spec.format} grid "
                              "(use rtn or block-ap for K-quant grids)")
 
+    def check_positions(self, stages) -> None:
+        """A window longer than the model's positions is refused before anything is loaded (the calibration's of
+        Block-AP, the end-to-end stage's), naming the flag that sets it."""
+        if self.model is not None:
+            limit = getattr(self.model.config, "max_position_embeddings", None)
+        else:
+            from qatlm.model.source import read_config_json
+
+            limit = read_config_json(self.folder).get("max_position_embeddings")
+        if not isinstance(limit, int):
+            return
+        after_quantizer = any(is_quantizer(s) for s in stages)
+        for st in stages:
+            for field, flag in (("calib_seqlen", "--calib-seqlen"), ("seqlen", "--e2e-seqlen" if after_quantizer else "--seqlen")):
+                value = getattr(st, field, None)
+                if isinstance(value, int) and value > limit:
+                    raise QatlmError(f"{flag} {value} is above the model's limit of {limit} positions")
+
     def fingerprint(self) -> str:
         if self.folder is not None:
             return source_fingerprint(self.folder)
@@ -252,6 +270,7 @@ def run_pipeline(source, stages, out=None, *, resume: bool = False, overwrite: b
     src = Source.of(source)
     check_stages(stages, model_is_quantized=src.quantized)
     src.check_grid(stages)
+    src.check_positions(stages)
     say = say if progress else (lambda msg: None)
     if src.model is not None:  # a model in memory runs where it is (``device``: None = there)
         world, rank, load_device, run_device = 1, 0, None, device

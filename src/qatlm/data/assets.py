@@ -79,7 +79,12 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def cache_root(cache_dir=None) -> Path:
     root = Path(cache_dir or os.environ.get("QATLM_CACHE") or Path.home() / ".cache" / "qatlm").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=root))
+    except OSError as e:
+        raise QatlmError(f"the asset cache folder {root} cannot be created or written ({e.strerror}); set --cache-dir or "
+                         "QATLM_CACHE to a writable folder") from None
     return root
 
 

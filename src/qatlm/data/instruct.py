@@ -25,6 +25,8 @@ def read_records(path) -> list[dict]:
     p = Path(path).expanduser()
     if not p.exists():
         raise QatlmError(f"instruction data {p} does not exist")
+    if not p.is_dir() and not p.is_file():
+        raise QatlmError(f"instruction data {p} is not a regular file")
     if p.suffix == ".jsonl":
         recs = []
         for i, line in enumerate(read_utf8(p).splitlines()):

@@ -38,6 +38,8 @@ def resolve_source(source, cache_dir=None) -> Path:
     p = Path(source).expanduser()
     if not p.exists():
         raise QatlmError(f"text source {source} does not exist (built-in sources: {', '.join(BUILTIN_TEXT)})")
+    if not p.is_dir() and not p.is_file():  # a FIFO or a device would be read forever
+        raise QatlmError(f"text source {source} is not a regular file")
     return p
 
 
@@ -76,7 +78,7 @@ def _file_pieces(p: Path) -> Iterator[str]:
             else:
                 carry = b""
             try:
-                yield data.decode("utf-8")
+                yield data.decode("utf-8-sig" if offset == 0 else "utf-8")
             except UnicodeDecodeError as e:
                 raise QatlmError(f"{p} is not UTF-8 text (invalid byte at offset {offset + e.start})") from None
             offset += len(data)
@@ -103,7 +105,7 @@ def _documents(p: Path) -> Iterator[str]:
             fh.seek(0)
             for i, raw in enumerate(fh):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # (a byte-order mark some editors write)
                 except UnicodeDecodeError:
                     raise QatlmError(f"{p}:{i + 1}: not UTF-8 text") from None
                 if not line.strip():

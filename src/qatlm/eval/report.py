@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import json
 import time
 from dataclasses import dataclass
@@ -51,7 +53,10 @@ def load_gguf(path, device="cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     f = gguf_file_of(path)
-    reader = gguf.GGUFReader(str(f))
+    try:
+        reader = gguf.GGUFReader(str(f))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
+        raise QatlmError(f"{f} is not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     qbytes = qweights = 0
     types: dict[str, int] = {}
     for t in reader.tensors:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qatlm.errors import QatlmError
 from qatlm.fields import check_choices, field_default
 from qatlm.quant.grid import QuantSpec
 
@@ -62,11 +63,12 @@ class GridConfig:
         kw["grid"] = dataclasses.replace(base, **given) if given else base
         fields = [f for f in dataclasses.fields(self) if f.init]
         if len(args) > len(fields) - 1:
-            raise TypeError(f"{type(self).__name__} takes at most {len(fields) - 1} positional values after the grid")
+            raise QatlmError(f"{type(self).__name__} takes at most {len(fields) - 1} positional values after the grid")
         kw.update(zip([f.name for f in fields if f.name != "grid"], args))
         unknown = set(kw) - {f.name for f in fields}
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no field {sorted(unknown)[0]!r}")
+            raise QatlmError(f"{type(self).__name__} has no field '{sorted(unknown)[0]}'; its fields: "
+                             f"{', '.join(f.name for f in fields)}")
         for f in fields:
             setattr(self, f.name, kw[f.name] if f.name in kw else field_default(f))
         self.__post_init__()

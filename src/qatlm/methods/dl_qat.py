@@ -53,8 +53,8 @@ class DLQATConfig(EndToEndConfig):
         super().__post_init__()
         check_number("rank", self.rank, at_least=1)
         check_number("alpha", self.alpha, above=0)
-        check_number("lr_lora", self.lr_lora, above=0)
-        check_number("lr_magnitude", self.lr_magnitude, above=0)
+        check_number("lr_lora", self.lr_lora, above=0, at_most=1)
+        check_number("lr_magnitude", self.lr_magnitude, above=0, at_most=1)
 
 
 def _source_layers(model) -> dict[str, nn.Module]:
@@ -91,6 +91,10 @@ def dlqat_trainable(model, config: DLQATConfig, total_steps: int) -> Trainable:
     if not src:
         raise QatlmError("DL-QAT found no quantized layers to train (start from a quantized checkpoint or an RTN-initialised model)")
     shapes = [(m.out_features, m.in_features) for m in src.values()]
+    narrowest = min(min(s) for s in shapes)
+    if config.rank is not None and config.rank > narrowest:
+        raise QatlmError(f"--rank {config.rank} is larger than the narrowest quantized layer ({narrowest} wide): a LoRA rank is "
+                         "at most a layer's width")
     model_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".scale", ".zero"))) + sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
     rank = config.rank or auto_rank(shapes)

@@ -35,7 +35,7 @@ class E2EQPConfig(EndToEndConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_number("lr", self.lr, above=0)
+        check_number("lr", self.lr, above=0, at_most=1)
 
     def learning_rate(self, bits: int, steps: int = PAPER_E2E_STEPS) -> float:
         """The paper's E2E-QP takes 128 steps (4096 samples, global batch 32, 1 epoch) at 2e-5 (2-bit) / 1e-5.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qatlm.errors import check_number
+from qatlm.errors import MAX_SEED, check_number
 from qatlm.fields import check_choices, opt
 
 
@@ -45,3 +45,4 @@ class EndToEndConfig:
             check_number(name, getattr(self, name), at_least=0)
         check_number("warmup_ratio", self.warmup_ratio, at_least=0, below=1)
         check_number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)
+        check_number("seed", self.seed, at_least=0, at_most=MAX_SEED)

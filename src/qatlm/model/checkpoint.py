@@ -23,7 +23,7 @@ from torch import nn
 from qatlm.version import __version__
 from qatlm.errors import QatlmError
 from qatlm.io import atomic_dir, check_output, write_shards
-from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, is_quantized_dir, load_config
+from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, is_quantized_dir, load_config, read_config_json, weight_files
 from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
@@ -195,7 +195,7 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
 
 
 def _weight_files(p: Path) -> list[Path]:
-    files = sorted(p.glob("*.safetensors"))
+    files = weight_files(p)
     if not files:
         raise QatlmError(f"{p} has no .safetensors weights")
     return files
@@ -207,12 +207,44 @@ def weights_size(path) -> int:
 
 
 def read_quant_config(path) -> tuple[Path, dict]:
+    """``(folder, quantization_config)`` of a packed checkpoint, checked against its tensors' shapes and dtypes
+    (a hand-edited config is named in one line before anything uses it)."""
     p = check_model_dir(path)
-    cfg = json.loads((p / "config.json").read_text())
-    qc = cfg.get("quantization_config")
-    if not qc or qc.get("quant_method") not in ("gptq", KQUANT_METHOD):
+    qc = read_config_json(p).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", KQUANT_METHOD):
         raise QatlmError(f"{p} is not a qatlm/GPTQ checkpoint (config.json has no GPTQ quantization_config)")
+    check_packed_tensors(p, spec_from_config(qc), p.name)
     return p, qc
+
+
+_DTYPES = {".qweight": "I32", ".qzeros": "I32", ".g_idx": "I32", ".scales": "F16", ".kblocks": "U8"}
+
+
+def check_packed_tensors(folder: Path, spec: QuantSpec, name: str) -> None:
+    """Every packed layer's tensors have the dtypes of the format and the shapes its grid implies: the ``qweight``
+    rows give the input width, from which ``scales``, ``qzeros`` and ``g_idx`` follow."""
+    heads = {}
+    for f in _weight_files(folder):
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                if k.endswith(tuple(_DTYPES)):
+                    sl = fh.get_slice(k)
+                    heads[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    for k, (shape, dtype) in heads.items():
+        want = _DTYPES[next(e for e in _DTYPES if k.endswith(e))]
+        if dtype != want:
+            raise QatlmError(f"{folder}: {k} is stored as {dtype}, not {want}: not a packed checkpoint qatlm can read")
+    grid = spec if spec.kformat is None else KQUANT_FALLBACK
+    for k in [k for k in heads if k.endswith(".qweight")]:
+        layer = k[: -len(".qweight")]
+        (rows, out), in_f = heads[k][0], heads[k][0][0] * 32 // grid.bits
+        want = {".scales": (grid.num_groups(in_f), out), ".qzeros": (grid.num_groups(in_f), out * grid.bits // 32),
+                ".g_idx": (in_f,)}
+        bad = [f"{layer}{e} is {list(heads[layer + e][0])}, expected {list(w)}" for e, w in want.items()
+               if layer + e in heads and heads[layer + e][0] != w]
+        if bad or (rows * 32) % grid.bits:
+            raise QatlmError(f"{name}: its quantization_config ({grid.bits}-bit, group {grid.group_size}) does not match its "
+                             f"tensors: {bad[0] if bad else k + ' rows'}; was config.json edited?")
 
 
 def spec_from_config(qc: dict) -> QuantSpec:
@@ -220,8 +252,15 @@ def spec_from_config(qc: dict) -> QuantSpec:
         if qc.get("grid") not in K_FORMATS:
             raise QatlmError(f"unknown K-quant grid {qc.get('grid')!r} in quantization_config (this qatlm knows {', '.join(K_FORMATS)})")
         return QuantSpec(format=qc["grid"])
-    zmin = int(((qc.get("meta") or {}).get("qatlm") or {}).get("zero_min", 0))
-    return QuantSpec(bits=int(qc["bits"]), group_size=int(qc["group_size"]), sym=bool(qc.get("sym", False)), zero_min=zmin)
+    try:
+        zmin = int(((qc.get("meta") or {}).get("qatlm") or {}).get("zero_min", 0))
+        bits, group = qc["bits"], qc["group_size"]
+        if isinstance(bits, bool) or isinstance(group, bool) or int(bits) != bits or int(group) != group:
+            raise ValueError
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise QatlmError(f"its quantization_config has no whole-number bits / group_size (bits={qc.get('bits')!r}, "
+                         f"group_size={qc.get('group_size')!r})") from None
+    return QuantSpec(bits=int(bits), group_size=int(group), sym=bool(qc.get("sym", False)), zero_min=zmin)
 
 
 def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -289,6 +328,18 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     return model.to(device).eval()
 
 
+def read_run_summary(f: Path) -> RunSummary:
+    """A checkpoint's ``training_summary.json``, or one line saying what is wrong with it."""
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise QatlmError(f"{f} is not valid JSON; remove it or restore it from the run") from None
+    try:
+        return RunSummary.from_dict(d)
+    except (KeyError, TypeError, AttributeError):
+        raise QatlmError(f"{f} does not hold a run summary (method, stages and each stage's figures)") from None
+
+
 def training_info(s: RunSummary) -> dict:
     """What ``qatlm info`` shows of a run: the recipe, Block-AP's blocks and mean relative errors, each end-to-end
     stage's validation loss before and after."""
@@ -345,7 +396,7 @@ def checkpoint_info(path) -> dict:
     src_dtype = meta.get("source_dtype")
     src_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(src_dtype, 2) * (n_quant + n_other)
     summary_file = p / "training_summary.json"
-    training = training_info(RunSummary.from_dict(json.loads(summary_file.read_text()))) if summary_file.is_file() else None
+    training = training_info(read_run_summary(summary_file)) if summary_file.is_file() else None
     return {
         "path": str(p),
         "bits": spec.bits,

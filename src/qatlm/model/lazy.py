@@ -31,7 +31,9 @@ class ShardReader:
         self.folder = Path(folder)
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple] = {}
-        for f in sorted(self.folder.glob("*.safetensors")):
+        from qatlm.model.source import weight_files
+
+        for f in weight_files(self.folder):
             with safe_open(f, framework="pt") as fh:
                 for k in fh.keys():
                     self.where[k] = f
@@ -165,15 +167,16 @@ def block_file(work_dir, index: int) -> Path:
     return Path(work_dir) / "blocks" / f"block_{index:04d}.safetensors"
 
 
-def save_block(work_dir, index: int, block: nn.Module) -> Path:
-    """A finished (packed) block's tensors, written atomically to the work folder."""
+def save_block(work_dir, index: int, block: nn.Module, meta: dict | None = None) -> Path:
+    """A finished (packed) block's tensors, written atomically to the work folder (``meta``: strings stored in the
+    file's header, e.g. the run's fingerprint, so that the file can be verified without any other state)."""
     from safetensors.torch import save_file
 
     from qatlm.io import atomic_file
 
     final = block_file(work_dir, index)
     with atomic_file(final) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, tmp, metadata=meta)
     return final
 
 

@@ -49,10 +49,10 @@ class SequentialBlocks:
             if self.lazy:
                 release_block(block)
 
-    def save(self, index: int, block: nn.Module) -> None:
+    def save(self, index: int, block: nn.Module, meta: dict | None = None) -> None:
         """Write a finished (packed) block's tensors to the work folder (atomically; nothing without one)."""
         if self.work_dir is not None:
-            save_block(self.work_dir, index, block)
+            save_block(self.work_dir, index, block, meta)
 
     def materialize_all(self) -> None:
         """Load every block (a lazily loaded model that a method needs whole)."""

@@ -23,16 +23,81 @@ def check_model_dir(path) -> Path:
         raise QatlmError(f"model path {p} does not exist")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise QatlmError(f"{p} is not a Hugging Face model folder (no config.json)")
+    read_config_json(p)
     check_safetensors(p)
     return p
 
 
+def read_config_json(folder: Path) -> dict:
+    """``config.json`` as a dict, or one line saying what is wrong with it."""
+    f = Path(folder) / "config.json"
+    try:
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QatlmError(f"{f} cannot be read ({e.__class__.__name__})") from None
+    if not text.strip():
+        raise QatlmError(f"{f} is empty")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QatlmError(f"{f} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise QatlmError(f"{f} does not hold a JSON object (it holds a {type(cfg).__name__})")
+    return cfg
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder) -> list[Path]:
+    """The safetensors files transformers reads from a folder, and only those: ``model.safetensors``, else the shards
+    ``model.safetensors.index.json`` names, else the folder's one ``.safetensors`` file. A name that is not a readable
+    regular file, a shard the index names that is missing, or a second weights file beside them (a backup or a
+    copy, whose tensors could be read instead) is refused in one line. [] when the folder has no safetensors."""
+    folder = Path(folder)
+    present = sorted(folder.glob("*.safetensors"), key=lambda f: f.name)
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors").is_symlink():  # transformers' first choice
+        files = [folder / "model.safetensors"]
+    elif (folder / INDEX).exists():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise QatlmError(f"{folder / INDEX} is not a valid safetensors index (no weight_map)") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.exists() and not f.is_symlink():
+                raise QatlmError(f"{f.name}, named by its index, is missing from {folder}")
+    else:
+        files = present[:1]
+    for f in files:
+        _check_regular(f)
+    extra = [f.name for f in present if f not in files]
+    if extra:
+        raise QatlmError(f"{folder} holds {', '.join(extra)} beside {', '.join(f.name for f in files)}: transformers reads only "
+                         "the latter, so which weights are meant is ambiguous; move the other file(s) out of the folder")
+    return files
+
+
+def _check_regular(f: Path) -> None:
+    try:
+        f.stat()
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ELOOP:
+            raise QatlmError(f"{f} is a symbolic-link loop") from None
+        raise QatlmError(f"{f} cannot be read ({e.strerror})") from None
+    if not f.is_file():
+        raise QatlmError(f"{f} is not a file")
+
+
 def check_safetensors(folder: Path) -> None:
-    """Every ``.safetensors`` file of a folder must open and hold all the bytes its header promises:
+    """Every weights file of a folder (``weight_files``) must open and hold all the bytes its header promises:
     an empty, truncated or corrupt file is named in one line before anything is loaded."""
     import struct
 
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    for f in weight_files(folder):
         size = f.stat().st_size
         try:
             with open(f, "rb") as fh:
@@ -40,9 +105,11 @@ def check_safetensors(folder: Path) -> None:
                 if n > size - 8:
                     raise ValueError("header longer than the file")
                 header = json.loads(fh.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise QatlmError(f"{f} is not a valid safetensors file ({'empty' if size == 0 else e})") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end > size:
             raise QatlmError(f"{f} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}")
 
@@ -61,7 +128,7 @@ def is_quantized_dir(path) -> bool:
     p = Path(path)
     if not (p / "config.json").is_file():
         return False
-    return "quantization_config" in json.loads((p / "config.json").read_text())
+    return "quantization_config" in read_config_json(p)
 
 
 def check_fp_folder(path):
@@ -70,7 +137,7 @@ def check_fp_folder(path):
     config = load_config(p)
     if getattr(config, "quantization_config", None):
         raise QatlmError(f"{p} is already a quantized checkpoint; load it with qatlm.load_quantized")
-    if not list(p.glob("*.safetensors")):
+    if not weight_files(p):
         raise QatlmError(f"{p} has no .safetensors weights (qatlm does not load pickled .bin files)")
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):

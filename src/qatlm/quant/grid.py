@@ -22,6 +22,7 @@ from qatlm.fields import check_choices, opt
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_SCALE = 1e-5
+MAX_GROUP = 1 << 16  # a group wider than any layer of any model is per-channel: -1 says so
 QK_K = 256  # weights per llama.cpp K-quant super-block
 
 
@@ -78,6 +79,9 @@ class QuantSpec:
             raise QatlmError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
             raise QatlmError(f"group size {self.group_size} is invalid; use -1 (per channel) or a positive multiple of 8")
+        if self.group_size > MAX_GROUP:
+            raise QatlmError(f"group size {self.group_size} is larger than {MAX_GROUP}, wider than any layer; use -1 for one "
+                             "group per output row")
 
     @property
     def qmax(self) -> int:
@@ -101,7 +105,8 @@ class QuantSpec:
         return zero.round().clamp(self.zero_min, self.qmax)
 
     def group_width(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        """Columns per group of a layer this wide (a group at least as wide as the layer is the whole row)."""
+        return in_features if self.group_size == -1 else min(self.group_size, in_features)
 
     def num_groups(self, in_features: int) -> int:
         return math.ceil(in_features / self.group_width(in_features))

@@ -182,6 +182,15 @@ def _periodic(job: _Job, model, named: dict, fingerprint: str, ckpt: Path | None
     return on_step
 
 
+def run_fingerprint(config, train: list, val: list) -> str:
+    """What a resumed run must share with the run it continues: every setting but where the data file lies, and the
+    data itself (the tokens of every example: the same text under another path resumes; an edited text does not)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(config).items() if k != "data"}, sort_keys=True).encode())
+    for ids, labels in (*train, *val):
+        h.update(json.dumps([ids, labels]).encode())
+    return h.hexdigest()[:16]
+
+
 def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work_dir=None, resume: bool = False,
                      progress: bool = True, accelerator=None, cache_dir=None, device=None) -> EndToEndSummary:
     """The end-to-end loop every method shares: ``make_trainable(model, config, total_steps)`` turns the
@@ -203,7 +212,7 @@ def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work
     first_step = first_epoch = 0
     if work:
         tidy_output(ckpt)  # a kill between the two renames of a checkpoint replacement left the old one aside
-    fingerprint = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = run_fingerprint(config, job.train, job.val)
     if work and resume_point(ckpt / "state.json", fingerprint, resume, lambda st: f"step {st['step']}/{job.total}") is not None:
         state = _load_state(ckpt, named, opt)
         first_step, first_epoch = state["step"], state["epoch"]

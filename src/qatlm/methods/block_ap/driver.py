@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from qatlm.summary import BlockAPSummary
 from qatlm.train.loop import JsonLog
 
 
-def calibration_ids(config: BlockAPConfig, tokenizer, calib) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_ids(config: BlockAPConfig, tokenizer, calib, cache_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_ids [N, L], val_ids [M, L])``: the given ones, or sampled from ``config.calib``."""
     from qatlm.data.text import calibration_samples
 
@@ -36,7 +37,8 @@ def calibration_ids(config: BlockAPConfig, tokenizer, calib) -> tuple[torch.Tens
         return calib
     if tokenizer is None:
         raise QatlmError("block-ap needs calibration text: pass a tokenizer (or calib=(train_ids, val_ids))")
-    return calibration_samples(tokenizer, config.calib, config.calib_samples, config.calib_seqlen, config.seed, config.val_samples)
+    return calibration_samples(tokenizer, config.calib, config.calib_samples, config.calib_seqlen, config.seed, config.val_samples,
+                               cache_dir=cache_dir)
 
 
 def check_blocks(model, blocks: SequentialBlocks, spec) -> None:
@@ -81,7 +83,7 @@ def finish_summary(summary: BlockAPSummary, ctx: BlockContext, layers_name: str,
 
 
 def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=None, resume: bool = False, calib=None,
-                      device=None, progress: bool = True, log_path=None) -> BlockAPSummary:
+                      device=None, progress: bool = True, log_path=None, cache_dir=None) -> BlockAPSummary:
     """Block-AP in place: ``model``'s decoder linears become ``PackedLinear``. Returns the run's summary.
 
     ``calib``: optional ``(train_ids [N, L], val_ids [M, L])``; otherwise sampled from ``config.calib``.
@@ -92,7 +94,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     defuse_experts(model)  # MoE: one linear layer per expert (the loaders have done it already)
     device = torch.device(device or next(model.parameters()).device)
     work = Path(work_dir) if work_dir else None
-    train_ids, val_ids = calibration_ids(config, tokenizer, calib)
+    train_ids, val_ids = calibration_ids(config, tokenizer, calib, cache_dir)
     n_tr, n_va = len(train_ids), len(val_ids)
     all_ids = torch.cat([train_ids, val_ids]) if n_va else train_ids
     shard = Shard(n_tr, n_va, config.batch_size)
@@ -101,6 +103,9 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     check_blocks(model, blocks, config.spec)
     fingerprint = config.fingerprint() + hashlib.sha256(all_ids.numpy().tobytes()).hexdigest()[:8]
     state = RunState(work, fingerprint, len(blocks), resume, shard)
+    if state.recovered and progress and shard.main:
+        tqdm.write(f"the work folder's progress.json was damaged: {state.recovered} finished blocks verified and recovered",
+                   file=sys.stderr)
     # per-layer keyword arguments (rotary cos/sin, masks) recorded at batch 1 broadcast to any batch
     _, kwargs = capture_layer_inputs(model, all_ids[:1].to(device), blocks.parts)
     hidden = first_layer_input(model, all_ids[:1].to(device), blocks.parts).shape[-1]
@@ -160,4 +165,4 @@ def run(model, config: BlockAPConfig, data=None, context: Context | None = None)
     """The method protocol (``methods/base.py``); ``data``: optional ``(train_ids, val_ids)``."""
     c = context or Context()
     return quantize_block_ap(model, config, tokenizer=c.tokenizer, work_dir=c.work_dir, resume=c.resume, calib=data, device=c.device,
-                             progress=c.progress, log_path=c.log_path)
+                             progress=c.progress, log_path=c.log_path, cache_dir=c.cache_dir)

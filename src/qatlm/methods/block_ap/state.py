@@ -8,9 +8,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from qatlm.io import atomic_write_json, resume_point
+from qatlm.io import DamagedWorkFolder, atomic_write_json, read_state, resume_point
 from qatlm.methods.block_ap.caches import ActivationChain
 from qatlm.methods.block_ap.sharding import Shard
 from qatlm.model.lazy import block_file
@@ -27,18 +28,41 @@ class RunState:
 
     def __init__(self, work: Path | None, fingerprint: str, n_blocks: int, resume: bool, shard: Shard):
         self.work, self.fingerprint, self.n_blocks, self.shard = work, fingerprint, n_blocks, shard
-        self.done = 0
+        self.done = self.recovered = 0
         self.suffix = "" if shard.world == 1 else f"-rank{shard.rank}"
         self._snap = {"at": time.time(), "cost": 0.0}
         if work is None:
             return
-        state = resume_point(work / "progress.json", fingerprint, resume, lambda st: f"block {st['done']}/{n_blocks}")
+        try:
+            state = resume_point(work / "progress.json", fingerprint, resume, lambda st: f"block {st['done']}/{n_blocks}")
+        except DamagedWorkFolder:
+            if not resume:
+                raise
+            state = {"done": self._recover()}
         if state is not None:
             self.done = state["done"]
         shard.barrier()  # every process has read the state before the first one rewrites it
         if shard.main:
             (work / "blocks").mkdir(parents=True, exist_ok=True)
             self._progress(self.done)
+
+    def _recover(self) -> int:
+        """A damaged ``progress.json``: the finished blocks are those, from block 0 on, whose files open and carry this
+        run's fingerprint (written into each block file's header) and whose records ``summary.json`` still holds."""
+        summary = read_state(self.work / "summary.json") or {}
+        records = summary.get("blocks") if isinstance(summary.get("blocks"), list) else []
+        done = 0
+        while done < min(self.n_blocks, len(records)):
+            try:
+                with safe_open(block_file(self.work, done), framework="pt") as fh:
+                    ok = (fh.metadata() or {}).get("fingerprint") == self.fingerprint
+            except (OSError, ValueError, SafetensorError):
+                ok = False
+            if not ok:
+                break
+            done += 1
+        self.recovered = done
+        return done
 
     def _progress(self, done: int):
         atomic_write_json(self.work / "progress.json", {"fingerprint": self.fingerprint, "done": done, "blocks": self.n_blocks})
@@ -76,7 +100,7 @@ class RunState:
         if self.work is None:
             return
         if self.shard.main:
-            save_block(bi, block)
+            save_block(bi, block, {"fingerprint": self.fingerprint})
             atomic_write_json(self.work / "summary.json", asdict(summary))
             self._progress(bi + 1)
         due = bi + 1 < self.n_blocks and self._snap["cost"] <= CHAIN_OVERHEAD * (time.time() - self._snap["at"])
