@@ -96,6 +96,7 @@ def src(tmp_path_factory):
 Q = ["quantize", "--model", "{src}/model", "--out", "{tmp}/out"]
 BAP = Q + ["--method", "block-ap", "--calib", "{src}/text.txt", "--calib-samples", "4", "--calib-seqlen", "16", "--val-samples", "1"]
 EQ = BAP[:6] + ["efficientqat"] + BAP[7:]
+DLQ = BAP[:6] + ["dl-qat"] + BAP[7:]
 T = ["train", "--from", "{src}/packed", "--data", "{src}/text.txt", "--samples", "4", "--seqlen", "16", "--val-samples", "1",
      "--out", "{tmp}/out"]
 E = ["eval", "{src}/packed", "--tasks", "none", "--ppl-windows", "1", "--heldout", "{src}/text.txt", "--seqlen", "16"]
@@ -148,11 +149,16 @@ CASES = [
     (Q + ["--group-size", "1073741824"], "group size 1073741824 is larger than"),
     (BAP + ["--seed", str(2**70)], "--seed must be <="),
     (BAP + ["--seed", "-1"], "--seed must be >= 0"),
-    (T + ["--lr", "1e308"], "--lr must be <= 1"),
-    (BAP + ["--lr-quant", "1e308"], "--lr-quant must be <= 1"),
-    (BAP + ["--lr-weight", "5"], "--lr-weight must be <= 1"),
+    (T + ["--lr", "1e308"], "--lr must be <= 10"),
+    (BAP + ["--lr-quant", "1e308"], "--lr-quant must be <= 10"),
+    (BAP + ["--lr-weight", "50"], "--lr-weight must be <= 10"),
+    (DLQ + ["--lr-lora", "1e9"], "--lr-lora must be <= 10"),
     (BAP + ["--calib-seqlen", "100000"], "--calib-seqlen 100000 is above the model's limit of 256 positions"),
     (BAP + ["--chain-batch", "0"], "--chain-batch must be >= 1"),
+    (BAP + ["--ram-budget-gb", "1e308"], "--ram-budget-gb must be <= 1048576"),
+    (Q[:4] + [""], "the output folder name is empty"),
+    (Q[:4] + [" ", "--overwrite"], "the output folder name is empty"),
+    (["export", "{src}/packed", "--format", "gptq", "--out", ""], "name is empty"),
     (E + ["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (G[:4] + ["--max-new-tokens", "-5"], "--max-new-tokens must be at least 1"),
     (["quantize", "--model", "{src}/model", "--method", "dl-qat", "--rank", "100000", "--calib", "{src}/text.txt", "--calib-samples",

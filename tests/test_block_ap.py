@@ -300,8 +300,8 @@ def test_resume_starts_from_the_chain_snapshot_without_replaying(tmp_path, monke
 
     real_save = sequential.save_block
 
-    def save_then_die(work, bi, block):
-        real_save(work, bi, block)
+    def save_then_die(work, bi, block, *meta):
+        real_save(work, bi, block, *meta)
         if bi == 3:
             raise KeyboardInterrupt  # as a kill right after block 3's files and the snapshot for block 3
     monkeypatch.setattr(sequential, "save_block", save_then_die)

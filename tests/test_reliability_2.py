@@ -176,3 +176,24 @@ def test_the_api_raises_qatlm_errors_for_unknown_fields():
         qatlm.recipe("block-ap", block_ap={"epoch": 5})
     with pytest.raises(qatlm.QatlmError, match="BlockAPConfig has no field 'epoch'"):
         qatlm.BlockAPConfig(epoch=5)
+
+
+def test_the_api_names_bad_arguments_and_unforeseen_failures_as_qatlm_errors(tmp_path, monkeypatch):
+    import qatlm
+    from qatlm.model import sequential
+
+    with pytest.raises(qatlm.QatlmError, match="must be a model folder"):
+        qatlm.quantize(123, qatlm.RTNConfig(4, 32))
+    with pytest.raises(qatlm.QatlmError, match="out must be a folder path"):
+        qatlm.quantize(tiny_model("llama"), qatlm.RTNConfig(4, 32), out=5)
+    with pytest.raises(qatlm.QatlmError, match="unknown method config"):
+        qatlm.quantize(tiny_model("llama"), "rtn")
+
+    def boom(*a, **k):
+        raise AssertionError("an internal check failed")
+    d = tmp_path / "m"
+    tiny_model("llama").save_pretrained(d)
+    monkeypatch.setattr(sequential, "save_block", boom)
+    with pytest.raises(qatlm.QatlmError, match=r"qatlm.quantize failed unexpectedly \(AssertionError: an internal check failed\)"):
+        qatlm.quantize(str(d), qatlm.RTNConfig(4, 32), out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.work").exists()

@@ -13,7 +13,7 @@ is or contains an input, an existing output without ``overwrite``, a second run 
 
 from __future__ import annotations
 
-from qatlm.errors import QatlmError
+from qatlm.errors import QatlmError, crash_report
 from qatlm.pipeline import run_pipeline
 from qatlm.recipes import RECIPES, STAGES, build_recipe
 from qatlm.summary import RunSummary
@@ -43,5 +43,11 @@ def quantize(model, config, *, tokenizer=None, out=None, resume: bool = False, o
     recipe streams) or a model in memory (changed in place) — and return the summary. With ``out`` the packed
     checkpoint is written there with every guarantee of the command line (``qatlm.pipeline``). ``calib``: optional
     pre-tokenized ``(train_ids, val_ids)`` for a first Block-AP stage."""
-    return run_pipeline(model, config, out, resume=resume, overwrite=overwrite, device=device, tokenizer=tokenizer, calib=calib,
-                        save_dtype=save_dtype, progress=progress, cache_dir=cache_dir, accelerator=accelerator, log_path=log_path)
+    try:
+        return run_pipeline(model, config, out, resume=resume, overwrite=overwrite, device=device, tokenizer=tokenizer, calib=calib,
+                            save_dtype=save_dtype, progress=progress, cache_dir=cache_dir, accelerator=accelerator,
+                            log_path=log_path)
+    except QatlmError:
+        raise
+    except Exception as e:  # nobody foresaw it: a QatlmError naming it, the whole traceback in a file (and chained)
+        raise QatlmError(crash_report("quantize", "qatlm.quantize")) from e

@@ -16,9 +16,8 @@ from pathlib import Path
 from qatlm.errors import QatlmError, check_device
 
 DEFAULT_MODEL_HELP = "local HF model folder (safetensors); default: the built-in SmolLM2-135M-Instruct"
-KERNEL_HELP = ("packed layers: auto (default: cache when the float weights fit in a quarter of the free memory, else plain), "
-               "cache (dequantize once and keep the float weights: fastest), int4 (torch's CPU int4 matmul where the grid allows: "
-               "no float weights), or plain (dequantize every call: the least memory)")
+KERNEL_HELP = ("packed layers: auto (default: cache when the float weights fit in a quarter of the free memory, else plain), cache "
+               "(dequantize once, keep the float weights: fastest), int4 (torch's CPU int4 matmul where the grid allows), plain (the least memory)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,13 +39,9 @@ def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
 
 def _eval_settings(a):
     from qatlm.eval.report import EvalSettings
-    from qatlm.eval.zeroshot import PAPER_TASKS
+    from qatlm.eval.zeroshot import parse_tasks
 
-    tasks = () if a.tasks in ("", "none") else tuple(t.strip() for t in a.tasks.split(","))
-    for t in tasks:
-        if t not in PAPER_TASKS:
-            raise QatlmError(f"unknown zero-shot task '{t}'; choose from {', '.join(PAPER_TASKS)}")
-    return EvalSettings(heldout=a.heldout, seqlen=a.seqlen, ppl_windows=a.ppl_windows or None, tasks=tasks,
+    return EvalSettings(heldout=a.heldout, seqlen=a.seqlen, ppl_windows=a.ppl_windows or None, tasks=parse_tasks(a.tasks),
                         limit=a.limit or None, batch_size=a.eval_batch_size, device=a.device, cache_dir=a.cache_dir,
                         kernel=a.kernel)
 
@@ -175,12 +170,7 @@ def cmd_train(a) -> int:
     src, _ = read_quant_config(a.src)
     if load_tokenizer(src) is None:
         raise QatlmError(f"{src} has no tokenizer files; training needs one")
-    summary = run_pipeline(src, stages, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir)
-    e = summary.end_to_end
-    if e is not None and e.cost:
-        c = e.cost
-        print(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
-              f"{c['lora_params']:,} ({100 * e.trainable_fraction:.2f}% of the model)", file=sys.stderr)
+    run_pipeline(src, stages, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device, cache_dir=a.cache_dir)
     return 0
 
 
@@ -194,11 +184,10 @@ def cmd_demo(a) -> int:
 
 def cmd_eval(a) -> int:
     from qatlm.eval.report import evaluate, markdown_table, write_report
+    from qatlm.io import check_output
 
     settings = _eval_settings(a)
     if a.out:  # a report that cannot be written is refused before the evaluation, not after it
-        from qatlm.io import check_output
-
         check_output(a.out, overwrite=True, what="report folder")
     paths = ([a.paths] if isinstance(a.paths, str) else a.paths) or [str(_default_model(None, a.cache_dir))]
     rows = [evaluate(p, settings) for p in paths]
@@ -220,7 +209,7 @@ def cmd_export(a) -> int:
     if fmt not in FORMATS:
         raise QatlmError(f"unknown export format '{a.format}'; choose one of {', '.join(FORMATS)}")
     print(f"exporting {a.src} as {fmt} ...", file=sys.stderr)
-    with output_lock(Path(a.out).expanduser()):
+    with output_lock(a.out):
         r = export_checkpoint(a.src, fmt, a.out, overwrite=a.overwrite, float_type=a.float_type)
     if r.get("warning"):
         print(f"qatlm: warning: {r['warning']}", file=sys.stderr)
@@ -234,10 +223,8 @@ def cmd_generate(a) -> int:
 
     from qatlm.eval.report import load_any
 
-    if not a.prompt.strip():
-        raise QatlmError("--prompt is empty: give the text to continue")
-    if a.max_new_tokens < 1:
-        raise QatlmError("--max-new-tokens must be at least 1")
+    if not a.prompt.strip() or a.max_new_tokens < 1:
+        raise QatlmError("--prompt is empty: give the text to continue" if not a.prompt.strip() else "--max-new-tokens must be at least 1")
     path = a.path or str(_default_model(None, a.cache_dir))
     t0 = time.time()
     model, tok, desc = load_any(path, kernel=a.kernel)
@@ -280,8 +267,7 @@ def cmd_install(a) -> int:
     return install_runtime(a.runtime, a.dry_run) or 0
 
 
-COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info,
-            "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo, "install": cmd_install}
+COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo, "install": cmd_install}
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ class QatlmError(Exception):
 
 
 MAX_SEED = 2**63 - 1  # torch's generators take seeds in [0, 2^63)
+MAX_LR = 10.0  # a learning rate above this is no setting (rates are fractions of a range per step, or Adam's)
 
 
 def check_number(option: str, value, *, at_least=None, above=None, at_most=None, below=None) -> None:
@@ -43,7 +44,7 @@ def check_device(device: str) -> None:
         raise QatlmError(f"--device {device}: MPS is not available on this machine")
 
 
-def crash_report(command: str) -> str:
+def crash_report(command: str, label: str | None = None) -> str:
     """For an exception nobody foresaw (called in an ``except`` block): the whole traceback written to a file, and
     the one line that names the command, the exception and that file."""
     import os
@@ -61,8 +62,8 @@ def crash_report(command: str) -> str:
     except OSError:
         path = "(could not be written)"
     first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return (f"qatlm {command} failed unexpectedly ({type(exc).__name__}{': ' + first if first else ''}); the full traceback "
-            f"is in {path}")
+    return (f"{label or 'qatlm ' + command} failed unexpectedly ({type(exc).__name__}{': ' + first if first else ''}); the full "
+            f"traceback is in {path}")
 
 
 class on_sigterm:

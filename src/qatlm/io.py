@@ -194,6 +194,8 @@ def write_shards(items, folder: Path, shard_bytes: int):
 
 def check_output(out, inputs=(), overwrite: bool = False, what: str = "output folder") -> Path:
     """Refuse, in one line and before any work, an output that would destroy an input or cannot be written."""
+    if not str(out).strip():  # Path("") is the current folder: never an output by accident
+        raise QatlmError(f"the {what} name is empty (--out '')")
     out = Path(out).expanduser()
     ro = out.resolve()
     for src in inputs:
@@ -227,6 +229,8 @@ def check_output(out, inputs=(), overwrite: bool = False, what: str = "output fo
 def output_lock(out):
     """Hold ``.<name>.lock`` beside ``out`` for the whole run: a second run on the same output is refused
     while the owner lives; a dead owner's lock is taken over."""
+    if not str(out).strip():
+        raise QatlmError("the output folder name is empty (--out '')")
     out = Path(out).expanduser()
     lock = out.parent / f".{out.name}.lock"
     try:
@@ -321,8 +325,6 @@ def resumable(work: Path) -> bool:
         state = read_state(f)
         if state is None or state.get("done", 0) > 0:  # (a damaged state is kept: what it guarded may be recovered)
             return True
-    if any(work.rglob("blocks/*.safetensors")):
-        return True
     return any(p.is_dir() for p in work.rglob("checkpoint"))
 
 

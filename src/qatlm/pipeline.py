@@ -59,6 +59,8 @@ class Source:
         from qatlm.model.source import check_model_dir, is_quantized_dir
         from qatlm.quant.linear import FakeQuantLinear, PackedLinear
 
+        if not isinstance(source, (nn.Module, str, os.PathLike)):
+            raise QatlmError(f"the model must be a model folder (a path) or a torch model, not a {type(source).__name__}")
         if isinstance(source, nn.Module):
             origin = getattr(source, "name_or_path", "") or getattr(getattr(source, "config", None), "_name_or_path", "")
             folder = Path(origin).expanduser() if origin and Path(origin).expanduser().is_dir() else None
@@ -80,7 +82,7 @@ class Source:
             raise QatlmError(f"{method} trains uniform grids only; {self.folder} is on the {spec.format} grid "
                              "(use rtn or block-ap for K-quant grids)")
 
-    def check_positions(self, stages) -> None:
+    def check_positions(self, stages, given_calib: bool = False) -> None:
         """A window longer than the model's positions is refused before anything is loaded (the calibration's of
         Block-AP, the end-to-end stage's), naming the flag that sets it."""
         if self.model is not None:
@@ -92,9 +94,9 @@ class Source:
         if not isinstance(limit, int):
             return
         after_quantizer = any(is_quantizer(s) for s in stages)
-        for st in stages:
+        for i, st in enumerate(stages):
             for field, flag in (("calib_seqlen", "--calib-seqlen"), ("seqlen", "--e2e-seqlen" if after_quantizer else "--seqlen")):
-                value = getattr(st, field, None)
+                value = None if (i == 0 and given_calib) else getattr(st, field, None)  # (pre-tokenized data: its own length)
                 if isinstance(value, int) and value > limit:
                     raise QatlmError(f"{flag} {value} is above the model's limit of {limit} positions")
 
@@ -212,6 +214,10 @@ def write_training_report(summary: RunSummary, work: Path | None, out: Path, say
 def report_training(summary: RunSummary, say) -> None:
     """The lines a run closes with: validation loss of an end-to-end stage, and Block-AP's per-block errors."""
     e2e = summary.end_to_end
+    if e2e is not None and e2e.cost:
+        c = e2e.cost
+        say(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
+            f"{c['lora_params']:,} ({100 * e2e.trainable_fraction:.2f}% of the model)")
     if e2e is not None and e2e.val_loss_before is not None and e2e.val_losses:
         say(f"validation loss {e2e.val_loss_before:.4f} -> {e2e.val_losses[-1]:.4f}")
     if summary.block_ap is None or not summary.block_ap.blocks:
@@ -270,13 +276,23 @@ def run_pipeline(source, stages, out=None, *, resume: bool = False, overwrite: b
     src = Source.of(source)
     check_stages(stages, model_is_quantized=src.quantized)
     src.check_grid(stages)
-    src.check_positions(stages)
+    if tokenizer is None and src.folder is None:  # (a folder brings its own; checked when loaded)
+        for i, st in enumerate(stages):
+            if not is_quantizer(st):
+                raise QatlmError(f"{recipe_name([st])} trains end to end on text: pass a tokenizer")
+            if hasattr(st, "calib") and not (i == 0 and calib is not None):
+                raise QatlmError("block-ap needs calibration text: pass a tokenizer (or calib=(train_ids, val_ids))")
+    src.check_positions(stages, given_calib=calib is not None)
     say = say if progress else (lambda msg: None)
     if src.model is not None:  # a model in memory runs where it is (``device``: None = there)
         world, rank, load_device, run_device = 1, 0, None, device
     else:
         world, rank, load_device, run_device = _launch(stages, device or "cpu")
     main = rank == 0
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise QatlmError(f"out must be a folder path, not a {type(out).__name__}")
+    if out is not None and not str(out).strip():
+        raise QatlmError("the output folder name is empty (--out '')")
     out = Path(out).expanduser() if out is not None else None
     work = out.parent / f"{out.name}.work" if out is not None else None
     if out is not None and main:

@@ -162,3 +162,12 @@ def evaluate_plain(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None
 def average(results: dict) -> float:
     """The EfficientQAT average: mean of per-task ``acc`` over the tasks present."""
     return sum(r["acc"] for r in results.values()) / len(results)
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """``--tasks``: comma-separated names of ``PAPER_TASKS``; '' or 'none' = no zero-shot evaluation."""
+    tasks = () if text.strip() in ("", "none") else tuple(t.strip() for t in text.split(","))
+    for t in tasks:
+        if t not in PAPER_TASKS:
+            raise QatlmError(f"unknown zero-shot task '{t}'; choose from {', '.join(PAPER_TASKS)}")
+    return tasks

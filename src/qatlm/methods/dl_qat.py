@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from qatlm.errors import QatlmError, check_number
+from qatlm.errors import MAX_LR, QatlmError, check_number
 from qatlm.methods.base import Context
 from qatlm.summary import EndToEndSummary
 from qatlm.fields import opt
@@ -53,8 +53,8 @@ class DLQATConfig(EndToEndConfig):
         super().__post_init__()
         check_number("rank", self.rank, at_least=1)
         check_number("alpha", self.alpha, above=0)
-        check_number("lr_lora", self.lr_lora, above=0, at_most=1)
-        check_number("lr_magnitude", self.lr_magnitude, above=0, at_most=1)
+        check_number("lr_lora", self.lr_lora, above=0, at_most=MAX_LR)
+        check_number("lr_magnitude", self.lr_magnitude, above=0, at_most=MAX_LR)
 
 
 def _source_layers(model) -> dict[str, nn.Module]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qatlm.errors import QatlmError, check_number
+from qatlm.errors import MAX_LR, QatlmError, check_number
 from qatlm.fields import opt
 from qatlm.methods.base import Context
 from qatlm.summary import EndToEndSummary
@@ -35,7 +35,7 @@ class E2EQPConfig(EndToEndConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_number("lr", self.lr, above=0, at_most=1)
+        check_number("lr", self.lr, above=0, at_most=MAX_LR)
 
     def learning_rate(self, bits: int, steps: int = PAPER_E2E_STEPS) -> float:
         """The paper's E2E-QP takes 128 steps (4096 samples, global batch 32, 1 epoch) at 2e-5 (2-bit) / 1e-5.

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from qatlm.errors import MAX_SEED, check_number
+from qatlm.errors import MAX_LR, MAX_SEED, check_number
 from qatlm.fields import opt
 from qatlm.methods.base import GridConfig
 from qatlm.quant.grid import QuantSpec
@@ -71,12 +71,12 @@ class BlockAPConfig(GridConfig):
             check_number(name, getattr(self, name), at_least=1)
         check_number("calib_seqlen", self.calib_seqlen, at_least=2)
         check_number("val_samples", self.val_samples, at_least=0)
-        check_number("lr_quant", self.lr_quant, above=0, at_most=1)
-        check_number("lr_weight", self.lr_weight, above=0, at_most=1)
+        check_number("lr_quant", self.lr_quant, above=0, at_most=MAX_LR)
+        check_number("lr_weight", self.lr_weight, above=0, at_most=MAX_LR)
         check_number("seed", self.seed, at_least=0, at_most=MAX_SEED)
         check_number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)
         check_number("block_clip_grad", self.clip_grad, at_least=0)
-        check_number("ram_budget_gb", self.ram_budget_gb, at_least=0)
+        check_number("ram_budget_gb", self.ram_budget_gb, at_least=0, at_most=1 << 20)
 
     def cache_torch_dtype(self, device) -> torch.dtype:
         if self.cache_dtype == "auto":
