@@ -6,9 +6,8 @@ import json
 import os
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
-from tiny import tiny_model, tiny_tokenizer, tree_hash
+from tiny import check_one_clear_line, tiny_model, tiny_tokenizer
 
 from qatlm import RTNConfig, quantize, save_quantized
 from qatlm.cli import main
@@ -186,19 +185,7 @@ def test_the_catalogue_grows_by_at_least_60_cases():
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[f"{i:02d}-{c[0][0]}-{c[1][:30]}" for i, c in enumerate(CASES)])
 def test_bad_input_is_one_clear_line(argv, message, src, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("QATLM_CACHE", str(tmp_path / "cache"))
-    before = tree_hash(src)
-    args = [a.format(src=src, tmp=tmp_path / "runs") for a in argv]
-    (tmp_path / "runs").mkdir()
-    code = main(args)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("qatlm: error:")]
-    assert code == 2, err
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
-    assert list((tmp_path / "runs").iterdir()) == []
-    assert [p.name for p in src.iterdir() if p.name.startswith(".") or p.name.endswith(".work")] == []
-    assert tree_hash(src) == before
+    check_one_clear_line(argv, message, src, tmp_path, capsys, monkeypatch)
 
 
 def test_a_jsonl_with_a_utf8_bom_is_read(src, tmp_path, capsys):

@@ -132,3 +132,25 @@ def llama_cpp_logits(gguf_file, ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))
     finally:
         llm.close()
+
+
+def check_one_clear_line(argv, message, src, tmp_path, capsys, monkeypatch):
+    """The bad-input rule: ``qatlm ARGV`` (``{src}``/``{tmp}`` filled in) ends with exit code 2 and exactly one
+    ``qatlm: error:`` line holding ``message``, no traceback, no output, work folder or lock left behind, and the
+    sources untouched."""
+    from qatlm.cli import main
+
+    monkeypatch.setenv("QATLM_CACHE", str(tmp_path / "cache"))
+    before = tree_hash(src)
+    args = [a.format(src=src, tmp=tmp_path / "runs") for a in argv]
+    (tmp_path / "runs").mkdir()
+    code = main(args)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("qatlm: error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert list((tmp_path / "runs").iterdir()) == []  # no output, work folder or lock left behind
+    leftovers = [p.name for p in src.iterdir() if p.name.startswith(".") or p.name.endswith(".work")]
+    assert leftovers == []
+    assert tree_hash(src) == before  # the sources are untouched

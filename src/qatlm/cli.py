@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,7 @@ def cmd_quantize(a) -> int:
     stages = recipe_from_args(a, "quantize")
     run_pipeline(_default_model(a.model, a.cache_dir), stages, a.out, resume=a.resume, overwrite=a.overwrite, device=a.device,
                  save_dtype=a.save_dtype, cache_dir=a.cache_dir)
-    if Path(a.out).expanduser().is_dir():  # (under torchrun only the first process writes it)
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun the first process wrote it)
         print_info(str(Path(a.out).expanduser()))
     return 0
 

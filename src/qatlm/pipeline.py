@@ -95,8 +95,8 @@ class Source:
             return
         after_quantizer = any(is_quantizer(s) for s in stages)
         for i, st in enumerate(stages):
-            for field, flag in (("calib_seqlen", "--calib-seqlen"), ("seqlen", "--e2e-seqlen" if after_quantizer else "--seqlen")):
-                value = None if (i == 0 and given_calib) else getattr(st, field, None)  # (pre-tokenized data: its own length)
+            for name, flag in (("calib_seqlen", "--calib-seqlen"), ("seqlen", "--e2e-seqlen" if after_quantizer else "--seqlen")):
+                value = None if (i == 0 and given_calib) else getattr(st, name, None)  # (pre-tokenized data: its own length)
                 if isinstance(value, int) and value > limit:
                     raise QatlmError(f"{flag} {value} is above the model's limit of {limit} positions")
 

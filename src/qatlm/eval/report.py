@@ -78,7 +78,8 @@ def load_gguf(path, device="cpu"):
 
 def load_any(path, device="cpu", kernel: str = "auto"):
     """(model, tokenizer, description) for an fp HF folder, a qatlm/GPTQ checkpoint or a GGUF file."""
-    from qatlm.model.checkpoint import checkpoint_info, is_quantized_dir, load_fp_model, load_quantized, load_tokenizer
+    from qatlm.model.checkpoint import checkpoint_info, load_fp_model, load_quantized, load_tokenizer
+    from qatlm.model.source import is_quantized_dir
     from qatlm.model.layers import set_kernel
 
     p = Path(path)

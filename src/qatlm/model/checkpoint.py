@@ -23,7 +23,7 @@ from torch import nn
 from qatlm.version import __version__
 from qatlm.errors import QatlmError
 from qatlm.io import atomic_dir, check_output, write_shards
-from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, is_quantized_dir, load_config, read_config_json, weight_files
+from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, load_config, read_config_json, weight_files
 from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec

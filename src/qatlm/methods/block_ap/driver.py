@@ -20,8 +20,8 @@ from qatlm.methods.block_ap.caches import ActivationChain
 from qatlm.methods.block_ap.config import BlockAPConfig
 from qatlm.methods.block_ap.sharding import Shard
 from qatlm.methods.block_ap.state import RunState
-from qatlm.model.arch import capture_layer_inputs, defuse_experts, find_parts, first_layer_input, quant_targets
-from qatlm.model.lazy import check_source_weights, lazy_source
+from qatlm.model.arch import capture_layer_inputs, defuse_experts, first_layer_input, quant_targets
+from qatlm.model.lazy import check_source_weights
 from qatlm.model.sequential import SequentialBlocks
 from qatlm.memory import release_freed_memory
 from qatlm.quant.linear import check_target
