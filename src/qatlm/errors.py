@@ -24,6 +24,15 @@ def check_number(option: str, value, *, at_least=None, above=None, at_most=None,
             raise QatlmError(f"{flag} must be {word} {bound}, got {value}")
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` when torch sees a GPU, else ``cpu``; any other name as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str) -> None:
     """A torch device this machine has: unknown names and missing GPUs are refused before any work."""
     import torch
@@ -34,7 +43,7 @@ def check_device(device: str) -> None:
     except (RuntimeError, TypeError):
         raise QatlmError(f"--device {shown}: unknown device (use cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             raise QatlmError(f"--device {device}: no CUDA GPU is visible on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise QatlmError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")

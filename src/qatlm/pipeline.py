@@ -52,9 +52,10 @@ class Source:
     model: nn.Module | None = None
     quantized: bool = False
     quant_config: dict = field(default_factory=dict)
+    name: str | None = None  # what the checkpoint records as its source: the hub id, or the folder's name
 
     @classmethod
-    def of(cls, source) -> "Source":
+    def of(cls, source, revision: str | None = None) -> "Source":
         from qatlm.model.checkpoint import read_quant_config
         from qatlm.model.source import check_model_dir, is_quantized_dir
         from qatlm.quant.linear import FakeQuantLinear, PackedLinear
@@ -66,11 +67,14 @@ class Source:
             folder = Path(origin).expanduser() if origin and Path(origin).expanduser().is_dir() else None
             quantized = any(isinstance(m, (PackedLinear, FakeQuantLinear)) for m in source.modules())
             return cls(folder, source, quantized)
-        folder = check_model_dir(source)
+        from qatlm.model.source import resolve_model
+
+        folder = check_model_dir(resolve_model(source, revision))
+        name = folder.name if Path(str(source)).expanduser().exists() else str(source)  # (a hub id names itself)
         if is_quantized_dir(folder):
             folder, qc = read_quant_config(folder)
-            return cls(folder, None, True, qc)
-        return cls(folder)
+            return cls(folder, None, True, qc, name)
+        return cls(folder, name=name)
 
     def check_grid(self, stages) -> None:
         """The end-to-end methods train uniform grids: a K-quant checkpoint is refused before it is loaded."""
@@ -256,7 +260,7 @@ def _save(model, out: Path, src: Source, stages, summary: RunSummary, tokenizer,
         method = summary.method
     meta = {"method": method}
     if src.folder is not None:
-        meta["source"] = src.folder.name
+        meta["source"] = src.name or src.folder.name
     if save_dtype == "auto":
         dtype = source_dtype(src.folder, builtin_fp16=True) if (src.folder is not None and not src.quantized) else None
     else:
@@ -269,11 +273,12 @@ def _save(model, out: Path, src: Source, stages, summary: RunSummary, tokenizer,
 
 def run_pipeline(source, stages, out=None, *, resume: bool = False, overwrite: bool = False, device=None, tokenizer=None,
                  calib=None, save_dtype: str = "auto", progress: bool = True, cache_dir=None, accelerator=None, log_path=None,
-                 say=_stderr) -> RunSummary:
-    """Run ``stages`` on ``source`` (a model folder, float or packed, or a model in memory, changed in place) and,
-    with ``out``, write the packed checkpoint there. Returns the run's summary. See the module docstring."""
+                 revision: str | None = None, say=_stderr) -> RunSummary:
+    """Run ``stages`` on ``source`` (a model folder, float or packed, a hub id at ``revision``, or a model in memory,
+    changed in place) and, with ``out``, write the packed checkpoint there. Returns the run's summary. See the module
+    docstring."""
     stages = list(stages) if isinstance(stages, (list, tuple)) else [stages]
-    src = Source.of(source)
+    src = Source.of(source, revision)
     check_stages(stages, model_is_quantized=src.quantized)
     src.check_grid(stages)
     if tokenizer is None and src.folder is None:  # (a folder brings its own; checked when loaded)
@@ -309,13 +314,16 @@ def run_pipeline(source, stages, out=None, *, resume: bool = False, overwrite: b
 
                 tokenizer = load_tokenizer(src.folder)
             if src.model is None and main:
-                say(f"{'quantizing' if any(is_quantizer(st) for st in stages) else 'training'} with {recipe_name(stages)}" + (f" at {grid_of(stages).tag}" if grid_of(stages) else "")
-                    + (" (block by block)" if lazy else "") + (f", {world} data-parallel processes" if world > 1 else ""))
+                verb = "quantizing" if any(is_quantizer(st) for st in stages) else "training"
+                grid = f" at {grid_of(stages).tag}" if grid_of(stages) else ""
+                say(f"{verb} with {recipe_name(stages)}{grid} on {run_device}" + (" (block by block)" if lazy else "")
+                    + (f", {world} data-parallel processes" if world > 1 else ""))
             if grid_of(stages) is not None:
                 _note_group_size(model, grid_of(stages), say if main else (lambda m: None))
             ctx = Context(tokenizer=tokenizer, device=run_device, work_dir=work,
                           resume=resume, progress=progress and main, cache_dir=cache_dir, log_path=log_path, accelerator=accelerator)
             summary = run_recipe(model, stages, calib, ctx)
+            summary.device = str(run_device or next(model.parameters()).device)
             if out is not None and main:
                 _save(model, out, src, stages, summary, tokenizer, work, lazy, save_dtype, say)
                 say(f"saved {out} in {time.time() - t0:.1f}s")

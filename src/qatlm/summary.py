@@ -104,6 +104,7 @@ class RunSummary:
     block_ap: BlockAPSummary | None = None
     e2e_qp: EndToEndSummary | None = None
     dl_qat: EndToEndSummary | None = None
+    device: str | None = None  # where the stages ran
 
     def stage(self, name: str):
         return getattr(self, name.replace("-", "_"))
@@ -122,7 +123,7 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSummary":
-        kw = {"method": d["method"], "stages": list(d["stages"])}
+        kw = {"method": d["method"], "stages": list(d["stages"]), "device": d.get("device")}
         for name in kw["stages"]:
             key = name.replace("-", "_")
             if d.get(key) is not None:

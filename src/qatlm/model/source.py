@@ -143,3 +143,55 @@ def check_fp_folder(path):
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise QatlmError(f"{p} is not a causal language model (architectures: {', '.join(archs)}); qatlm quantizes decoder LMs")
     return p, config
+
+
+# --- models named by their hub id ----------------------------------------------------------------------------------
+
+HUB_FILES = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]  # never .bin, never code
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` (or a bare ``name``): no leading ``.``, ``/`` or ``~``, at most one ``/``, no backslash."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name)) and ".." not in name
+
+
+def resolve_model(name, revision: str | None = None) -> Path:
+    """A model named by a local folder (which wins when it exists) or by a Hugging Face hub id (``org/name``, at
+    ``revision``), fetched into the standard HF cache: safetensors, config and tokenizer files only (never pickled
+    ``.bin`` weights, never remote code). With ``HF_HUB_OFFLINE=1`` only the cache is read."""
+    import os
+
+    p = Path(str(name)).expanduser()
+    if p.exists() or not looks_like_hub_id(str(name)):
+        if revision is not None:
+            raise QatlmError(f"--revision {revision} applies to hub ids only; {name} is a local folder")
+        return p
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    what = f"{name}" + (f" at revision {revision}" if revision else "")
+    try:
+        folder = Path(snapshot_download(str(name), revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                        allow_patterns=HUB_FILES, local_files_only=offline))
+    except GatedRepoError:
+        raise QatlmError(f"{name} is a gated repository: accept its licence on its hub page, then log in with "
+                         "`hf auth login`") from None
+    except RevisionNotFoundError:
+        raise QatlmError(f"{name} has no revision {revision}") from None
+    except RepositoryNotFoundError:
+        raise QatlmError(f"no model {name} on the hub (nor a local folder of that name); a private repository needs "
+                         "`hf auth login`") from None
+    except LocalEntryNotFoundError:
+        raise QatlmError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached"
+                         + (" (HF_HUB_OFFLINE is set)" if offline else "") + ": fetch it once with network access") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise QatlmError(f"{what} could not be fetched from the hub ({str(e).splitlines()[0][:160]})") from None
+    if not weight_files(folder):
+        pickled = sorted(f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+        raise QatlmError(f"{name} has no safetensors weights" + (f" (only {', '.join(pickled)}, which qatlm never unpickles)"
+                                                                  if pickled else "") + ": choose a repository that ships safetensors")
+    return folder
