@@ -21,7 +21,10 @@ def _eval_settings(a):
     from qatlm.eval.report import EvalSettings
     from qatlm.eval.zeroshot import parse_tasks
 
-    return EvalSettings(heldout=a.heldout, seqlen=a.seqlen, ppl_windows=a.ppl_windows or None, tasks=parse_tasks(a.tasks),
+    from qatlm.data.hub import context_length
+
+    seqlen = a.seqlen if a.seqlen is not None else context_length(a.heldout) or 512
+    return EvalSettings(heldout=a.heldout, seqlen=seqlen, ppl_windows=a.ppl_windows or None, tasks=parse_tasks(a.tasks),
                         limit=a.limit or None, batch_size=a.eval_batch_size, device=a.device, cache_dir=a.cache_dir,
                         kernel=a.kernel)
 

@@ -20,8 +20,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
-    p.add_argument("--heldout", default="shakespeare", help="held-out text: shakespeare, wikipedia, or a .txt/.jsonl/.parquet/dataset folder")
-    p.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default 512)")
+    p.add_argument("--heldout", default="shakespeare", help="held-out text: shakespeare, wikipedia, a .txt/.jsonl/.parquet/dataset "
+                                                           "folder, a Hugging Face dataset NAME:CONFIG:SPLIT[:FIELD], or the papers' "
+                                                           "wikitext2 / c4")
+    p.add_argument("--seqlen", type=int, default=None, help="perplexity window length (default 512; 2048 for wikitext2 / c4)")
     p.add_argument("--ppl-windows", type=int, default=40, help="number of perplexity windows, 0 = the whole text (default 40)")
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated zero-shot tasks, or 'none'")
     p.add_argument("--limit", type=int, default=limit, help=f"items per zero-shot task, 0 = all (default {limit})")

@@ -35,9 +35,14 @@ def resolve_source(source, cache_dir=None) -> Path:
 
     if str(source) in BUILTIN_TEXT:
         return BUILTIN_TEXT[str(source)](cache_dir)
+    from qatlm.data.hub import dataset_text_file, is_dataset_name
+
+    if is_dataset_name(str(source)):  # a Hugging Face datasets id, or one of the papers' presets
+        return dataset_text_file(str(source), cache_dir)
     p = Path(source).expanduser()
     if not p.exists():
-        raise QatlmError(f"text source {source} does not exist (built-in sources: {', '.join(BUILTIN_TEXT)})")
+        raise QatlmError(f"text source {source} does not exist (built-in sources: {', '.join(BUILTIN_TEXT)}; a dataset: "
+                         "NAME:CONFIG:SPLIT, or wikitext2 / c4)")
     if not p.is_dir() and not p.is_file():  # a FIFO or a device would be read forever
         raise QatlmError(f"text source {source} is not a regular file")
     return p

@@ -28,7 +28,8 @@ class BlockAPConfig(GridConfig):
     streams: ClassVar[bool] = True  # can run block by block on a lazily loaded model
 
     grid: QuantSpec = opt(QuantSpec, "the integer grid")
-    calib: str = opt("wikipedia", "calibration text: wikipedia (built-in) or a .txt/.jsonl/.parquet/dataset folder")
+    calib: str = opt("wikipedia", "calibration text: wikipedia (built-in), a .txt/.jsonl/.parquet/dataset folder, a Hugging Face "
+                                  "dataset NAME:CONFIG:SPLIT[:FIELD] (streamed), or wikitext2-train / c4-train")
     calib_samples: int = opt(128, "calibration samples")
     calib_seqlen: int = opt(512, "tokens per calibration sample")
     val_samples: int = opt(16, "validation samples, disjoint from calibration")
