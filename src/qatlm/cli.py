@@ -1,4 +1,4 @@
-"""Command line: ``qatlm quantize | train | eval | compare | export | generate | info | assets | demo | install``.
+"""Command line: ``qatlm quantize | train | eval | compare | export | generate | info | upload | assets | demo | install``.
 
 A thin adapter: each command parses its flags, calls the library (``quantize``, ``train`` and ``demo`` go through
 ``qatlm.pipeline.run_pipeline``, the same function as the Python API) and prints. Every user error ends as one
@@ -156,13 +156,23 @@ def cmd_assets(a) -> int:
     return 0
 
 
+def cmd_upload(a) -> int:
+    from qatlm.describe import fmt_bytes
+    from qatlm.upload import upload
+
+    files = upload(a.folder, a.repo, private=a.private, dry_run=a.dry_run)
+    for f in files:
+        print(f"{'would send' if a.dry_run else 'sent'}  {fmt_bytes(f.stat().st_size):>10}  {f.relative_to(Path(a.folder).expanduser())}")
+    return 0
+
+
 def cmd_install(a) -> int:
     from qatlm.install import install_runtime
 
     return install_runtime(a.runtime, a.dry_run) or 0
 
 
-COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo, "install": cmd_install}
+COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo, "install": cmd_install, "upload": cmd_upload}
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qatlm.errors import QatlmError
+from qatlm.export.card import write_card
 from qatlm.io import atomic_dir, check_output
 
 FORMATS = ("gptq", "gptq-v1", "gguf", "compressed-tensors")
@@ -109,6 +110,9 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
                                      "(llama.cpp's 2/3-bit K-quants cannot hold these step sizes exactly): the file is ~5 bits per weight")
         else:
             _write_compressed(model, layers, spec, tmp, tok, meta)  # compress_layer checks every layer's integers
+        write_card(tmp, source=meta.get("source") or src.name, method=meta.get("method", "gptq"), grid=spec.tag,
+                   kind="gguf" if fmt == "gguf" else "compressed-tensors" if fmt == "compressed-tensors" else "gptq", spec=spec,
+                   note=f"Exported by `qatlm export --format {fmt}` from a qatlm checkpoint; `export_report.json` holds the checks.")
         report["seconds"] = round(time.time() - t0, 1)
         report["size_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -133,6 +137,8 @@ def _export_float_gguf(src: Path, out: Path, float_type: str) -> dict:
         name = f"{src.name}-{float_type}.gguf"
         report.update(write_gguf(model, None, src, tmp / name, float_type=float_type))
         report["file"] = name
+        write_card(tmp, source=src.name, method="full precision", grid=float_type, kind="gguf",
+                   note="Not quantized: the input llama.cpp's own quantizer (`llama-quantize`) takes.")
         report["seconds"] = round(time.time() - t0, 1)
         report["size_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
