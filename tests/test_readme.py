@@ -1,13 +1,16 @@
-"""Every `qatlm` command shown in the README runs as written, in the README's order, on a tiny model.
+"""Every `qatlm` command shown in the README and in docs/ runs as written, in their order, on a tiny model, and so
+does every Python block of the README.
 
-The built-in assets (model, texts, zero-shot items) are replaced by tiny local stand-ins so that nothing is
-fetched; the placeholders (PATH, DIR, ...) become folders of this test. Nothing else in a command changes:
-its flags, budgets and defaults are the README's.
+The built-in assets (model, texts, zero-shot items), the hub model the quickstart names and the papers' dataset
+presets are replaced by tiny local stand-ins (a Hugging Face cache laid out as the hub lays it out, read with
+HF_HUB_OFFLINE=1) so that nothing is fetched; the placeholders (PATH, DIR, ...) become folders of this test. Nothing
+else in a command changes: its flags, budgets and defaults are the documentation's.
 """
 
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,14 +19,23 @@ from tiny import tiny_model, tiny_tokenizer
 
 from qatlm.cli import build_parser, main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# the pages in the order a reader meets them (a later page's commands use what an earlier one wrote)
+DOCS = [ROOT / "docs" / f"{name}.md" for name in ("command-line", "block-ap", "e2e-qp", "dl-qat", "memory", "exports", "results",
+                                                 "reliability", "how-it-works", "limitations", "architecture")]
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PLACEHOLDERS = {"PATH", "FP_DIR", "DIR", "DIR1", "DIR2", "DIR-gptq", "DIR-v1", "DIR-gguf", "DIR-ct", "CHECKPOINT"}
 
 
+def test_every_doc_page_is_in_the_reading_order():
+    assert sorted(DOCS) == sorted((ROOT / "docs").glob("*.md"))
+
+
 def readme_commands() -> list[str]:
-    """`qatlm ...` and `torchrun ... -m qatlm.cli ...` lines of the README's bash blocks, comments removed."""
+    """`qatlm ...` and `torchrun ... -m qatlm.cli ...` lines of the bash blocks of the README and docs/, comments removed."""
     out, in_bash = [], False
-    for line in README.read_text().splitlines():
+    for line in (l for page in [README, *DOCS] for l in page.read_text().splitlines()):
         if line.startswith("```"):
             in_bash = line.strip() in ("```bash", "```sh")
             continue
@@ -68,12 +80,12 @@ def stand_ins(tmp_path, monkeypatch):
     from qatlm.data import assets
 
     model = tmp_path / "builtin-model"
-    tiny_model("llama", max_position_embeddings=1024).save_pretrained(model)
+    tiny_model("llama", max_position_embeddings=4096).save_pretrained(model)
     tok = tiny_tokenizer()
     tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     tok.save_pretrained(model)
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(3000)))
+    text.write_text(" ".join(f"the cat sat on the mat number {i} and a man is sitting on a roof" for i in range(12000)))
     sciq = tmp_path / "sciq.jsonl"
     sciq.write_text("".join(json.dumps({"instruction": f"what sat on mat {i}?", "output": "the cat"}) + "\n" for i in range(80)))
     zs = {t: write_stream(rows, tmp_path / f"{t}.arrow") for t, rows in FIXTURES.items()}
@@ -84,18 +96,25 @@ def stand_ins(tmp_path, monkeypatch):
         monkeypatch.setitem(assets.BUILTIN_TEXT, name, lambda cache_dir=None: text)
     monkeypatch.setitem(assets.BUILTIN_INSTRUCT, "sciq-instruct", lambda cache_dir=None: sciq)
     monkeypatch.setenv("QATLM_CACHE", str(tmp_path / "cache"))
+    from qatlm.data import hub
+
+    monkeypatch.setattr(hub, "dataset_text_file", lambda source, cache_dir=None: text)  # wikitext2, c4: no download
+    snapshot = tmp_path / "hf" / f"models--{HUB_MODEL.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(model, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "work"
     work.mkdir()
     (work / "alpaca.jsonl").write_text(sciq.read_text())
-    tiny_model("llama", seed=1, max_position_embeddings=1024).save_pretrained(work / "PATH")
+    tiny_model("llama", seed=1, max_position_embeddings=4096).save_pretrained(work / "PATH")
     tok.save_pretrained(work / "PATH")
     monkeypatch.chdir(work)
     return work
 
 
 def test_every_readme_command_runs_as_written(stand_ins, capsys):
-    import shutil
-
     work = stand_ins
     ran = []
     for cmd in readme_commands():
@@ -119,4 +138,27 @@ def test_every_readme_command_runs_as_written(stand_ins, capsys):
         else:
             assert code == 0, f"README command failed: {cmd}\n{err[-2000:]}"
         ran.append(argv[0])
-    assert ran.count("quantize") >= 5 and ran.count("train") >= 3 and ran.count("export") == 6, ran
+    assert ran.count("quantize") >= 5 and ran.count("train") >= 3 and ran.count("export") >= 7, ran
+
+
+def test_every_readme_python_block_runs_as_written(stand_ins, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - the README's own code
+    assert (stand_ins / "smollm2-w2" / "training_summary.json").is_file()
+
+
+def test_the_readme_is_a_front_door():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250
+    head = "\n".join(lines[:12])  # the two commands come first
+    assert "pip install torch==2.13.0 -e . && qatlm demo" in head and "python -m pytest -q" in head
+    for page in DOCS:  # every page the README's documentation list names exists, and is named
+        assert f"docs/{page.name}" in README.read_text() or page.name == "architecture.md" and "docs/architecture.md" in README.read_text()
+
+
+def test_the_manual_speaks_of_the_project_not_of_how_it_was_built():
+    for page in [README, *DOCS]:
+        words = re.findall(r"\b(sessions?|issues?|this stop)\b", page.read_text(), flags=re.I)
+        assert not words, (page.name, words)
