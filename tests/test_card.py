@@ -102,3 +102,16 @@ def test_upload_creates_the_repository_and_sends_the_folder(outputs, monkeypatch
     assert main(["upload", str(outputs / "asym4"), "org/tiny-w4", "--private"]) == 0
     assert calls == [("create", "org/tiny-w4", True), ("upload", "org/tiny-w4", str(outputs / "asym4"))]
     assert "sent" in capsys.readouterr().out
+
+
+def test_eval_writes_its_figures_into_the_card_when_asked(outputs, tmp_path, capsys):
+    import shutil
+
+    q = tmp_path / "q"
+    shutil.copytree(outputs / "asym4", q)
+    argv = ["eval", str(q), "--heldout", str(outputs / "t.txt"), "--seqlen", "32", "--ppl-windows", "4", "--tasks", "none"]
+    assert main(argv) == 0 and "## Evaluation" not in (q / "README.md").read_text()  # not without --card
+    assert main(argv + ["--card"]) == 0 and main(argv + ["--card"]) == 0  # twice: the second replaces the first
+    card = (q / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and "held-out perplexity on `t.txt` (4 windows x 32 tokens" in card
+    assert card.index("## Evaluation") < card.index("## Loads in")

@@ -86,6 +86,12 @@ def cmd_eval(a) -> int:
         check_output(a.out, overwrite=True, what="report folder")
     paths = [_named(p, a.revision) for p in ([a.paths] if isinstance(a.paths, str) else a.paths)] or [str(_default_model(None, a.cache_dir))]
     rows = [evaluate(p, settings) for p in paths]
+    if a.card:
+        from qatlm.export.card import add_evaluation
+
+        for p, row in zip(paths, rows):
+            if add_evaluation(p, row):
+                print(f"model card of {p}: evaluation written", file=sys.stderr)
     print(markdown_table(rows))
     if a.out:
         files = write_report(rows, a.out)

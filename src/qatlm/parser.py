@@ -79,6 +79,7 @@ def _eval_parsers(sub):
         e.add_argument("paths", nargs="*" if name == "compare" else "?", help="model folders, qatlm checkpoints or GGUF files (read by transformers' GGUF loader) (default: the built-in model)")
         _add_eval_args(e)
         e.add_argument("--out", default=None if name == "eval" else "qatlm-report", help="folder for report.md / report.json / report.png")
+        e.add_argument("--card", action="store_true", help="also write the figures into each evaluated qatlm folder's model card")
         _add_common(e)
     d = sub.add_parser("demo", help="first-run demo (~10 min on 2 CPU cores): quantize the built-in SmolLM2 to 3 bits with RTN and "
                        "with Block-AP (quantization-aware), evaluate both against full precision, write report.md/png with the training curves")

@@ -85,3 +85,26 @@ def write_card(folder: Path, **kw) -> Path:
     path = Path(folder) / CARD
     path.write_text(model_card(**kw))
     return path
+
+
+def add_evaluation(folder, row: dict) -> bool:
+    """Write what ``qatlm eval`` measured (``row``) into a qatlm output folder's card, replacing an earlier evaluation;
+    False (nothing written) for a folder without a qatlm card."""
+    from qatlm.io import atomic_write_text
+
+    path = Path(folder) / CARD
+    if not path.is_file() or "- qatlm" not in path.read_text(errors="replace"):
+        return False
+    text = path.read_text()
+    if "\n## Evaluation\n" in text:  # the earlier evaluation goes
+        head, _, rest = text.partition("\n## Evaluation\n")
+        text = head + "\n" + rest[rest.find("\n## ") + 1:] if "\n## " in rest else head
+    lines = ["## Evaluation", "", f"- held-out perplexity on `{Path(str(row.get('heldout'))).name}` "
+                                   f"({row.get('ppl_protocol', '')}): {row['heldout_ppl']:.2f}"]
+    if row.get("zeroshot_avg") is not None:
+        tasks = ", ".join(f"{t} {v.get('acc_norm', v.get('acc')):.3f}" for t, v in (row.get("zeroshot") or {}).items())
+        lines.append(f"- zero-shot average {row['zeroshot_avg']:.3f} ({tasks}; first {row.get('zeroshot_limit') or 'all'} items each)")
+    block = "\n".join(lines) + "\n\n"
+    text = text.replace("## Loads in", block + "## Loads in", 1) if "## Loads in" in text else text + "\n" + block
+    atomic_write_text(path, text)
+    return True
