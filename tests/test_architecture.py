@@ -126,7 +126,7 @@ LAYERS = [
     ("recipes", ("recipes",)),
     ("evaluation, export", ("eval", "export")),
     ("the pipeline", ("pipeline",)),
-    ("entry points", ("api", "options", "parser", "cli", "demo", "describe", "install", "")),
+    ("entry points", ("api", "options", "parser", "cli", "demo", "describe", "install", "upload", "")),
 ]
 
 

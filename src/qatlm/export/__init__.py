@@ -37,6 +37,21 @@ def _logits(model, ids):
     return model(input_ids=ids).logits.float()
 
 
+def _check_gguf_expressible(src: Path, spec) -> None:
+    """Refuse what GGUF cannot express (architecture, grid, tensor names) from the config and the headers alone."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from qatlm.export.gguf_file import check_config
+    from qatlm.model.source import weight_files
+
+    names = []
+    for f in weight_files(src):  # headers only: no tensor is read
+        with safe_open(f, framework="pt") as fh:
+            names += list(fh.keys())
+    check_config(AutoConfig.from_pretrained(src), spec, names)
+
+
 def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: str = "f16") -> dict:
     """Export the qatlm/GPTQ checkpoint ``src`` to ``out`` in format ``fmt``; returns a report (also
     written to ``out/export_report.json``)."""
@@ -64,17 +79,7 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
         raise QatlmError(f"a {spec.format} checkpoint exports to gguf only (its layers are llama.cpp K-quant blocks, "
                          f"which {fmt} cannot hold)")
     if fmt == "gguf":  # what GGUF cannot express is refused before the model is loaded
-        from transformers import AutoConfig
-
-        from qatlm.export.gguf_file import check_config
-
-        from safetensors import safe_open
-
-        names = []
-        for f in sorted(src.glob("*.safetensors")):  # headers only: no tensor is read
-            with safe_open(f, framework="pt") as fh:
-                names += list(fh.keys())
-        check_config(AutoConfig.from_pretrained(src), spec, names)
+        _check_gguf_expressible(src, spec)
     t0 = time.time()
     model = load_quantized(src, dtype=torch.float32)
     tok = load_tokenizer(src)
