@@ -267,12 +267,14 @@ def _save(model, out: Path, src: Source, stages, summary: RunSummary, tokenizer,
         dtype = getattr(torch, save_dtype)
     if src.folder is not None and not src.quantized:
         meta["source_dtype"] = str(source_dtype(src.folder, builtin_fp16=False)).removeprefix("torch.")
+
     def report(tmp: Path):
         from qatlm.export.card import write_card
 
         write_card(tmp, source=meta.get("source"), method=method, grid=spec.tag, kind="kquant" if spec.kformat else "gptq",
                    spec=spec, summary=summary)
         write_training_report(summary, work, tmp, say)
+
     save_quantized(model, out, spec, tokenizer=tokenizer, overwrite=True, meta=meta, dtype=dtype, report=report,
                    block_files=work if lazy else None)
 
