@@ -45,10 +45,11 @@ def test_every_output_has_a_card_in_the_hub_convention(outputs):
 def test_a_card_names_only_the_runtimes_that_load_that_folder(outputs):
     _, loads, other, _ = sections(outputs / "asym4")
     assert "transformers + gptqmodel" in loads and "vLLM" not in loads  # vLLM's GPTQ kernels refuse asymmetric grids
-    assert "compressed-tensors" in other and "llama.cpp" in other
-    assert "vLLM" in sections(outputs / "sym4")[1]
+    assert "--for vllm --out DIR-vllm` (compressed-tensors" in other and "llama.cpp" in other
+    _, loads, other, _ = sections(outputs / "sym4")  # vLLM would serve this folder in bf16 (its dtype=auto): the export
+    assert "vLLM" not in loads and "--for vllm" in other  # declares float16, in which the step sizes are exact
     _, loads, other, _ = sections(outputs / "w2")
-    assert "vLLM" not in loads and "no kernel for 2- or 3-bit" in other
+    assert "vLLM" not in loads and "vLLM: none (vLLM has no kernel for 2-bit weights" in other
     _, loads, other, _ = sections(outputs / "k")
     assert "transformers" not in loads and "vLLM" not in loads and "llama.cpp" in other
     assert "llama.cpp" in sections(outputs / "asym4-gguf")[1] and "vLLM" in sections(outputs / "asym4-compressed-tensors")[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_ids, tiny_model, tiny_tokenizer
+from tiny import need_llama_cpp, tiny_ids, tiny_model, tiny_tokenizer
 
 from qatlm import RTNConfig, load_quantized, quantize, save_quantized
 from qatlm.errors import QatlmError
@@ -353,9 +353,9 @@ def test_float_model_exports_to_gguf_and_a_gguf_file_evaluates(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "mixtral"])
 def test_llama_cpp_runs_every_exported_family(tmp_path, family):
-    """Where llama-cpp-python is installed (not in CI): llama.cpp itself loads each family's GGUF (Q4_0, bit-exact
+    """llama.cpp itself loads each family's GGUF (Q4_0, bit-exact
     weights) and its logits follow qatlm's (llama.cpp's matmuls quantize activations to 8 bits: close, not equal)."""
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     from tiny import llama_cpp_logits
 
     over = {"qwen3": {"head_dim": 128}, "qwen3_moe": {"head_dim": 16, "norm_topk_prob": True}}.get(family, {})

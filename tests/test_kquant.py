@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_ids, tiny_model, tiny_tokenizer
+from tiny import need_llama_cpp, tiny_ids, tiny_model, tiny_tokenizer
 
 from qatlm import BlockAPConfig, QatlmError, QuantSpec, RTNConfig, load_quantized, quantize, save_quantized
 from qatlm.cli import main
@@ -182,9 +182,9 @@ def test_streamed_rtn_on_k_grid_equals_in_memory(tmp_path):
 
 
 def test_llama_cpp_runs_the_k_quant_gguf(tmp_path):
-    """Where llama-cpp-python is installed (bench/kquant.py builds it; CI does not): llama.cpp itself loads the exported
+    """llama.cpp itself loads the exported
     Q2_K file and its logits follow qatlm's (its matmuls quantize activations to 8 bits: close, not equal)."""
-    pytest.importorskip("llama_cpp")
+    need_llama_cpp()
     from tiny import llama_cpp_logits
 
     model = _model()

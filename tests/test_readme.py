@@ -22,7 +22,7 @@ from qatlm.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # the pages in the order a reader meets them (a later page's commands use what an earlier one wrote)
-DOCS = [ROOT / "docs" / f"{name}.md" for name in ("command-line", "block-ap", "e2e-qp", "dl-qat", "memory", "exports", "results",
+DOCS = [ROOT / "docs" / f"{name}.md" for name in ("command-line", "block-ap", "e2e-qp", "dl-qat", "memory", "exports", "serving", "results",
                                                  "reliability", "how-it-works", "limitations", "architecture")]
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PLACEHOLDERS = {"PATH", "FP_DIR", "DIR", "DIR1", "DIR2", "DIR-gptq", "DIR-v1", "DIR-gguf", "DIR-ct", "CHECKPOINT"}
@@ -162,3 +162,37 @@ def test_the_manual_speaks_of_the_project_not_of_how_it_was_built():
     for page in [README, *DOCS]:
         words = re.findall(r"\b(sessions?|issues?|this stop)\b", page.read_text(), flags=re.I)
         assert not words, (page.name, words)
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """The rows of the first markdown table whose header starts with ``first_cell``, as lists of cells."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_cell} |"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in ln.strip("|").split("|")])
+    return rows
+
+
+def test_the_readme_demo_table_is_the_demo_report():
+    """The README's demo table shows what `docs/demo/report.md` (the demo's own report, from the same run) says: per
+    row, the size, the held-out perplexity and the zero-shot average."""
+    readme = _table_rows(README.read_text(), "model")
+    report = _table_rows((ROOT / "docs" / "demo" / "report.md").read_text(), "model")
+    head = [c.strip() for c in next(ln for ln in (ROOT / "docs" / "demo" / "report.md").read_text().splitlines()
+                                    if ln.startswith("| model |")).strip("|").split("|")]
+    size, ppl, avg = head.index("size (MiB)"), head.index("held-out ppl"), head.index("avg acc")
+    assert len(readme) == len(report) >= 3
+    for mine, theirs in zip(readme, report):
+        assert mine[1] == theirs[head.index("setting")], (mine, theirs)
+        assert (mine[2], mine[3], mine[4]) == (theirs[size], theirs[ppl], theirs[avg]), (mine, theirs)
+
+
+def test_the_readme_serving_table_is_the_measured_matrix():
+    """The README's and docs/serving.md's runtime table is the one `bench/runtimes.py` wrote from its runs."""
+    measured = (ROOT / "bench" / "results" / "runtimes.md").read_text()
+    table = measured.split("## What `qatlm export --for RUNTIME` picks", 1)[1].split("\n\n")[2].strip()
+    assert table.startswith("| grid | vLLM") and table.count("\n") >= 8
+    assert table in README.read_text() and table in (ROOT / "docs" / "serving.md").read_text()

@@ -113,9 +113,22 @@ def tiny_spm_tokenizer(vocab_size: int = 600, prefix: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
+def need_llama_cpp():
+    """llama-cpp-python, or a skip where it is not installed; under QATLM_RUNTIMES=required (`.ci/run`, which builds it)
+    its absence fails the test."""
+    import os
+
+    import pytest
+
+    if os.environ.get("QATLM_RUNTIMES") == "required":
+        import llama_cpp
+
+        return llama_cpp
+    return pytest.importorskip("llama_cpp")
+
+
 def llama_cpp_logits(gguf_file, ids: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's own logits for one sequence (llama-cpp-python, loaded as bench/kquant.py loads it); the caller
-    skips when llama-cpp-python is not installed (CI does not build it)."""
+    """llama.cpp's own logits for one sequence (llama-cpp-python, loaded as bench/kquant.py loads it)."""
     import importlib.util
     from pathlib import Path
 

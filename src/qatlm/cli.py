@@ -105,16 +105,25 @@ def cmd_export(a) -> int:
     from qatlm.export import FORMATS, export_checkpoint, export_checks
     from qatlm.io import output_lock
 
-    fmt = a.format.lower().replace("_", "-")
-    fmt = {"gptq-v2": "gptq", "ct": "compressed-tensors"}.get(fmt, fmt)
-    if fmt not in FORMATS:
-        raise QatlmError(f"unknown export format '{a.format}'; choose one of {', '.join(FORMATS)}")
-    print(f"exporting {a.src} as {fmt} ...", file=sys.stderr)
+    from qatlm.export.runtimes import runtime_name
+
+    if (a.format is None) == (a.runtime is None):
+        raise QatlmError("export needs --format FORMAT or --for RUNTIME (vllm, llama.cpp, transformers), one of them")
+    fmt = None
+    if a.format is not None:
+        fmt = a.format.lower().replace("_", "-")
+        fmt = {"gptq-v2": "gptq", "ct": "compressed-tensors"}.get(fmt, fmt)
+        if fmt not in FORMATS:
+            raise QatlmError(f"unknown export format '{a.format}'; choose one of {', '.join(FORMATS)}")
+    runtime = runtime_name(a.runtime) if a.runtime is not None else None
+    print(f"exporting {a.src} {'as ' + fmt if fmt else 'for ' + runtime} ...", file=sys.stderr)
     with output_lock(a.out):
-        r = export_checkpoint(_named(a.src, a.revision), fmt, a.out, overwrite=a.overwrite, float_type=a.float_type)
+        r = export_checkpoint(_named(a.src, a.revision), fmt, a.out, overwrite=a.overwrite, float_type=a.float_type, runtime=runtime)
+    fmt = r["format"]
     if r.get("warning"):
         print(f"qatlm: warning: {r['warning']}", file=sys.stderr)
-    print(f"wrote {a.out} ({r['size_bytes'] / 2**20:.1f} MiB) in {r['seconds']}s; {export_checks(r, fmt)}", file=sys.stderr)
+    served = f"; declared {r['dtype']}" if r.get("dtype") else ""
+    print(f"wrote {a.out} as {fmt} ({r['size_bytes'] / 2**20:.1f} MiB) in {r['seconds']}s; {export_checks(r, fmt)}{served}", file=sys.stderr)
     return 0
 
 
@@ -175,7 +184,7 @@ def cmd_upload(a) -> int:
 def cmd_install(a) -> int:
     from qatlm.install import install_runtime
 
-    return install_runtime(a.runtime, a.dry_run) or 0
+    return install_runtime(a.runtime, a.dry_run, a.venv) or 0
 
 
 COMMANDS = {"export": cmd_export, "generate": cmd_generate, "train": cmd_train, "quantize": cmd_quantize, "info": cmd_info, "eval": cmd_eval, "compare": cmd_eval, "assets": cmd_assets, "demo": cmd_demo, "install": cmd_install, "upload": cmd_upload}

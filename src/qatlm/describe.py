@@ -17,8 +17,7 @@ def _grid_line(info: dict) -> str:
     if info.get("grid", "uniform") == "uniform":
         g = "per-channel" if info["group_size"] == -1 else str(info["group_size"])
         return f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"
-    return (f"llama.cpp {info['grid'].upper()} (layers whose width is not a multiple of 256: 4-bit groups of 32, GGUF Q4_0); "
-            "loads in qatlm; for llama.cpp / transformers: qatlm export --format gguf")
+    return f"llama.cpp {info['grid'].upper()} (layers whose width is not a multiple of 256: 4-bit groups of 32, GGUF Q4_0)"
 
 
 def _training_lines(t: dict | None) -> list[tuple[str, str]]:
@@ -38,17 +37,29 @@ def _training_lines(t: dict | None) -> list[tuple[str, str]]:
 
 
 def _runtime_lines(info: dict) -> list[tuple[str, str]]:
+    """Where the checkpoint loads as it is, then per serving runtime the export it loads for this grid, or why none
+    does (``qatlm.export.runtimes``: the facts the serving matrix measured)."""
+    from qatlm.export.runtimes import RUNTIMES, checkpoint_widths, route
+    from qatlm.model.checkpoint import read_quant_config, spec_from_config
+
     path = info["path"]
+    spec = spec_from_config(read_quant_config(path)[1])
+    widths = checkpoint_widths(path)
     if info.get("grid", "uniform") != "uniform":
-        return [("loads in", "qatlm (load_quantized, qatlm eval/generate)"),
-                ("", f"llama.cpp and transformers (GGUF loader): qatlm export {path} --format gguf --out DIR "
-                     "(bit-exact: the stored blocks are the GGUF tensors)")]
-    hf = (f"GPTQModel.load (qatlm install gptq); its {info['expert_layers']} per-expert layers are NOT read by transformers' "
-          "from_pretrained, which keeps fused experts and would leave them random" if info.get("expert_layers") else
-          "transformers + gptqmodel as it is (qatlm install gptq)")
-    return [("loads in", "qatlm (load_quantized, qatlm eval/generate); " + hf),
-            ("", f"vLLM: qatlm export {path} --format gptq (or compressed-tensors) --out DIR"),
-            ("", f"llama.cpp: qatlm export {path} --format gguf --out DIR")]
+        here = "qatlm (load_quantized, qatlm eval/generate)"
+    else:
+        here = "qatlm (load_quantized, qatlm eval/generate); " + (
+            f"GPTQModel.load (qatlm install gptq); its {info['expert_layers']} per-expert layers are NOT read by transformers' "
+            "from_pretrained, which keeps fused experts and would leave them random" if info.get("expert_layers") else
+            "transformers + gptqmodel as it is (qatlm install gptq)")
+    if route("transformers", spec, widths).format != "gptq" and info.get("grid", "uniform") == "uniform":
+        here = "qatlm (load_quantized, qatlm eval/generate)"
+    rows = [("loads in", here)]
+    for rt in RUNTIMES:
+        r = route(rt, spec, widths)
+        if not (rt == "transformers" and r.format == "gptq"):  # that one is this folder
+            rows.append(("", r.hint(path)))
+    return rows
 
 
 def info_rows(info: dict) -> list[tuple[str, str]]:

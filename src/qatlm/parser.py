@@ -97,7 +97,10 @@ def _tool_parsers(sub):
     x = sub.add_parser("export", help="write a packed checkpoint in another runtime's format (gptq, gptq-v1, gguf, compressed-tensors); "
                                       "a float model folder to an f16/f32 gguf")
     x.add_argument("src", help="qatlm / GPTQ checkpoint folder or hub id (a float model: to an f16/f32 gguf)")
-    x.add_argument("--format", required=True, help="gptq (v2), gptq-v1, gguf (llama.cpp) or compressed-tensors (vLLM)")
+    x.add_argument("--format", default=None, help="gptq (v2), gptq-v1, gguf (llama.cpp) or compressed-tensors (vLLM)")
+    x.add_argument("--for", dest="runtime", default=None, metavar="RUNTIME",
+                   help="vllm, llama.cpp or transformers: the format that runtime loads for this grid (instead of --format), "
+                        "or a one-line refusal saying why none does")
     x.add_argument("--out", required=True, help="output folder")
     x.add_argument("--float-type", default="f16", help="gguf: storage of the tensors that are not quantized, f16 (default) or f32")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -122,9 +125,11 @@ def _tool_parsers(sub):
     u.add_argument("repo", help="the hub repository, org/name (created if missing)")
     u.add_argument("--private", action="store_true", help="create the repository private")
     u.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
-    r = sub.add_parser("install", help="install an optional runtime beside your torch (gptq: what transformers needs to load GPTQ exports)")
+    r = sub.add_parser("install", help="install a serving runtime beside your torch: gptq (transformers' GPTQ loader), llama.cpp "
+                                       "(llama-cpp-python, built from source), vllm (vLLM's CPU build, in its own virtualenv)")
     r.add_argument("runtime", choices=sorted(RUNTIMES), help="the runtime to install")
-    r.add_argument("--dry-run", action="store_true", help="print the pip command instead of running it")
+    r.add_argument("--venv", default=None, help="vllm: the virtualenv to create (default ~/.cache/qatlm/vllm-venv)")
+    r.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
 
 
 def build_parser() -> argparse.ArgumentParser:

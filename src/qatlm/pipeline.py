@@ -223,7 +223,13 @@ def report_training(summary: RunSummary, say) -> None:
         say(f"trained {c['trainable_params']:,} parameters: magnitudes {c['magnitude_params']:,}, LoRA rank {c['rank']} "
             f"{c['lora_params']:,} ({100 * e2e.trainable_fraction:.2f}% of the model)")
     if e2e is not None and e2e.val_loss_before is not None and e2e.val_losses:
-        say(f"validation loss {e2e.val_loss_before:.4f} -> {e2e.val_losses[-1]:.4f}")
+        line = f"validation loss {e2e.val_loss_before:.4f} -> {e2e.val_loss_after:.4f}"
+        if e2e.bought_nothing:
+            line += (f" ({e2e.method} bought nothing: every validated state was worse than the model it started from, "
+                     "which is returned unchanged)")
+        elif e2e.restored_best:
+            line += f" (the best validated state, step {e2e.best_step}; the last was {e2e.val_losses[-1]:.4f})"
+        say(line)
     if summary.block_ap is None or not summary.block_ap.blocks:
         return
     say("block  error(RTN)   error(trained)  change   (squared error / energy of the fp block's contribution)")

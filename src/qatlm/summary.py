@@ -85,10 +85,21 @@ class EndToEndSummary:
     lr_lora: float | None = None  # DL-QAT's rates
     lr_magnitude: float | None = None
     cost: dict | None = None  # DL-QAT's parameter cost (``methods.dl_qat.parameter_cost``)
+    best_step: int | None = None  # the step of the best validated state (0: the model as it came), which the phase returns
+    best_val_loss: float | None = None
+    restored_best: bool = False  # the last state validated worse than an earlier one, which was put back
 
     @property
     def val_loss_after(self) -> float | None:
+        """The validation loss of the model the phase handed back (its best validated state)."""
+        if self.best_val_loss is not None:
+            return self.best_val_loss
         return self.val_losses[-1] if self.val_losses else None
+
+    @property
+    def bought_nothing(self) -> bool:
+        """No validated state beat the model the phase was given: it handed that model back unchanged."""
+        return self.best_step == 0
 
 
 STAGE_TYPES = {"rtn": RTNSummary, "block-ap": BlockAPSummary, "e2e-qp": EndToEndSummary, "dl-qat": EndToEndSummary}

@@ -7,6 +7,12 @@
 | `gguf`               | llama.cpp                             | see ``gguf_file``: 4/8-bit grids exact up to fp16 mins  |
 | `compressed-tensors` | vLLM, transformers                    | bit-exact (`pack-quantized`, sym and asym)              |
 
+``--for vllm|llama.cpp|transformers`` picks the format that runtime loads for this grid, or refuses in one line
+(``runtimes.py``). GPTQ and compressed-tensors exports declare ``float16`` in their config, the dtype in which the
+fp16 step sizes are exact (vLLM's default ``dtype=auto`` serves a float32 config in bf16), after checking on probe
+tokens that no activation comes near fp16's range; a model whose activations do is declared ``bfloat16`` and the
+report says by how much the logits move.
+
 Every export is checked before the folder is put in place: GPTQ forms are reloaded with qatlm's
 loader and their logits compared with the source; GGUF tensors are decoded with the ``gguf``
 package's dequantizer; compressed-tensors layers are decompressed with the library and compared.
@@ -52,25 +58,73 @@ def _check_gguf_expressible(src: Path, spec) -> None:
     check_config(AutoConfig.from_pretrained(src), spec, names)
 
 
-def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: str = "f16") -> dict:
-    """Export the qatlm/GPTQ checkpoint ``src`` to ``out`` in format ``fmt``; returns a report (also
-    written to ``out/export_report.json``)."""
-    from qatlm.model.checkpoint import (
-        load_quantized,
-        load_tokenizer,
-        read_quant_config,
-        save_quantized,
-        spec_from_config,
-    )
-    from qatlm.model.layers import packed_layers
+FP16_LIMIT = 2.0 ** 15  # an activation past half of fp16's largest value (65504) is too near overflow
 
-    if fmt not in FORMATS:
-        raise QatlmError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    src = Path(src).expanduser()
-    out = Path(out).expanduser()
-    check_output(out, [src], overwrite)
+
+@torch.no_grad()
+def _largest_activation(model, ids) -> float:
+    """The largest magnitude of any module's output (and of any weight) on the probe tokens, in float32."""
+    top = [max((p.detach().abs().max().item() for p in model.parameters() if p.is_floating_point()), default=0.0)]
+
+    def hook(_m, _i, out):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                top.append(t.detach().abs().max().item())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(top)
+
+
+def _served_dtype(model, ids, ref, report: dict) -> str:
+    """float16 where the probe's activations stay well inside fp16's range, else bfloat16 (with the logit shift
+    bf16 brings, measured, in the report)."""
+    top = _largest_activation(model, ids)
+    report["largest_activation"] = round(top, 1)
+    if top < FP16_LIMIT:
+        return "float16"
+    shift = (_logits(model.to(torch.bfloat16), ids) - ref).abs().max().item()
+    model.float()
+    report["warning"] = (f"activations reach {top:.3g}, too near fp16's limit (65504): declared bfloat16, in which the fp16 step "
+                         f"sizes round (logits move by up to {shift:.3g} on the probe tokens)")
+    return "bfloat16"
+
+
+def _pick_format(src: Path, fmt, runtime) -> tuple[str, object]:
+    """(format, route): ``runtime`` (``--for``) decides the format, or refuses with the reason none loads."""
+    from qatlm.export.runtimes import checkpoint_widths, route
+    from qatlm.model.checkpoint import read_quant_config, spec_from_config
     from qatlm.model.source import check_model_dir, is_quantized_dir
 
+    if runtime is None:
+        return fmt, None
+    if fmt is not None:
+        raise QatlmError("give --format or --for, not both")
+    if not is_quantized_dir(check_model_dir(src)):
+        raise QatlmError(f"{src} is a full-precision model: --for picks the export of a quantized checkpoint "
+                         "(a float model goes to llama.cpp as --format gguf)")
+    r = route(runtime, spec_from_config(read_quant_config(src)[1]), checkpoint_widths(src))
+    if r.format is None:
+        raise QatlmError(r.why)
+    return r.format, r
+
+
+def export_checkpoint(src, fmt: str | None, out, overwrite: bool = False, float_type: str = "f16", runtime: str | None = None) -> dict:
+    """Export the qatlm/GPTQ checkpoint ``src`` to ``out`` in format ``fmt``, or in the format ``runtime`` loads
+    (``fmt`` None); returns a report (also written to ``out/export_report.json``)."""
+    from qatlm.model.checkpoint import load_quantized, load_tokenizer, read_quant_config, save_quantized, spec_from_config
+    from qatlm.model.layers import packed_layers
+    from qatlm.model.source import check_model_dir, is_quantized_dir
+
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    check_output(out, [src], overwrite)
+    fmt, via = _pick_format(src, fmt, runtime)
+    if fmt not in FORMATS:
+        raise QatlmError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if fmt == "gguf" and not is_quantized_dir(check_model_dir(src)):
         return _export_float_gguf(src, out, float_type)
     _, qc = read_quant_config(src)
@@ -88,6 +142,14 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
     ref = _logits(model, ids)
     meta = dict((qc.get("meta") or {}).get("qatlm") or {})
     report = {"source": src.name, "format": fmt, "grid": spec.tag}
+    if via is not None:
+        report["for"] = via.runtime
+    dtype = _served_dtype(model, ids, ref, report) if fmt != "gguf" else None
+    if dtype:
+        report["dtype"] = dtype
+    if via is not None and via.regroup:
+        spec = _regroup(model, layers, spec, via.regroup, report)
+        layers = packed_layers(model)
 
     def build(tmp: Path):
         if fmt in ("gptq", "gptq-v1"):
@@ -95,7 +157,7 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
 
             if fmt == "gptq-v1":
                 to_v1_zeros(layers)
-            save_quantized(model, tmp, spec, tokenizer=tok, overwrite=True, meta=meta,
+            save_quantized(model, tmp, spec, tokenizer=tok, overwrite=True, meta=meta, declare=dtype,
                            checkpoint_format="gptq" if fmt == "gptq-v1" else "gptq_v2", in_place=True)
             back = load_quantized(tmp, dtype=torch.float32)
             report["reload_max_logit_diff"] = (_logits(back, ids) - ref).abs().max().item()
@@ -114,7 +176,7 @@ def export_checkpoint(src, fmt: str, out, overwrite: bool = False, float_type: s
                 report["warning"] = (f"{spec.bits}-bit codes are stored losslessly in 4-bit {report['ggml_type']} blocks "
                                      "(llama.cpp's 2/3-bit K-quants cannot hold these step sizes exactly): the file is ~5 bits per weight")
         else:
-            _write_compressed(model, layers, spec, tmp, tok, meta)  # compress_layer checks every layer's integers
+            _write_compressed(model, layers, spec, tmp, tok, meta, dtype)  # compress_layer checks every layer's integers
         write_card(tmp, source=meta.get("source") or src.name, method=meta.get("method", "gptq"), grid=spec.tag,
                    kind="gguf" if fmt == "gguf" else "compressed-tensors" if fmt == "compressed-tensors" else "gptq", spec=spec,
                    note=f"Exported by `qatlm export --format {fmt}` from a qatlm checkpoint; `export_report.json` holds the checks.")
@@ -152,7 +214,28 @@ def _export_float_gguf(src: Path, out: Path, float_type: str) -> dict:
     return report
 
 
-def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
+def _regroup(model, layers: dict, spec, group: int, report: dict):
+    """Write each layer's groups of ``spec.group_size`` as groups of ``group`` (which divides it and every width): the
+    same integers, each step size and zero point repeated over the pieces of its group — the same weights exactly.
+    Returns the grid the export is written on."""
+    import dataclasses
+
+    from qatlm.model.layers import swap_layers
+    from qatlm.quant.linear import PackedLinear
+
+    fine = dataclasses.replace(spec, group_size=group)
+
+    def split(_name, layer):
+        q, z, s16 = layer.integers()
+        idx = torch.arange(fine.num_groups(layer.in_features)) * group // spec.group_size
+        return PackedLinear.from_integers(q, z[:, idx], s16[:, idx], layer.bias, fine, dtype=layer.compute_dtype)
+
+    swap_layers(model, split, names=list(layers))
+    report["regrouped"] = {"from": spec.group_size, "to": group}
+    return fine
+
+
+def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict, dtype: str):
     from torch import nn
 
     from qatlm.export.compressed import compress_layer, quantization_config, scheme_for
@@ -164,10 +247,15 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
     for k in _tied_duplicates(sd):
         sd.pop(k)
     out = {}
+    store = getattr(torch, dtype)  # what the runtime computes in: stored so where that loses nothing (a smaller file)
+
+    def lossless(v):
+        return v.is_floating_point() and torch.equal(v.to(store).to(v.dtype), v)
+
     for k, v in sd.items():
         if k.rpartition(".")[0] in layers:
             continue
-        out[k] = v.detach().contiguous().cpu()
+        out[k] = (v.to(store) if lossless(v) else v).detach().contiguous().cpu()
     for name, layer in layers.items():
         for leaf, t in compress_layer(layer, scheme).items():
             out[f"{name}.{leaf}"] = t.contiguous().cpu()
@@ -180,7 +268,7 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict):
     qcfg = quantization_config(spec, ignore)
     qcfg["qatlm"] = meta
     cfg["quantization_config"] = qcfg
-    cfg["dtype"] = "float32"
+    cfg["dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)

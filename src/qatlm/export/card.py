@@ -10,29 +10,29 @@ from pathlib import Path
 CARD = "README.md"
 
 
-def _runtimes(kind: str, spec=None, path: str = "DIR") -> tuple[list[str], list[str]]:
-    """(runtimes that load this folder as it is, with how; the exports other runtimes need)."""
-    if kind == "kquant":
-        return (["qatlm: `qatlm.load_quantized(DIR)`, `qatlm eval DIR`, `qatlm generate DIR`"],
-                [f"llama.cpp and transformers' GGUF loader: `qatlm export {path} --format gguf --out DIR-gguf` (bit-exact)"])
+def _runtimes(kind: str, spec=None, path: str = "DIR", widths=()) -> tuple[list[str], list[str]]:
+    """(runtimes that load this folder as it is, with how; for the others, the export each loads or why none does,
+    from ``runtimes.route``)."""
+    from qatlm.export.runtimes import route
+
     if kind == "gguf":
         return (["llama.cpp: `llama-cli -m DIR/FILE.gguf`", "transformers: `AutoModelForCausalLM.from_pretrained(DIR, gguf_file=FILE)`",
                  "qatlm: `qatlm eval DIR/FILE.gguf`"], [])
     if kind == "compressed-tensors":
         direct = ["transformers (with compressed-tensors): `AutoModelForCausalLM.from_pretrained(DIR)`"]
-        if spec is not None and spec.bits in (4, 8):
-            direct.append("vLLM: `vllm serve DIR`")
-        return direct, ([] if spec is None or spec.bits in (4, 8) else ["vLLM: no kernel for 2- or 3-bit weights"])
-    direct = ["qatlm: `qatlm.load_quantized(DIR)`, `qatlm eval DIR`, `qatlm generate DIR`",
-              "transformers + gptqmodel (`qatlm install gptq`): `AutoModelForCausalLM.from_pretrained(DIR)`"]
-    exports = [f"llama.cpp: `qatlm export {path} --format gguf --out DIR-gguf`"]
-    if spec is not None and spec.sym and spec.bits in (4, 8):
-        direct.append("vLLM: `vllm serve DIR` (symmetric 4/8-bit GPTQ)")
-    elif spec is not None and spec.bits in (4, 8):
-        exports.append(f"vLLM: `qatlm export {path} --format compressed-tensors --out DIR-ct` (vLLM's GPTQ kernels take "
-                       "symmetric grids only)")
-    else:
-        exports.append("vLLM: no kernel for 2- or 3-bit weights; use llama.cpp with a K-quant grid (`--grid q2_k|q3_k`)")
+        r = route("vllm", spec, widths) if spec is not None else None
+        if r is not None and r.format == "compressed-tensors":
+            direct.append("vLLM: `vllm serve DIR` (declared float16: the step sizes are exact)")
+        return direct, ([f"vLLM: none ({r.why})"] if r is not None and r.format is None else [])
+    direct = ["qatlm: `qatlm.load_quantized(DIR)`, `qatlm eval DIR`, `qatlm generate DIR`"]
+    if kind == "gptq" and route("transformers", spec, widths).format == "gptq":
+        direct.append("transformers + gptqmodel (`qatlm install gptq`): `AutoModelForCausalLM.from_pretrained(DIR)`")
+    exports = []
+    for rt in ("vllm", "llama.cpp", "transformers"):
+        r = route(rt, spec, widths)
+        if rt == "transformers" and r.format == "gptq":
+            continue  # this folder is that export
+        exports.append(r.hint(path).replace("qatlm export", "`qatlm export", 1).replace(" --out DIR", f" --out DIR-{rt}`", 1))
     return direct, exports
 
 
@@ -51,16 +51,17 @@ def _training_lines(summary) -> list[str]:
     for name, e in (("E2E-QP", summary.e2e_qp), ("DL-QAT", summary.dl_qat)):
         if e is not None and e.val_losses:
             out.append(f"- {name}: {e.steps} steps on `{Path(str(e.config.get('data'))).name}`; validation loss "
-                       f"{e.val_loss_before:.4f} -> {e.val_loss_after:.4f}")
+                       f"{e.val_loss_before:.4f} -> {e.val_loss_after:.4f}"
+                       + (" (it bought nothing: the model it started from is returned unchanged)" if e.bought_nothing else ""))
     return out
 
 
 def model_card(*, source: str | None, method: str, grid: str, kind: str, spec=None, summary=None, bits_per_weight=None,
-               note: str | None = None) -> str:
+               note: str | None = None, widths=()) -> str:
     """The text of ``README.md`` for an output folder. ``kind``: gptq, kquant, gguf or compressed-tensors."""
     from qatlm.version import __version__
 
-    direct, exports = _runtimes(kind, spec)
+    direct, exports = _runtimes(kind, spec, widths=widths)
     front = ["---", "library_name: " + ("gguf" if kind == "gguf" else "transformers"), "pipeline_tag: text-generation",
              "tags:", "- qatlm", "- quantized", f"- {grid}", f"- {kind}"]
     if source and "/" in source:
@@ -82,9 +83,28 @@ def model_card(*, source: str | None, method: str, grid: str, kind: str, spec=No
 
 
 def write_card(folder: Path, **kw) -> Path:
+    """``README.md`` in ``folder``; a packed checkpoint's layer widths (what vLLM's kernels need) are read from the
+    folder's own weights."""
+    if kw.get("spec") is not None and kw.get("kind") in ("gptq", "compressed-tensors") and "widths" not in kw:
+        from qatlm.export.runtimes import checkpoint_widths
+
+        kw["widths"] = checkpoint_widths(folder) if kw["kind"] == "gptq" else _ct_widths(folder)
     path = Path(folder) / CARD
     path.write_text(model_card(**kw))
     return path
+
+
+def _ct_widths(folder: Path) -> list[int]:
+    """Input widths of a compressed-tensors folder's quantized layers (``weight_shape`` tensors, read from the files)."""
+    from safetensors import safe_open
+
+    from qatlm.model.source import weight_files
+
+    widths = set()
+    for f in weight_files(folder):
+        with safe_open(f, framework="pt") as fh:
+            widths |= {int(fh.get_tensor(k)[1]) for k in fh.keys() if k.endswith(".weight_shape")}
+    return sorted(widths)
 
 
 def add_evaluation(folder, row: dict) -> bool:

@@ -29,8 +29,9 @@ PAPER_E2E_STEPS = 128
 class E2EQPConfig(EndToEndConfig):
     """EfficientQAT's E2E-QP: the integer weights frozen, the step sizes (optionally zero points) trained end to end."""
 
-    lr: float | None = opt(None, "learning rate", default_help="the paper's 2e-5 at 2 bits / 1e-5 above, times 128/steps when "
-                                                              "shorter, at most 1e-3")
+    lr: float | None = opt(None, "learning rate of the step sizes, relative: each moves by about this fraction of itself per "
+                                 "step (they are trained as log s), so it holds whatever the model's weight scale",
+                           default_help="2e-3 at 2 bits / 1e-3 above, times 128/steps when shorter, at most 0.02")
     train_zeros: bool = opt(False, "also train the zero points", flag="train-zeros")
 
     def __post_init__(self):
@@ -38,11 +39,13 @@ class E2EQPConfig(EndToEndConfig):
         check_number("lr", self.lr, above=0, at_most=MAX_LR)
 
     def learning_rate(self, bits: int, steps: int = PAPER_E2E_STEPS) -> float:
-        """The paper's E2E-QP takes 128 steps (4096 samples, global batch 32, 1 epoch) at 2e-5 (2-bit) / 1e-5.
-        Unless set, a shorter run keeps that lr x steps budget: lr x 128/steps, at most 1e-3."""
+        """The paper's E2E-QP takes 128 steps (4096 samples, global batch 32, 1 epoch) at an absolute 2e-5 (2-bit) /
+        1e-5 on Llama-2 step sizes of ~1-4e-2: about 1e-3 of a step size per step. qatlm trains log s, so the rate is
+        that fraction, the same for any weight scale: 2e-3 (2-bit) / 1e-3, and a shorter run keeps the
+        rate x steps budget: x 128/steps, at most 0.02."""
         if self.lr is not None:
             return self.lr
-        return min(1e-3, (2e-5 if bits == 2 else 1e-5) * max(1.0, PAPER_E2E_STEPS / max(steps, 1)))
+        return min(0.02, (2e-3 if bits == 2 else 1e-3) * max(1.0, PAPER_E2E_STEPS / max(steps, 1)))
 
 
 def attach_scale_training(model, train_zeros: bool = False) -> dict[str, ScaleTrainLinear]:
@@ -66,7 +69,7 @@ def scale_trainable(model, config: E2EQPConfig, total_steps: int) -> Trainable:
     """E2E-QP: step sizes (and optionally zero points) of every packed layer."""
     bits = next(m.spec.bits for m in model.modules() if isinstance(m, PackedLinear))
     layers = attach_scale_training(model, config.train_zeros)
-    params = [m.scale for m in layers.values()] + [m.zero for m in layers.values() if m.zero is not None]
+    params = [m.log_scale for m in layers.values()] + [m.zero for m in layers.values() if m.zero is not None]
     lr = config.learning_rate(bits, total_steps)
     return Trainable([{"params": params, "lr": lr}], lambda: detach_scale_training(model), {"lr": lr})
 

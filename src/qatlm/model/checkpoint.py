@@ -128,13 +128,14 @@ def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool
 
 def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None,
                    dtype: torch.dtype | None = None, checkpoint_format: str = "gptq_v2", in_place: bool = False,
-                   report=None, block_files=None) -> Path:
+                   report=None, block_files=None, declare: str | None = None) -> Path:
     """Write ``model`` (whose quantized layers are ``PackedLinear``) as a packed HF checkpoint.
 
     ``report(folder)``, if given, adds files (training summary, curves) before the folder appears.
     ``block_files``: the work folder where a lazily loaded model's packed blocks were written (streamed in).
     ``dtype``: storage dtype of the tensors that are not quantized (embeddings, norms, head); default:
-    as they are in memory. Step sizes are always fp16, as the format requires.
+    as they are in memory. Step sizes are always fp16, as the format requires. ``declare``: the dtype config.json
+    names for runtimes that compute in it (storage unchanged).
     """
     out = Path(out_dir).expanduser()
     check_output(out, (), overwrite)
@@ -175,8 +176,8 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
         write_shards(tensors(), tmp, SHARD_BYTES if block_files is None else STREAM_SHARD_BYTES)
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
-        if dtype is not None:
-            cfg["dtype"] = str(dtype).removeprefix("torch.")
+        if dtype is not None or declare is not None:
+            cfg["dtype"] = declare or str(dtype).removeprefix("torch.")
         cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed), checkpoint_format=checkpoint_format)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)

@@ -213,7 +213,8 @@ class ScaleTrainLinear(nn.Module):
     """E2E-QP layer: frozen packed integers, trainable step sizes (and optionally zero points).
 
     Memory: the integer weights stay packed (``qweight``); frozen zero points stay packed integers
-    (``qzeros``: no float copy, no optimizer state); the step sizes become one fp32 parameter per group.
+    (``qzeros``: no float copy, no optimizer state); the step sizes keep their fp16 values (``scale0``) and gain
+    one fp32 parameter per group, their log-ratio to them (``log_scale``).
     """
 
     def __init__(self, packed: PackedLinear, train_zeros: bool = False):
@@ -223,7 +224,10 @@ class ScaleTrainLinear(nn.Module):
         self.register_buffer("qweight", packed.qweight)
         self.register_buffer("g_idx", packed.g_idx)
         self.register_buffer("bias", packed.bias)
-        self.scale = nn.Parameter(packed.scales.t().float().contiguous())
+        # scale-free: the step sizes are s0 · exp(log_scale), so a step of the optimizer moves each by a fraction of
+        # itself, whatever the model's weight scale (s0 is exactly the stored fp16 step size)
+        self.register_buffer("scale0", packed.scales.t().contiguous())
+        self.log_scale = nn.Parameter(torch.zeros(self.scale0.shape, dtype=torch.float32, device=self.scale0.device))
         if train_zeros and not self.spec.sym:
             self.zero = nn.Parameter(unpack_cols(packed.qzeros, self.spec.bits, self.out_features).t().float().contiguous())
             self.register_buffer("qzeros", None)
@@ -231,6 +235,11 @@ class ScaleTrainLinear(nn.Module):
             self.zero = None
             self.register_buffer("qzeros", packed.qzeros)
         self.compute_dtype = packed.compute_dtype
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The step sizes in fp32, ``s0 · exp(log_scale)`` (exactly s0 while log_scale is 0)."""
+        return self.scale0.float() * torch.exp(self.log_scale)
 
     @torch.no_grad()
     def integers(self):

@@ -24,13 +24,15 @@ from qatlm.summary import EndToEndSummary
 from qatlm.train.loop import JsonLog, Schedule, train_epochs
 
 
-def _save_state(folder: Path, named: dict, opt, step: int, epoch: int, meta: dict):
-    """Trainable tensors (by parameter name) and AdamW moments as safetensors (never pickled) + JSON counters."""
-    atomic_dir(folder, lambda tmp: _write_state(tmp, named, opt, step, epoch, meta))
+def _save_state(folder: Path, named: dict, opt, step: int, epoch: int, meta: dict, best: "_Best"):
+    """Trainable tensors (by parameter name), AdamW moments and the best validated tensors as safetensors (never
+    pickled) + JSON counters."""
+    atomic_dir(folder, lambda tmp: _write_state(tmp, named, opt, step, epoch, {**meta, "best": best.record()}, best))
 
 
-def _write_state(tmp: Path, named: dict, opt, step: int, epoch: int, meta: dict):
+def _write_state(tmp: Path, named: dict, opt, step: int, epoch: int, meta: dict, best: "_Best"):
     save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, tmp / "trainable.safetensors")
+    save_file({n: t.contiguous() for n, t in best.tensors.items()}, tmp / "best.safetensors")
     moments, steps = {}, {}
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     for p, st in opt.state.items():
@@ -42,7 +44,7 @@ def _write_state(tmp: Path, named: dict, opt, step: int, epoch: int, meta: dict)
     (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "adam_steps": steps, **meta}))
 
 
-def _load_state(folder: Path, named: dict, opt) -> dict:
+def _load_state(folder: Path, named: dict, opt, best: "_Best") -> dict:
     params = load_file(folder / "trainable.safetensors")
     with torch.no_grad():
         for n, p in named.items():
@@ -55,7 +57,33 @@ def _load_state(folder: Path, named: dict, opt) -> dict:
         p = plist[i]
         opt.state[p] = {"step": torch.tensor(step), "exp_avg": moments[f"{i}.exp_avg"].to(p.device),
                         "exp_avg_sq": moments[f"{i}.exp_avg_sq"].to(p.device)}
+    if "best" in state and (folder / "best.safetensors").is_file():
+        best.tensors = load_file(folder / "best.safetensors")
+        best.loss, best.step = state["best"]["val_loss"], state["best"]["step"]
     return state
+
+
+class _Best:
+    """The best validated state of what trains (host memory: the trained tensors' bytes once more). Starts as the
+    model before the first step, validated; each validation that beats it replaces it; at the end, the model goes
+    back to it. So the end-to-end phase never hands back a model worse, on validation, than the one it was given."""
+
+    def __init__(self, named: dict, loss: float):
+        self.named, self.loss, self.step = named, loss, 0
+        self.tensors = {n: p.detach().to("cpu", copy=True) for n, p in named.items()}
+
+    def offer(self, loss: float, step: int) -> None:
+        if math.isfinite(loss) and not loss >= self.loss:  # (a nan start loss, no validation data, is beaten by any)
+            self.loss, self.step = loss, step
+            self.tensors = {n: p.detach().to("cpu", copy=True) for n, p in self.named.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, p in self.named.items():
+            p.copy_(self.tensors[n].to(p.device))
+
+    def record(self) -> dict:
+        return {"val_loss": self.loss, "step": self.step}
 
 
 @dataclass
@@ -92,6 +120,7 @@ class _Job:
     micro: int
     steps_per_epoch: int
     total: int
+    done: int = 0  # optimizer steps taken so far (the step a validation is of)
 
     @property
     def world(self) -> int:
@@ -158,15 +187,17 @@ def _prepare(model, config, tokenizer, accelerator, cache_dir, device) -> _Job:
                 steps_per_epoch * config.epochs)
 
 
-def _periodic(job: _Job, model, named: dict, fingerprint: str, ckpt: Path | None, log: JsonLog, vals: list):
+def _periodic(job: _Job, model, named: dict, fingerprint: str, ckpt: Path | None, log: JsonLog, vals: list, best: _Best):
     """After every optimizer step: validation every ``val_every`` steps, a resumable checkpoint when due."""
     config, acc = job.config, job.acc
     last_save = [time.time()]
 
     def on_step(done, optimizer):  # done = optimizer steps taken so far
+        job.done = done
         if config.val_every and done % config.val_every == 0 and done < job.total:
             v = job.val_loss(model)
             vals.append((done, v))
+            best.offer(v, done)
             log.write(step=done, val_loss=v)
         every = config.save_every or job.steps_per_epoch
         due = done % every == 0 or (config.save_minutes > 0 and time.time() - last_save[0] >= 60 * config.save_minutes)
@@ -176,7 +207,8 @@ def _periodic(job: _Job, model, named: dict, fingerprint: str, ckpt: Path | None
             due = bool(flag.item())
         if ckpt is not None and due and done < job.total:
             if acc.is_main_process:
-                _save_state(ckpt, named, optimizer, done, done // job.steps_per_epoch, {"fingerprint": fingerprint, "config": asdict(config)})
+                _save_state(ckpt, named, optimizer, done, done // job.steps_per_epoch, {"fingerprint": fingerprint, "config": asdict(config)},
+                            best)
             last_save[0] = time.time()
             acc.wait_for_everyone()
     return on_step
@@ -213,21 +245,32 @@ def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work
     if work:
         tidy_output(ckpt)  # a kill between the two renames of a checkpoint replacement left the old one aside
     fingerprint = run_fingerprint(config, job.train, job.val)
+    before = job.val_loss(model)  # the model as it came, before any step (and before a resumed state is loaded)
+    best = _Best(named, before)
     if work and resume_point(ckpt / "state.json", fingerprint, resume, lambda st: f"step {st['step']}/{job.total}") is not None:
-        state = _load_state(ckpt, named, opt)
+        state = _load_state(ckpt, named, opt, best)
         first_step, first_epoch = state["step"], state["epoch"]
     log = JsonLog(work / "train_log.jsonl" if (work and acc.is_main_process) else None,
                   keep=lambda r: r.get("step", 0) < first_step or (r.get("step") == first_step and "loss" not in r))
     vals = []
-    before = job.val_loss(model)
+    job.done = first_step
+
+    def validate():
+        v = job.val_loss(model)
+        best.offer(v, job.done)
+        return v
     bar = tqdm(total=job.total, initial=first_step, desc=method, unit="step", disable=not (progress and acc.is_main_process))
     t0 = time.time()
     res = train_epochs(trainable.groups, job.loss_fn(ddp_model), job.batches(first_step, first_epoch), config.epochs,
                        job.steps_per_epoch, clip=config.clip_grad, schedule=Schedule(job.total, config.warmup_ratio, config.min_lr_ratio),
-                       val_fn=lambda: job.val_loss(model), log=log, log_extra={"method": method}, progress=bar, backward=False,
+                       val_fn=validate, log=log, log_extra={"method": method}, progress=bar, backward=False,
                        optimizer=opt, first_epoch=first_epoch, first_step=first_step,
-                       on_step=_periodic(job, model, named, fingerprint, ckpt, log, vals))
+                       on_step=_periodic(job, model, named, fingerprint, ckpt, log, vals, best))
     bar.close()
+    restored = math.isfinite(best.loss) and best.step != job.done
+    if restored:  # a later state validated worse than an earlier one (or than the model it was given): keep the best
+        best.restore()
+        log.write(method=method, event="kept_best", step=best.step, val_loss=best.loss)
     log.close()
     model.eval()
     _checkpointing(model, False, config.grad_checkpointing)
@@ -238,7 +281,8 @@ def train_end_to_end(model, config, tokenizer, make_trainable, method: str, work
     return EndToEndSummary(method=method, mode=job.mode, config=asdict(config), layers=n, trainable_params=n_train,
                            trainable_fraction=n_train / n_total, val_loss_before=before, val_losses=res.val_losses, steps=res.steps,
                            retries=res.retries, seconds=round(time.time() - t0, 1), processes=job.world, periodic_val=vals,
-                           **trainable.info)
+                           best_step=best.step if math.isfinite(best.loss) else None,
+                           best_val_loss=best.loss if math.isfinite(best.loss) else None, restored_best=restored, **trainable.info)
 
 
 def run_end_to_end(model, config, context, make_trainable, method: str) -> EndToEndSummary:
