@@ -126,6 +126,11 @@ def test_routes_name_what_each_runtime_loads():
     assert route("transformers", w3, [576]).format == "gptq" and route("transformers", QuantSpec(format="q2_k")).format == "gguf"
     assert route("transformers", QuantSpec(4, 128), [576]).regroup == 64  # gptqmodel refuses a short last group
     assert route("transformers", QuantSpec(4, 128), [144]).format == "gguf"
+    from qatlm.export.runtimes import MOE_WIDTH
+
+    moe = [MOE_WIDTH, 256]  # measured: vLLM's CPU build and transformers refuse quantized experts, llama.cpp runs them
+    assert route("vllm", asym4, moe).format is None and route("transformers", asym4, moe).format is None
+    assert route("llama.cpp", asym4, moe).format == "gguf"
     assert runtime_name("LLAMA.CPP") == "llama.cpp" and runtime_name("gguf") == "llama.cpp"
     with pytest.raises(QatlmError, match="unknown runtime 'tgi'"):
         runtime_name("tgi")

@@ -52,7 +52,7 @@ def _runtime_lines(info: dict) -> list[tuple[str, str]]:
             f"GPTQModel.load (qatlm install gptq); its {info['expert_layers']} per-expert layers are NOT read by transformers' "
             "from_pretrained, which keeps fused experts and would leave them random" if info.get("expert_layers") else
             "transformers + gptqmodel as it is (qatlm install gptq)")
-    if route("transformers", spec, widths).format != "gptq" and info.get("grid", "uniform") == "uniform":
+    if route("transformers", spec, widths).format != "gptq" and info.get("grid", "uniform") == "uniform" and not info.get("expert_layers"):
         here = "qatlm (load_quantized, qatlm eval/generate)"
     rows = [("loads in", here)]
     for rt in RUNTIMES:

@@ -80,10 +80,20 @@ def _split(spec, widths, runtime: str) -> str:
             f"the group size to divide every input width ({spec.group_size} does not divide {', '.join(map(str, _ragged(spec, widths)))})")
 
 
+MOE_WIDTH = -1  # in ``widths``: the checkpoint has quantized mixture-of-experts layers
+
+
 def route(runtime: str, spec, widths=()) -> Route:
     """The route for ``runtime`` (see the module text) for a checkpoint on grid ``spec`` whose quantized layers have
-    the input ``widths``."""
+    the input ``widths`` (``MOE_WIDTH`` among them: quantized experts)."""
     runtime = runtime_name(runtime)
+    moe = MOE_WIDTH in widths
+    widths = [w for w in widths if w != MOE_WIDTH]
+    if moe and runtime == "vllm":  # measured: "No WNA16 MoE backend supports the deployment configuration"
+        return Route(runtime, None, why="vLLM's CPU build has no backend for quantized mixture-of-experts layers; use --for llama.cpp")
+    if moe and runtime == "transformers":  # measured: gptqmodel refuses the 1-wide shared-expert gate, the GGUF reader the experts
+        return Route(runtime, None, why="transformers does not load these quantized mixture-of-experts layers (gptqmodel refuses "
+                                        "the 1-wide shared-expert gate; its GGUF reader the stacked experts); use --for llama.cpp")
     if runtime == "llama.cpp":
         if spec.kformat is None and spec.bits == 8 and not spec.sym:
             return Route(runtime, None, why="llama.cpp's 8-bit type (Q8_0) is symmetric: an asymmetric 8-bit grid fits it only where "
@@ -143,4 +153,6 @@ def checkpoint_widths(path) -> list[int]:
             for k in fh.keys():
                 if k.endswith(".qweight"):
                     widths.add(fh.get_slice(k).get_shape()[0] * 32 // spec.bits)
+                    if ".experts." in k:
+                        widths.add(MOE_WIDTH)
     return sorted(widths)
