@@ -35,7 +35,7 @@ def _vllm(job):
     longest = max([len(job["prompt"]) + job["new_tokens"] + job.get("speed_tokens", 0)] + [len(w) for w in job["windows"]])
     kw = {} if job.get("dtype") is None else {"dtype": job["dtype"]}
     t0 = time.time()
-    llm = LLM(model=job["model"], max_model_len=longest, enforce_eager=True, seed=0, **kw)
+    llm = LLM(model=job["model"], max_model_len=longest + 8, enforce_eager=True, seed=0, **kw)
     out = {"load_s": time.time() - t0, "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch.")}
     res = llm.generate([TokensPrompt(prompt_token_ids=job["prompt"])], SamplingParams(temperature=0.0, max_tokens=job["new_tokens"]),
                        use_tqdm=False)

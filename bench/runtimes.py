@@ -226,7 +226,7 @@ def main() -> int:
         row = cells.setdefault(name, {})
         row["routes"] = {rt: {"format": r.format, "why": r.why, "regroup": r.regroup} for rt in ("vllm", "llama.cpp", "transformers")
                          for r in [route(rt, spec, widths)]}
-        p, w = (text_job(ckpt, a.windows) if name.startswith("moe") else (prompt, windows))
+        p, w = (text_job(ckpt, a.windows, seqlen=256) if name.startswith("moe") else (prompt, windows))  # (its context: 512)
         job = {**base, "prompt": p, "windows": w}
         if "qatlm" not in row:
             row["qatlm"] = qatlm_reference(ckpt, p, w)
