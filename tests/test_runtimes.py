@@ -240,3 +240,13 @@ def test_llama_cpp_serves_the_export_for_llama_cpp(model_dir, tmp_path):
     gguf = next((tmp_path / "l").glob("*.gguf"))
     job = job_for(gguf, "llama.cpp", tok_dir=src)
     check_served(run_worker(sys.executable, job, tmp_path), src, job, tol=0.05)
+
+
+def test_activations_near_fp16s_limit_declare_bfloat16_and_keep_the_weights(model_dir, tmp_path, monkeypatch, capsys):
+    import qatlm.export as export
+
+    monkeypatch.setattr(export, "FP16_LIMIT", 1e-3)  # every model is "near the limit"
+    src = quantize(model_dir, tmp_path / "q", "--bits", "4", "--group-size", "64")
+    assert main(["export", str(src), "--format", "gptq", "--out", str(tmp_path / "g")]) == 0
+    rep = json.loads((tmp_path / "g" / "export_report.json").read_text())
+    assert rep["dtype"] == "bfloat16" and rep["reload_max_logit_diff"] == 0.0 and "declared bfloat16" in capsys.readouterr().err

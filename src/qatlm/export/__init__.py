@@ -87,8 +87,9 @@ def _served_dtype(model, ids, ref, report: dict) -> str:
     report["largest_activation"] = round(top, 1)
     if top < FP16_LIMIT:
         return "float16"
-    shift = (_logits(model.to(torch.bfloat16), ids) - ref).abs().max().item()
-    model.float()
+    import copy
+
+    shift = (_logits(copy.deepcopy(model).to(torch.bfloat16), ids) - ref).abs().max().item()  # (a copy: the export keeps fp16 steps)
     report["warning"] = (f"activations reach {top:.3g}, too near fp16's limit (65504): declared bfloat16, in which the fp16 step "
                          f"sizes round (logits move by up to {shift:.3g} on the probe tokens)")
     return "bfloat16"
