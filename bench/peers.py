@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import HERE, device_name, finish_row, parse_setting, save_rows  # noqa: E402
 
 
-def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: int, lr: float, batch: int):
+def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: int, lr: float, batch: int, seed: int = 0):
     """Returns (the quantized model as auto-round holds it in memory: its linears carry the quantized-dequantized
     weights, a function that saves it in GPTQ format and returns the folder, the number of groups whose zero point is 0).
     Saving packs the layers in place, so the in-memory model is evaluated first."""
@@ -39,7 +39,7 @@ def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: in
     data = [{"input_ids": row} for row in train_ids]
     loader = DataLoader(data, batch_size=batch, shuffle=False)
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=False, iters=iters, lr=lr, batch_size=batch,
-                   nsamples=len(train_ids), seqlen=train_ids.shape[1], dataset=loader, amp=False, device_map="cpu")
+                   nsamples=len(train_ids), seqlen=train_ids.shape[1], dataset=loader, amp=False, device_map="cpu", seed=seed)
     ar.quantize()
     zero0 = sum(int((m.zp == 0).sum()) for m in ar.model.modules() if isinstance(getattr(m, "zp", None), torch.Tensor))
 
@@ -107,11 +107,11 @@ def run_one(a) -> dict:
     bits, group = parse_setting(a.setting)
     tok = load_tokenizer(fp_dir)
     # exactly the training samples Block-AP gets (same source, count, length, seed; its validation split unused)
-    train_ids, _ = calibration_samples(tok, "wikipedia", a.calib_samples, a.calib_seqlen, 0, 16)
-    out = HERE / "work" / f"peer-{a.peer}-{a.setting}"
+    train_ids, _ = calibration_samples(tok, "wikipedia", a.calib_samples, a.calib_seqlen, a.seed, 16)
+    out = HERE / "work" / (f"peer-{a.peer}-{a.setting}" + (f"-seed{a.seed}" if a.seed else ""))
     t0 = time.time()
     if a.peer == "auto-round":
-        model, save, zero0 = quantize_auto_round(load_fp_model(fp_dir), tok, train_ids, bits, group, out, a.iters, a.lr, a.batch)
+        model, save, zero0 = quantize_auto_round(load_fp_model(fp_dir), tok, train_ids, bits, group, out, a.iters, a.lr, a.batch, a.seed)
     elif a.peer == "gptqmodel":
         model, save, zero0 = quantize_gptqmodel(fp_dir, train_ids, bits, group, out)
     else:
@@ -132,7 +132,7 @@ def run_one(a) -> dict:
     del model
     row = {"model": MODEL_NAME, "recipe": f"peer:{a.peer}", "device": device_name(), "bits": bits, "group_size": group,
            "calib": f"{a.calib_samples}x{a.calib_seqlen}", "quant_wall_s": quant_s, "quant_peak_rss_mib": rss,
-           "iters": a.iters if a.peer == "auto-round" else None}
+           "iters": a.iters if a.peer == "auto-round" else None, "seed": a.seed}
     b_settings = EvalSettings(ppl_windows=a.ppl_windows, tasks=() if zs_on_a else settings.tasks, limit=settings.limit)
     row = finish_row(row, folder, b_settings, f"{a.peer} {a.setting}", a.limit, t0)
     row["ppl_saved_qatlm"] = row["heldout_ppl"]
@@ -159,6 +159,7 @@ def main():
     ap.add_argument("--iters", type=int, default=50, help="auto-round iterations per block")
     ap.add_argument("--lr", type=float, default=5e-3, help="auto-round learning rate")
     ap.add_argument("--batch", type=int, default=8, help="auto-round batch size")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (the same draw Block-AP gets at that seed) and of auto-round")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -171,7 +172,7 @@ def main():
         for setting in a.settings.split(","):
             cmd = [sys.executable, __file__, "--one", peer, setting, f"--calib-samples={a.calib_samples}",
                    f"--calib-seqlen={a.calib_seqlen}", f"--iters={a.iters}", f"--lr={a.lr}", f"--batch={a.batch}",
-                   f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}"]
+                   f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--seed={a.seed}"]
             print(f"== {peer} {setting}", file=sys.stderr, flush=True)
             res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             rows = [json.loads(x[4:]) for x in res.stdout.splitlines() if x.startswith("ROW ")]

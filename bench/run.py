@@ -28,9 +28,32 @@ RESULTS = Path(os.environ.get("QATLM_BENCH_RESULTS", HERE / "results"))
 
 def parse_setting(s: str):
     m = re.fullmatch(r"w(\d)g(\d+|c)", s)
+    if s.startswith("mix"):  # mixed precision: mix3.21 = --target-bpw 3.21
+        return float(s[3:]), None
     if not m:
-        raise SystemExit(f"bad setting {s}: use e.g. w2g64, w4g128, w4gc (per channel)")
+        raise SystemExit(f"bad setting {s}: use e.g. w2g64, w4g128, w4gc (per channel), mix3.21 (mixed, 3.21 bits/weight)")
     return int(m.group(1)), (-1 if m.group(2) == "c" else int(m.group(2)))
+
+
+def grid_spec(bits, group):
+    from qatlm.quant.grid import QuantSpec
+
+    return QuantSpec(target_bpw=bits) if group is None else QuantSpec(bits, group)
+
+
+def allocate(model, cfg, tok, device, row):
+    """A mixed setting: the per-layer grids first (qatlm's --target-bpw allocation), kept in the row."""
+    import dataclasses
+
+    from qatlm.methods.mixed import plan, sensitivity_ids
+
+    if cfg.spec.target_bpw is None:
+        return cfg
+    spec, m = plan(model, cfg.spec, sensitivity_ids(cfg, None, tok), device)
+    row["allocation"] = {"target_bpw": m.target_bpw, "bits_per_weight": m.bits_per_weight, "grids": m.grids, "seconds": m.seconds,
+                         "predicted_error": sum(m.predicted_block_errors), "measured_error": sum(m.measured_block_errors),
+                         "layers": m.layers}
+    return dataclasses.replace(cfg, grid=spec)
 
 
 def device_name() -> str:
@@ -89,11 +112,11 @@ def run_one(a) -> dict:
     from qatlm.methods.rtn import RTNConfig, quantize_rtn
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer, save_quantized
 
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     fp_dir = Path(a.model) if a.model else default_model_dir()
     settings = EvalSettings(ppl_windows=a.ppl_windows, limit=a.limit or None, tasks=tuple(a.tasks.split(",")) if a.tasks else (),
                             device=a.device, zeroshot_engine=a.zeroshot_engine)
-    row = {"model": fp_dir.name if a.model else MODEL_NAME, "recipe": a.recipe, "device": device_name()}
+    row = {"model": fp_dir.name if a.model else MODEL_NAME, "recipe": a.recipe, "device": device_name(), "seed": a.seed}
     t0 = time.time()
     if a.recipe == "fp":
         path = fp_dir
@@ -103,13 +126,14 @@ def run_one(a) -> dict:
         model, tok = load_fp_model(fp_dir, device=a.device), load_tokenizer(fp_dir)
         row.update(bits=bits, group_size=group)
         if a.recipe == "rtn":
-            cfg = RTNConfig(bits, group)
+            cfg = allocate(model, RTNConfig(grid=grid_spec(bits, group)), tok, a.device, row)
             quantize_rtn(model, cfg)
             row["calib"] = None
         elif a.recipe == "block-ap":
-            cfg = BlockAPConfig(bits, group, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, epochs=a.epochs,
+            cfg = BlockAPConfig(grid=grid_spec(bits, group), calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, epochs=a.epochs, seed=a.seed,
                                 **({"loss": a.block_loss} if a.block_loss else {}), **block_ap_fields(a.block_ap))
             row["block_ap_fields"] = block_ap_fields(a.block_ap)
+            cfg = allocate(model, cfg, tok, a.device, row)
             summary = quantize_block_ap(model, cfg, tokenizer=tok, progress=False)
             row["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
             row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary.lr_quant, summary.lr_weight, summary.epochs, cfg.loss
@@ -137,7 +161,7 @@ def run_one(a) -> dict:
                 del model
                 model = load_base(base_recipe, a.setting, a.device)
             lr_kw = {k: v for k, v in (("lr_lora", a.dl_lr_lora), ("lr_magnitude", a.dl_lr_magnitude)) if v is not None}
-            dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, **lr_kw)
+            dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, seed=a.seed, **lr_kw)
             row["dl_lr_lora"], row["dl_lr_magnitude"] = dl.lr_lora, dl.lr_magnitude
             summary = train_dl_qat(model, dl, tok, progress=False)
             row["calib"] = (f"{a.calib_samples}x{a.calib_seqlen} + " if base_recipe != "rtn" else "") + f"e2e {a.e2e_samples}x{a.calib_seqlen}"
@@ -150,7 +174,7 @@ def run_one(a) -> dict:
 
             del model
             model = load_base(a.recipe.split("+")[0], a.setting, a.device)
-            e2e = E2EQPConfig(data=a.e2e_data, samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, lr=a.e2e_lr)
+            e2e = E2EQPConfig(data=a.e2e_data, samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, lr=a.e2e_lr, seed=a.seed)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
             base_calib = "" if a.recipe.startswith("rtn+") else f"{a.calib_samples}x{a.calib_seqlen} + "
@@ -164,7 +188,8 @@ def run_one(a) -> dict:
         row["quant_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if a.device != "cpu":
             row["quant_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        path = HERE / "work" / (f"{a.recipe}-{a.setting}" if not a.model else f"{fp_dir.name}-{a.recipe}-{a.setting}")
+        path = HERE / "work" / ((f"{a.recipe}-{a.setting}" if not a.model else f"{fp_dir.name}-{a.recipe}-{a.setting}")
+                                + (f"-seed{a.seed}" if a.seed else ""))
         save_quantized(model, path, cfg.spec, tokenizer=tok, overwrite=True, meta={"method": a.recipe})
         del model
     return finish_row(row, path, settings, f"{a.recipe} {a.setting or ''}".strip(), a.limit, t0)
@@ -185,7 +210,7 @@ def finish_row(row: dict, path, settings, label: str, limit, t0: float) -> dict:
 
 
 def key(r):
-    return (r["model"], r["recipe"], r.get("bits"), r.get("group_size"), r.get("calib"), r["device"])
+    return (r["model"], r["recipe"], r.get("bits"), r.get("group_size"), r.get("calib"), r["device"], r.get("seed", 0), r.get("iters"))
 
 
 def save_rows(new_rows):
@@ -210,7 +235,9 @@ def trained(r) -> str:
 def calib_cell(r) -> str:
     """Calibration budget; a Block-AP row also says its epochs per block (the default became step-based: 4 at 64 samples)."""
     calib = r.get("calib") or "–"
-    return f"{calib}, {r['epochs']} ep" if r["recipe"] == "block-ap" and r.get("epochs") else calib
+    calib = f"{calib}, {r['epochs']} ep" if r["recipe"] == "block-ap" and r.get("epochs") else calib
+    calib = f"{calib}, {r['iters']} it" if r.get("iters") else calib
+    return f"{calib}, seed {r['seed']}" if r.get("seed") else calib
 
 
 def markdown(rows) -> str:
@@ -265,6 +292,7 @@ def main():
                     help="set any BlockAPConfig field for the block-ap rows, e.g. clip_grad=1.0 or train_norms=false (repeatable)")
     ap.add_argument("--e2e-samples", type=int, default=64, help="E2E-QP training samples for the +e2e-qp recipes")
     ap.add_argument("--e2e-data", default="wikipedia", help="E2E-QP data: wikipedia (continual pre-training) or sciq-instruct (instruction tuning)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, shuffling and initialisation (the seed-spread rows)")
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande")
@@ -295,7 +323,7 @@ def main():
         cmd = [sys.executable, __file__, "--one", recipe, setting] + [
             f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
-            f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}"]
+            f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}", f"--seed={a.seed}"]
         cmd += [f"--e2e-lr={a.e2e_lr}"] if a.e2e_lr is not None else []
         cmd += [f"--epochs={a.epochs}"] if a.epochs is not None else []
         cmd += [f"--model={a.model}"] if a.model else []

@@ -22,7 +22,7 @@ from qatlm.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # the pages in the order a reader meets them (a later page's commands use what an earlier one wrote)
-DOCS = [ROOT / "docs" / f"{name}.md" for name in ("command-line", "block-ap", "e2e-qp", "dl-qat", "memory", "exports", "serving", "results",
+DOCS = [ROOT / "docs" / f"{name}.md" for name in ("command-line", "block-ap", "e2e-qp", "dl-qat", "mixed", "memory", "exports", "serving", "results",
                                                  "reliability", "how-it-works", "limitations", "architecture")]
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PLACEHOLDERS = {"PATH", "FP_DIR", "DIR", "DIR1", "DIR2", "DIR-gptq", "DIR-v1", "DIR-gguf", "DIR-ct", "CHECKPOINT"}

@@ -14,6 +14,10 @@ def fmt_bytes(n: float) -> str:
 
 
 def _grid_line(info: dict) -> str:
+    if info.get("layer_grids"):
+        target = f", budget {info['target_bpw']:g} bits/weight" if info.get("target_bpw") else ""
+        return (f"mixed precision{target}: " + ", ".join(f"{t} x{n}" for t, n in info["layer_grids"].items())
+                + f" layers; {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}")
     if info.get("grid", "uniform") == "uniform":
         g = "per-channel" if info["group_size"] == -1 else str(info["group_size"])
         return f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"
@@ -24,6 +28,11 @@ def _training_lines(t: dict | None) -> list[tuple[str, str]]:
     if not t:
         return []
     rows = []
+    if t.get("mixed"):
+        m = t["mixed"]
+        rows.append(("allocation", f"{m['bits_per_weight']:.3f} bits/weight for a budget of {m['target_bpw']:g}, chosen on "
+                                   f"{m['samples']} calibration samples; RTN block error predicted {m['predicted_error']:.3g}, "
+                                   f"measured {m['measured_error']:.3g} (sum over blocks)"))
     if "blocks" in t:
         fb = t.get("rtn_fallback_blocks") or []
         rows.append(("training", f"Block-AP over {t['blocks']} blocks, {t['steps_per_block']} steps each; mean relative block error "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -202,8 +203,12 @@ def without_local_paths(obj):
 def write_training_report(summary: RunSummary, work: Path | None, out: Path, say=None) -> None:
     """Beside the checkpoint: the summary (no local paths), the training log and its loss curve. RTN alone trains
     nothing and writes none of them."""
-    if summary.stages == ["rtn"]:
+    if summary.stages == ["rtn"] and summary.mixed is None:
         return
+    if summary.mixed is not None:
+        from qatlm.eval.plots import allocation_map
+
+        allocation_map(summary.mixed.layers, out / "allocation.png", summary.mixed.target_bpw)
     (out / "training_summary.json").write_text(json.dumps(without_local_paths(summary.to_dict()), indent=2) + "\n")
     logs = [] if work is None else [f for f in (work / "train_log.jsonl", *sorted(work.glob("stage-*/train_log.jsonl"))) if f.exists()]
     if logs:
@@ -217,6 +222,11 @@ def write_training_report(summary: RunSummary, work: Path | None, out: Path, say
 
 def report_training(summary: RunSummary, say) -> None:
     """The lines a run closes with: validation loss of an end-to-end stage, and Block-AP's per-block errors."""
+    m = summary.mixed
+    if m is not None:
+        say(f"mixed precision: {m.bits_per_weight:.3f} bits/weight for a budget of {m.target_bpw:g} ("
+            + ", ".join(f"{t} x{n}" for t, n in m.grids.items()) + f"); RTN block error predicted {sum(m.predicted_block_errors):.3g}, "
+            f"measured {sum(m.measured_block_errors):.3g}; allocation.png shows it")
     e2e = summary.end_to_end
     if e2e is not None and e2e.cost:
         c = e2e.cost
@@ -259,6 +269,10 @@ def _save(model, out: Path, src: Source, stages, summary: RunSummary, tokenizer,
     if not layers:
         raise QatlmError(f"{summary.method} left no packed layers to save")
     spec = grid_of(stages) or (spec_from_config(src.quant_config) if src.quant_config else next(iter(layers.values())).spec)
+    if spec.mixed:  # the card and the hints route every layer grid the allocation chose
+        from qatlm.model.checkpoint import layer_grids
+
+        spec = dataclasses.replace(spec, layers=tuple(sorted((n, s.tag) for n, s in layer_grids(model, spec).items())))
     if src.quantized:
         prev = (src.quant_config.get("meta") or {}).get("qatlm", {}).get("method", "gptq") if src.quant_config else None
         method = f"{prev}+{summary.method}" if prev else summary.method

@@ -132,6 +132,13 @@ def run_recipe(model, stages: list, data=None, context: Context | None = None) -
     context = context or Context()
     defuse_experts(model)  # an in-memory MoE model: one linear layer per expert (the loaders do this already)
     summary = RunSummary(method=recipe_name(stages), stages=[])
+    grid = grid_of(stages)
+    if grid is not None and grid.target_bpw is not None and not grid.layers:  # mixed precision: each layer's grid first
+        from qatlm.methods.mixed import plan, sensitivity_ids
+
+        ids = sensitivity_ids(stages[0], data, context.tokenizer, context.cache_dir)
+        resolved, summary.mixed = plan(model, grid, ids, context.device, context.work_dir, context.resume, context.progress)
+        stages = [dataclasses.replace(s, grid=resolved) if is_quantizer(s) else s for s in stages]
     for i, stage in enumerate(stages):
         name, fn = STAGES[type(stage)]
         ctx = context if i == 0 else context.sub(f"stage-{i}-{name}")

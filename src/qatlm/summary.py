@@ -33,6 +33,29 @@ class BlockRecord:
 
 
 @dataclass
+class MixedSummary:
+    """A mixed-precision allocation (``methods/mixed.py``): the budget, what it bought, and how well it was predicted.
+    Errors: per block, the sum over its tokens of ``‖Δ block output‖² / ‖block output‖²`` on the sensitivity samples
+    with round-to-nearest grids (predicted: the sum of each layer's own error; measured: all layers at once)."""
+
+    target_bpw: float
+    bits_per_weight: float  # of the allocation, bytes as the packed checkpoint stores them
+    menu: str
+    layers: dict  # layer name -> grid tag
+    grids: dict  # grid tag -> number of layers
+    samples: int = 0
+    tokens: int = 0
+    predicted_block_errors: list = field(default_factory=list)
+    measured_block_errors: list = field(default_factory=list)
+    sensitivity: dict = field(default_factory=dict)  # layer -> {grid tag: error}
+    seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixedSummary":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclass
 class RTNSummary:
     method: str = "rtn"
     layers: int = 0
@@ -116,6 +139,7 @@ class RunSummary:
     e2e_qp: EndToEndSummary | None = None
     dl_qat: EndToEndSummary | None = None
     device: str | None = None  # where the stages ran
+    mixed: MixedSummary | None = None  # the per-layer grids of a --target-bpw run
 
     def stage(self, name: str):
         return getattr(self, name.replace("-", "_"))
@@ -134,7 +158,8 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSummary":
-        kw = {"method": d["method"], "stages": list(d["stages"]), "device": d.get("device")}
+        kw = {"method": d["method"], "stages": list(d["stages"]), "device": d.get("device"),
+              "mixed": MixedSummary.from_dict(d["mixed"]) if d.get("mixed") else None}
         for name in kw["stages"]:
             key = name.replace("-", "_")
             if d.get(key) is not None:

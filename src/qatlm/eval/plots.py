@@ -52,3 +52,42 @@ def loss_curve(log_path, png_path, block_ap: BlockAPSummary | None = None):
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def allocation_map(layers: dict, png_path, target_bpw: float | None = None):
+    """A mixed model's grids as a picture: decoder blocks across, each block's layers down, colour = bits per weight
+    of the layer's grid (step sizes and zero points included), the grid written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qatlm.quant.grid import spec_from_tag
+
+    def split(name):
+        parts = name.split(".")
+        i = next(k for k, p in enumerate(parts) if p.isdigit())
+        return int(parts[i]), ".".join(parts[i + 1:])
+
+    cells = {split(n): t for n, t in layers.items()}
+    blocks = sorted({b for b, _ in cells})
+    kinds = list(dict.fromkeys(k for _, k in sorted(cells, key=lambda c: c[0])))
+    grid = np.full((len(kinds), len(blocks)), np.nan)
+    for (b, k), t in cells.items():
+        s = spec_from_tag(t)
+        grid[kinds.index(k), blocks.index(b)] = s.layer_bytes(1024, 1024) * 8 / 1024**2  # as in a 1024 x 1024 layer
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(blocks) + 2.5), 0.45 * len(kinds) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    for (b, k), t in cells.items():
+        if len(blocks) <= 40:
+            ax.text(blocks.index(b), kinds.index(k), t.removesuffix("-sym").replace("g", "\ng", 1), ha="center", va="center",
+                    fontsize=5.5, color="white")
+    ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+    ax.set_xlabel("decoder block")
+    fig.colorbar(im, ax=ax, label="bits per weight of the grid")
+    ax.set_title("mixed precision" + (f": budget {target_bpw:g} bits/weight" if target_bpw else ""))
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -98,7 +98,8 @@ def load_any(path, device="cpu", kernel: str = "auto"):
             "recipe": info["method"],
             "bits": info["bits"],
             "group_size": info["group_size"],
-            "setting": f"w{info['bits']}g{g}" if info.get("grid", "uniform") == "uniform" else info["grid"],
+            "setting": (f"mixed {info['bits_per_quantized_weight']:.2f} bpw" if info.get("layer_grids") else
+                        f"w{info['bits']}g{g}" if info.get("grid", "uniform") == "uniform" else info["grid"]),
             "bits_per_weight": round(info["bits_per_quantized_weight"], 3),
             "size_on_disk_mib": info["size_on_disk_bytes"] / 2**20,
             "kernels": kernels,

@@ -224,16 +224,18 @@ def _regroup(model, layers: dict, spec, group: int, report: dict):
     from qatlm.model.layers import swap_layers
     from qatlm.quant.linear import PackedLinear
 
-    fine = dataclasses.replace(spec, group_size=group)
-
     def split(_name, layer):
+        own = layer.spec
+        if own.group_size == -1 or own.group_size == group or own.group_size % group:
+            return layer
+        fine = dataclasses.replace(own, group_size=group)
         q, z, s16 = layer.integers()
-        idx = torch.arange(fine.num_groups(layer.in_features)) * group // spec.group_size
+        idx = torch.arange(fine.num_groups(layer.in_features)) * group // own.group_size
         return PackedLinear.from_integers(q, z[:, idx], s16[:, idx], layer.bias, fine, dtype=layer.compute_dtype)
 
     swap_layers(model, split, names=list(layers))
     report["regrouped"] = {"from": spec.group_size, "to": group}
-    return fine
+    return dataclasses.replace(spec.plain, group_size=group) if spec.group_size % group == 0 else spec.plain
 
 
 def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict, dtype: str):
@@ -243,7 +245,10 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict, 
     from qatlm.io import write_shards
     from qatlm.model.checkpoint import SHARD_BYTES, _tied_duplicates
 
-    scheme = scheme_for(spec)
+    by_grid: dict = {}
+    for name, layer in layers.items():  # one config group per grid (a mixed model has several)
+        by_grid.setdefault(layer.spec, []).append(name)
+    schemes = {g: scheme_for(g, names if len(by_grid) > 1 else ("Linear",)) for g, names in by_grid.items()}
     sd = model.state_dict()
     for k in _tied_duplicates(sd):
         sd.pop(k)
@@ -258,7 +263,7 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict, 
             continue
         out[k] = (v.to(store) if lossless(v) else v).detach().contiguous().cpu()
     for name, layer in layers.items():
-        for leaf, t in compress_layer(layer, scheme).items():
+        for leaf, t in compress_layer(layer, schemes[layer.spec]).items():
             out[f"{name}.{leaf}"] = t.contiguous().cpu()
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.detach().contiguous().cpu()
@@ -266,7 +271,7 @@ def _write_compressed(model, layers: dict, spec, folder: Path, tok, meta: dict, 
     write_shards(out.items(), folder, SHARD_BYTES)
     model.config.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    qcfg = quantization_config(spec, ignore)
+    qcfg = quantization_config(list(schemes.values()), ignore)
     qcfg["qatlm"] = meta
     cfg["quantization_config"] = qcfg
     cfg["dtype"] = dtype

@@ -59,7 +59,9 @@ def compress_layer(layer, scheme) -> dict:
     return out
 
 
-def quantization_config(spec, ignore: list[str]) -> dict:
+def quantization_config(schemes: list, ignore: list[str]) -> dict:
+    """The config of a pack-quantized model: one config group per scheme (a mixed model's grids each name their layers)."""
     _, _, QuantizationConfig, _ = _lib()
-    cfg = QuantizationConfig(config_groups={"group_0": scheme_for(spec)}, format="pack-quantized", quantization_status="compressed", ignore=ignore)
+    cfg = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(schemes)}, format="pack-quantized",
+                             quantization_status="compressed", ignore=ignore)
     return cfg.model_dump(exclude_none=True)

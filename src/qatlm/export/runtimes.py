@@ -85,7 +85,10 @@ MOE_WIDTH = -1  # in ``widths``: the checkpoint has quantized mixture-of-experts
 
 def route(runtime: str, spec, widths=()) -> Route:
     """The route for ``runtime`` (see the module text) for a checkpoint on grid ``spec`` whose quantized layers have
-    the input ``widths`` (``MOE_WIDTH`` among them: quantized experts)."""
+    the input ``widths`` (``MOE_WIDTH`` among them: quantized experts). A mixed-precision grid goes where every one of
+    its layer grids goes, in one format."""
+    if getattr(spec, "layers", ()):
+        return _mixed_route(runtime, spec, widths)
     runtime = runtime_name(runtime)
     moe = MOE_WIDTH in widths
     widths = [w for w in widths if w != MOE_WIDTH]
@@ -132,6 +135,36 @@ def route(runtime: str, spec, widths=()) -> Route:
     return Route(runtime, "compressed-tensors", dtype="float16", why="")
 
 
+def _mixed_route(runtime: str, spec, widths) -> Route:
+    import math
+
+    from qatlm.quant.grid import spec_from_tag
+
+    grids = sorted({spec.plain, *(spec_from_tag(t, spec) for _, t in spec.layers)}, key=lambda s: s.tag)
+    rs = [(g, route(runtime, g, widths)) for g in grids]
+    runtime = rs[0][1].runtime
+    for g, r in rs:
+        if r.format is None:
+            return Route(runtime, None, why=f"its {g.tag} layers: {r.why}")
+    formats = {r.format for _, r in rs}
+    if len(formats) > 1:
+        return Route(runtime, None, why=f"its layer grids need different formats in {runtime} ({', '.join(sorted(formats))}); "
+                                        "use --for llama.cpp")
+    regroups = [r.regroup for _, r in rs if r.regroup]
+    regroup = math.gcd(*regroups) if regroups else None
+    said: dict[str, list[str]] = {}
+    for g, r in rs:
+        if r.why:
+            said.setdefault(r.why, []).append(g.tag)
+    why = "; ".join(f"{', '.join(tags)}: {w}" for w, tags in said.items())
+    fmt = formats.pop()
+    if runtime == "transformers" and fmt == "gptq":  # measured: from_pretrained applies the base grid to every layer
+        why = ("load it with gptqmodel's GPTQModel.load (qatlm install gptq), which reads the per-layer grids from the "
+               "config's `dynamic`; transformers' from_pretrained gives every layer the base grid and fails"
+               + (f"; {why}" if why else ""))
+    return Route(runtime, fmt, dtype=rs[0][1].dtype, why=why, regroup=regroup)
+
+
 def routes(spec, widths=()) -> list[Route]:
     return [route(r, spec, widths) for r in RUNTIMES]
 
@@ -152,7 +185,7 @@ def checkpoint_widths(path) -> list[int]:
         with safe_open(f, framework="pt") as fh:
             for k in fh.keys():
                 if k.endswith(".qweight"):
-                    widths.add(fh.get_slice(k).get_shape()[0] * 32 // spec.bits)
+                    widths.add(fh.get_slice(k).get_shape()[0] * 32 // spec.for_layer(k[: -len(".qweight")], 0).bits)
                     if ".experts." in k:
                         widths.add(MOE_WIDTH)
     return sorted(widths)

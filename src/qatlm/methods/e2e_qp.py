@@ -67,7 +67,7 @@ def detach_scale_training(model) -> int:
 
 def scale_trainable(model, config: E2EQPConfig, total_steps: int) -> Trainable:
     """E2E-QP: step sizes (and optionally zero points) of every packed layer."""
-    bits = next(m.spec.bits for m in model.modules() if isinstance(m, PackedLinear))
+    bits = min(m.spec.bits for m in model.modules() if isinstance(m, PackedLinear))  # a mixed model: its lowest width
     layers = attach_scale_training(model, config.train_zeros)
     params = [m.log_scale for m in layers.values()] + [m.zero for m in layers.values() if m.zero is not None]
     lr = config.learning_rate(bits, total_steps)

@@ -14,6 +14,7 @@ tensors of the 4-bit fallback grid. qatlm loads it; llama.cpp and transformers r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -105,16 +106,33 @@ def _tied_duplicates(sd: dict) -> set[str]:
 KQUANT_METHOD = "qatlm_kquant"
 
 
-def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool = False, checkpoint_format: str = "gptq_v2") -> dict:
+def layer_grids(model: nn.Module, spec: QuantSpec) -> dict[str, QuantSpec]:
+    """The packed layers of ``model`` whose grid is not ``spec``'s own for their width: a mixed model's overrides."""
+    base = spec.plain
+    return {n: m.spec for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.spec != base.layer_spec(m.in_features)}
+
+
+def dynamic_config(overrides: dict[str, QuantSpec]) -> dict:
+    """Per-module overrides as GPTQModel's ``dynamic`` config: an anchored pattern per module name."""
+    return {f"+:^{re.escape(n)}$": {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for n, s in sorted(overrides.items())}
+
+
+def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool = False, checkpoint_format: str = "gptq_v2",
+                        overrides: dict[str, QuantSpec] | None = None) -> dict:
     meta = dict(meta or {})
     if spec.zero_min:
         meta["zero_min"] = spec.zero_min
+    meta.pop("layers", None)
+    if overrides:  # a mixed model: qatlm reads its grids from here; GPTQ loaders from "dynamic"
+        meta["layers"] = {n: s.tag for n, s in sorted(overrides.items())}
+    if spec.target_bpw is not None:
+        meta["target_bpw"] = spec.target_bpw
     if spec.kformat is not None:
         fb = KQUANT_FALLBACK
         return {"quant_method": KQUANT_METHOD, "grid": spec.format, "bits": spec.bits, "group_size": spec.group_size,
                 "fallback": {"bits": fb.bits, "group_size": fb.group_size, "sym": fb.sym, "format": "gptq_v2"},
                 "lm_head": lm_head, "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta}}
-    return {
+    cfg = {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -124,6 +142,9 @@ def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool
         "lm_head": lm_head,
         "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta},
     }
+    if overrides:
+        cfg["dynamic"] = dynamic_config(overrides)
+    return cfg
 
 
 def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, overwrite: bool = False, meta: dict | None = None,
@@ -178,7 +199,8 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
         cfg = json.loads((tmp / "config.json").read_text())
         if dtype is not None or declare is not None:
             cfg["dtype"] = declare or str(dtype).removeprefix("torch.")
-        cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed), checkpoint_format=checkpoint_format)
+        cfg["quantization_config"] = quantization_config(spec, meta, lm_head=any(n.endswith("lm_head") for n in packed),
+                                                         checkpoint_format=checkpoint_format, overrides=layer_grids(model, spec))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -214,8 +236,35 @@ def read_quant_config(path) -> tuple[Path, dict]:
     qc = read_config_json(p).get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("gptq", KQUANT_METHOD):
         raise QatlmError(f"{p} is not a qatlm/GPTQ checkpoint (config.json has no GPTQ quantization_config)")
+    _resolve_dynamic(p, qc)
     check_packed_tensors(p, spec_from_config(qc), p.name)
     return p, qc
+
+
+def _resolve_dynamic(p: Path, qc: dict) -> None:
+    """A GPTQ ``dynamic`` config written by another tool: its patterns resolved against this checkpoint's layer names
+    into qatlm's per-layer grids (``meta.qatlm.layers``), in place."""
+    dyn = qc.get("dynamic")
+    meta = qc.setdefault("meta", {}).setdefault("qatlm", {}) if isinstance(qc.get("meta", {}), dict) else {}
+    if not isinstance(dyn, dict) or not dyn or "layers" in meta:
+        return
+    base = spec_from_config(qc)
+    names = set()
+    for f in _weight_files(p):
+        with safe_open(f, framework="pt") as fh:
+            names |= {k.rsplit(".", 1)[0] for k in fh.keys() if k.endswith(".qweight")}
+    names = sorted(names)
+    layers = {}
+    for n in names:
+        for pat, over in dyn.items():
+            if re.match(pat[2:] if pat.startswith(("+:", "-:")) else pat, n):
+                if not pat.startswith("-:") and isinstance(over, dict):
+                    s = QuantSpec(bits=int(over.get("bits", base.bits)), group_size=int(over.get("group_size", base.group_size)),
+                                  sym=bool(over.get("sym", base.sym)))
+                    if s != base.plain:
+                        layers[n] = s.tag
+                break
+    meta["layers"] = layers
 
 
 _DTYPES = {".qweight": "I32", ".qzeros": "I32", ".g_idx": "I32", ".scales": "F16", ".kblocks": "U8"}
@@ -235,9 +284,9 @@ def check_packed_tensors(folder: Path, spec: QuantSpec, name: str) -> None:
         want = _DTYPES[next(e for e in _DTYPES if k.endswith(e))]
         if dtype != want:
             raise QatlmError(f"{folder}: {k} is stored as {dtype}, not {want}: not a packed checkpoint qatlm can read")
-    grid = spec if spec.kformat is None else KQUANT_FALLBACK
     for k in [k for k in heads if k.endswith(".qweight")]:
         layer = k[: -len(".qweight")]
+        grid = spec.for_layer(layer, 0) if spec.kformat is None else KQUANT_FALLBACK
         (rows, out), in_f = heads[k][0], heads[k][0][0] * 32 // grid.bits
         want = {".scales": (grid.num_groups(in_f), out), ".qzeros": (grid.num_groups(in_f), out * grid.bits // 32),
                 ".g_idx": (in_f,)}
@@ -261,7 +310,13 @@ def spec_from_config(qc: dict) -> QuantSpec:
     except (KeyError, TypeError, ValueError, AttributeError):
         raise QatlmError(f"its quantization_config has no whole-number bits / group_size (bits={qc.get('bits')!r}, "
                          f"group_size={qc.get('group_size')!r})") from None
-    return QuantSpec(bits=int(bits), group_size=int(group), sym=bool(qc.get("sym", False)), zero_min=zmin)
+    qmeta = (qc.get("meta") or {}).get("qatlm") or {}
+    layers = qmeta.get("layers") or {}
+    target = qmeta.get("target_bpw")
+    if not isinstance(layers, dict):
+        raise QatlmError("its quantization_config's per-layer grids (meta.qatlm.layers) are not a mapping of layer names to grids")
+    return QuantSpec(bits=int(bits), group_size=int(group), sym=bool(qc.get("sym", False)), zero_min=zmin,
+                     layers=tuple(sorted(layers.items())), target_bpw=float(target) if target is not None else None)
 
 
 def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -301,7 +356,7 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
 
     def make(name, old):
         with torch.device("meta"):  # its tensors come from the shards below
-            return packed_layer(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype)
+            return packed_layer(old.in_features, old.out_features, spec, f"{name}.bias" in keys, dtype=dtype, name=name)
     swap_layers(model, make, names=names)
     expected = set(model.state_dict(keep_vars=True))
     unexpected = sorted(keys - expected)
@@ -345,6 +400,10 @@ def training_info(s: RunSummary) -> dict:
     """What ``qatlm info`` shows of a run: the recipe, Block-AP's blocks and mean relative errors, each end-to-end
     stage's validation loss before and after."""
     training = {"method": s.method, "stages": s.stages}
+    if s.mixed is not None:
+        m = s.mixed
+        training["mixed"] = {"target_bpw": m.target_bpw, "bits_per_weight": m.bits_per_weight, "grids": m.grids, "samples": m.samples,
+                             "predicted_error": sum(m.predicted_block_errors), "measured_error": sum(m.measured_block_errors)}
     if s.block_ap is not None and s.block_ap.blocks:
         b = s.block_ap.blocks
         training.update(blocks=len(b), steps_per_block=b[0].steps, seconds=s.block_ap.seconds, lr_quant=s.block_ap.lr_quant,
@@ -367,6 +426,7 @@ def checkpoint_info(path) -> dict:
     disk = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     weights_bytes = weights_size(p)
     n_quant = quant_bytes = n_other = other_bytes = embed_bytes = expert_layers = 0
+    grids: dict[str, int] = {}
     kept, other_dtypes = set(), set()
     for f in _weight_files(p):
         with safe_open(f, framework="pt") as fh:
@@ -379,7 +439,9 @@ def checkpoint_info(path) -> dict:
                 if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx", ".kblocks")):
                     quant_bytes += nbytes
                     if k.endswith(".qweight"):
-                        n_quant += numel * 32 // (spec.bits if spec.kformat is None else KQUANT_FALLBACK.bits)
+                        grid = spec.for_layer(k[: -len(".qweight")], 0) if spec.kformat is None else KQUANT_FALLBACK
+                        n_quant += numel * 32 // grid.bits
+                        grids[grid.tag] = grids.get(grid.tag, 0) + 1
                         expert_layers += ".experts." in k
                     elif k.endswith(".kblocks"):
                         n_quant += numel * 256 // spec.kformat.block_bytes
@@ -405,6 +467,8 @@ def checkpoint_info(path) -> dict:
         "sym": spec.sym,
         "format": KQUANT_METHOD if spec.kformat else qc.get("checkpoint_format", "gptq"),
         "grid": spec.format,
+        "target_bpw": spec.target_bpw,
+        "layer_grids": dict(sorted(grids.items())) if spec.mixed else None,  # mixed precision: layers per grid
         "method": meta.get("method", "unknown"),
         "source": meta.get("source"),
         "quantized_params": n_quant,

@@ -45,7 +45,7 @@ def attach_fake_quant(model: nn.Module, spec: QuantSpec, lm_head: bool = False, 
         check_target(name, mod, spec)
         if lm_head and name.endswith("lm_head"):
             mod.weight = nn.Parameter(mod.weight.detach().clone())
-        return fake_quant_layer(mod, spec)
+        return fake_quant_layer(mod, spec, name)
     return swap_layers(model, make, names=names)
 
 

@@ -190,7 +190,7 @@ def check_source_weights(model: nn.Module, spec) -> None:
     for i, block in enumerate(model.get_submodule(layers_name)):
         for name, lin in quant_targets(block).items():
             key = f"{layers_name}.{i}.{name}"
-            check_packable(key, lin.in_features, lin.out_features, spec.layer_spec(lin.in_features))
+            check_packable(key, lin.in_features, lin.out_features, spec.for_layer(key, lin.in_features))
             w = reader.get(f"{key}.weight")
             if not bool(w.isfinite().all()):
                 raise QatlmError(f"{key}: the source weight has {int((~w.isfinite()).sum())} NaN/inf values; "

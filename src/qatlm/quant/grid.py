@@ -13,7 +13,9 @@ as in GPTQ. Everything here is a plain function of tensors; the modules live in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -48,6 +50,7 @@ K_FORMATS = {
     "q4_k": KFormat("Q4_K", 4, 32, 63, 63, 144),
 }
 GRIDS = ("uniform", *K_FORMATS)
+MENU = "w2g64,w2g128,w3g64,w3g128,w4g64,w4g128,w8g128-sym"  # 8-bit symmetric: llama.cpp's Q8_0 holds it  # the grids a --target-bpw allocation chooses from
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,13 @@ class QuantSpec:
     format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp K-quant that exports to GGUF "
                                  "bit-exactly: q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5); super-blocks of 256 weights, "
                                  "layers of other widths use a 4-bit grid stored as Q4_0", flag="grid", choices=GRIDS, what="grid")
+    target_bpw: float | None = opt(None, "mixed precision: a budget in bits per quantized weight (step sizes, zero points and "
+                                         "group indices counted, as `qatlm info` counts them); each layer gets the grid of --bit-menu "
+                                         "that a sensitivity measured on the calibration data says it needs. Unset: one grid for every layer",
+                                   flag="target-bpw")
+    menu: str = opt(MENU, "the grids a --target-bpw allocation chooses from, comma-separated (wBgG, -sym for a symmetric one; the others follow --sym)",
+                    flag="bit-menu")
+    layers: tuple = opt((), "per-layer grids of a mixed model: (layer name, grid tag) pairs, set by the allocation", cli=False)
 
     def __post_init__(self):
         check_choices(self)
@@ -82,6 +92,57 @@ class QuantSpec:
         if self.group_size > MAX_GROUP:
             raise QatlmError(f"group size {self.group_size} is larger than {MAX_GROUP}, wider than any layer; use -1 for one "
                              "group per output row")
+        self._check_mixed()
+
+    def _check_mixed(self):
+        if self.target_bpw is not None:
+            if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or not 1.0 < self.target_bpw <= 16.0:
+                raise QatlmError(f"--target-bpw {self.target_bpw!r} is not a budget qatlm can meet: give bits per weight between 1 and 16")
+            if self.kformat is not None:
+                raise QatlmError(f"--target-bpw mixes uniform grids; it does not combine with --grid {self.format} yet")
+            menu = self.menu_specs()
+            if not menu:
+                raise QatlmError("--bit-menu is empty: name at least one grid, e.g. w2g64,w4g128")
+        object.__setattr__(self, "layers", tuple((str(n), str(t)) for n, t in self.layers))
+        for _, t in self.layers:
+            spec_from_tag(t, self)
+
+    def menu_specs(self) -> list["QuantSpec"]:
+        """The grids of ``--bit-menu``, each with this grid's symmetry and zero-point rule, cheapest first."""
+        specs = [spec_from_tag(t.strip(), self) for t in self.menu.split(",") if t.strip()]
+        return sorted(set(specs), key=lambda s: (s.bits, -s.group_size if s.group_size != -1 else -MAX_GROUP))
+
+    @property
+    def plain(self) -> "QuantSpec":
+        """This grid without the mixed-precision plan (what one layer is on)."""
+        if self.target_bpw is None and not self.layers and self.menu == MENU:
+            return self
+        return replace(self, target_bpw=None, layers=(), menu=MENU)
+
+    @property
+    def mixed(self) -> bool:
+        return self.target_bpw is not None or bool(self.layers)
+
+    @cached_property
+    def _layer_tags(self) -> dict:
+        return dict(self.layers)
+
+    def for_layer(self, name: str, in_features: int) -> "QuantSpec":
+        """The grid of layer ``name`` (``in_features`` wide): its own in a mixed model, else this one (a K-quant grid
+        falls back on widths it cannot hold)."""
+        tag = self._layer_tags.get(name)
+        return (self.plain if tag is None else spec_from_tag(tag, self)).layer_spec(in_features)
+
+    def layer_bytes(self, in_features: int, out_features: int) -> int:
+        """Bytes of one packed layer on this grid (codes, step sizes, zero points, group index; bias not counted):
+        what `qatlm info` counts as quantized bytes."""
+        if self.kformat is not None:
+            if in_features % QK_K == 0:
+                return in_features * out_features // QK_K * self.kformat.block_bytes
+            return KQUANT_FALLBACK.layer_bytes(in_features, out_features)
+        groups = self.num_groups(in_features)
+        return 4 * (in_features * self.bits // 32) * out_features + 4 * groups * (out_features * self.bits // 32) \
+            + 2 * groups * out_features + 4 * in_features
 
     @property
     def qmax(self) -> int:
@@ -116,6 +177,10 @@ class QuantSpec:
 
     @property
     def tag(self) -> str:
+        if self.target_bpw is not None:
+            return f"mixed{self.target_bpw:g}"
+        if self.layers:
+            return "mixed"
         if self.kformat is not None:
             return self.format
         g = "c" if self.group_size == -1 else str(self.group_size)
@@ -123,6 +188,20 @@ class QuantSpec:
 
 
 KQUANT_FALLBACK = QuantSpec(bits=4, group_size=32, sym=True)
+_TAG = re.compile(r"w(\d+)g(\d+|c)(-sym)?")
+
+
+def spec_from_tag(tag: str, base: QuantSpec | None = None) -> QuantSpec:
+    """``w4g64`` / ``w3gc`` / ``w4g128-sym`` / ``q4_k`` as a plain grid; a tag without ``-sym`` takes ``base``'s symmetry,
+    and ``base``'s zero-point rule applies (one line naming a tag that is none of these)."""
+    if tag in K_FORMATS:
+        return QuantSpec(format=tag)
+    m = _TAG.fullmatch(tag)
+    if not m:
+        raise QatlmError(f"'{tag}' is not a grid: write wBgG (e.g. w4g128, w2g64, w4gc for per channel, -sym for symmetric)")
+    sym = bool(m.group(3)) or bool(base is not None and base.sym)
+    zmin = base.zero_min if base is not None and not sym else 0
+    return QuantSpec(bits=int(m.group(1)), group_size=-1 if m.group(2) == "c" else int(m.group(2)), sym=sym, zero_min=zmin)
 
 
 def expand_groups(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:

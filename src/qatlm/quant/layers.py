@@ -12,15 +12,16 @@ from qatlm.quant.kquant import KFakeQuantLinear, KPackedLinear
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear
 
 
-def fake_quant_layer(linear: nn.Linear, spec: QuantSpec) -> FakeQuantLinear:
-    """The training layer of ``linear`` on ``spec`` (a K-quant grid falls back on widths it cannot hold)."""
-    ls = spec.layer_spec(linear.in_features)
+def fake_quant_layer(linear: nn.Linear, spec: QuantSpec, name: str = "") -> FakeQuantLinear:
+    """The training layer of ``linear`` (named ``name`` in the model) on its grid: ``spec``'s own for that layer in a
+    mixed model; a K-quant grid falls back on widths it cannot hold."""
+    ls = spec.for_layer(name, linear.in_features)
     return KFakeQuantLinear(linear, ls) if ls.kformat else FakeQuantLinear(linear, ls)
 
 
-def packed_layer(in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float32) -> PackedLinear:
-    """An empty packed layer of this shape on ``spec``, to load stored tensors into."""
-    ls = spec.layer_spec(in_features)
+def packed_layer(in_features: int, out_features: int, spec: QuantSpec, bias: bool, dtype=torch.float32, name: str = "") -> PackedLinear:
+    """An empty packed layer of this shape on the grid ``spec`` gives layer ``name``, to load stored tensors into."""
+    ls = spec.for_layer(name, in_features)
     cls = KPackedLinear if ls.kformat else PackedLinear
     return cls(in_features, out_features, ls, bias, dtype=dtype)
 

@@ -374,7 +374,7 @@ class DLQATLinear(nn.Module):
 
 def check_target(name: str, linear: nn.Linear, spec: QuantSpec):
     """A layer about to be quantized: packable widths and finite weights (a NaN would become NaN step sizes)."""
-    check_packable(name, linear.in_features, linear.out_features, spec.layer_spec(linear.in_features))
+    check_packable(name, linear.in_features, linear.out_features, spec.for_layer(name, linear.in_features))
     w = linear.weight
     if w.device.type != "meta" and not bool(w.isfinite().all()):
         bad = int((~w.isfinite()).sum())

@@ -84,13 +84,14 @@ _EXPERT = re.compile(r"^(.*\.)?experts\.\d+")
 def block_fake_quant(block, spec: QuantSpec, prefix: str) -> dict[str, FakeQuantLinear]:
     def make(name, lin):
         check_target(f"{prefix}.{name}", lin, spec)
-        return fake_quant_layer(lin, spec)
+        return fake_quant_layer(lin, spec, f"{prefix}.{name}")
     return swap_layers(block, make, names=list(quant_targets(block)))
 
 
-def load_packed_block(block, spec: QuantSpec, state: dict, dtype):
-    """Rebuild a finished block from its saved tensors (used by resume)."""
-    swap_layers(block, lambda name, lin: packed_layer(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype),
+def load_packed_block(block, spec: QuantSpec, state: dict, dtype, prefix: str = ""):
+    """Rebuild a finished block (named ``prefix`` in the model) from its saved tensors (used by resume)."""
+    swap_layers(block, lambda name, lin: packed_layer(lin.in_features, lin.out_features, spec, lin.bias is not None, dtype=dtype,
+                                                      name=f"{prefix}.{name}"),
                 names=list(quant_targets(block)))
     block.load_state_dict(state, strict=True)
 

@@ -123,7 +123,7 @@ def quantize_block_ap(model, config: BlockAPConfig, tokenizer=None, work_dir=Non
     for bi, block in blocks.blocks(load=lambda i: i >= chain_start):
         if bi < chain_start:  # finished, and the chains were restored past it: only its integers are needed
             if not blocks.lazy:  # (lazily loaded blocks are assembled from their files at save time)
-                load_packed_block(block, config.spec, state.packed(bi), compute_dtype)
+                load_packed_block(block, config.spec, state.packed(bi), compute_dtype, blocks.name(bi))
             continue
         rec = run_one_block(block, bi, kwargs[bi], chain, state, ctx, blocks, compute_dtype, all_ids.shape[0])
         if rec is not None:
@@ -149,7 +149,7 @@ def run_one_block(block, bi: int, kw, chain: ActivationChain, state: RunState, c
         energy = shard.gather(chain.compute_targets(block, kw, device, compute_dtype), n)
     rec = None
     if bi < state.done:  # finished before the interruption: reload its integers, move the chain on
-        load_packed_block(block, ctx.config.spec, state.packed(bi), compute_dtype)
+        load_packed_block(block, ctx.config.spec, state.packed(bi), compute_dtype, blocks.name(bi))
     else:
         rec = train_block(block, kw, chain, energy, bi, blocks.name(bi), ctx)
         if routed:  # MoE: experts no calibration token reached get no gradient and keep their RTN grid

@@ -1,0 +1,272 @@
+"""Mixed precision (--target-bpw): the accounting against the files' bytes, the allocation against its budget and a
+brute-force optimum, the sensitivity against a planted outlier, and a mixed model through every method, the loaders
+and the exports."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import check_one_clear_line, need_llama_cpp, tiny_ids, tiny_model, tiny_tokenizer
+
+from qatlm import RTNConfig, load_quantized, quantize
+from qatlm.errors import QatlmError
+from qatlm.export import export_checkpoint
+from qatlm.methods.block_ap import BlockAPConfig
+from qatlm.methods.dl_qat import DLQATConfig
+from qatlm.methods.e2e_qp import E2EQPConfig
+from qatlm.methods.mixed import allocate, plan
+from qatlm.model.arch import quant_targets
+from qatlm.model.checkpoint import checkpoint_info
+from qatlm.model.layers import packed_layers
+from qatlm.quant.grid import QuantSpec
+
+SYM_MENU = "w2g32-sym,w4g32-sym,w8g32-sym"  # every grid llama.cpp holds (Q4_0 / Q8_0)
+
+
+def ids(n=4, length=32):
+    return tiny_ids(n, length)
+
+
+def mixed(tmp_path, target=4.0, menu=SYM_MENU, name="m", model=None, config=RTNConfig, **kw):
+    model = model if model is not None else tiny_model("llama")
+    x = ids()
+    cfg = config(grid=QuantSpec(target_bpw=target, menu=menu), **kw)
+    s = quantize(model, cfg, calib=(x, x[:1]), out=tmp_path / name, tokenizer=tiny_tokenizer(), progress=False)
+    return tmp_path / name, s, model
+
+
+@torch.no_grad()
+def logits(model, x=None):
+    return model(ids(1, 24) if x is None else x).logits.float()
+
+
+def quant_file_bytes(folder):
+    """The bytes of the packed tensors, read from the safetensors files (not from qatlm's accounting)."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                    t = fh.get_tensor(k)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def test_accounting_of_a_mixed_checkpoint_equals_the_files_bytes(tmp_path):
+    path, s, _ = mixed(tmp_path)
+    info = checkpoint_info(path)
+    fp = tiny_model("llama")
+    weights = sum(lin.in_features * lin.out_features for b in fp.model.layers for lin in quant_targets(b).values())
+    assert info["quantized_params"] == weights
+    assert info["bits_per_quantized_weight"] * weights / 8 == pytest.approx(quant_file_bytes(path), abs=1e-6)
+    assert s.mixed.bits_per_weight == pytest.approx(info["bits_per_quantized_weight"], abs=1e-9)  # predicted = stored
+    assert s.mixed.bits_per_weight <= 4.0
+    assert len(info["layer_grids"]) >= 2, info["layer_grids"]  # a real mix, counted per grid
+    assert sum(info["layer_grids"].values()) == 14
+    from qatlm.describe import info_rows
+
+    rows = dict(info_rows(info))  # qatlm info: the grids, and the allocation's predicted and measured error
+    assert rows["grid"].startswith("mixed precision, budget 4 bits/weight: ")
+    assert f"{s.mixed.bits_per_weight:.3f} bits/weight" in rows["allocation"] and "measured" in rows["allocation"]
+    assert (path / "allocation.png").stat().st_size > 1000
+    for name, layer in packed_layers(load_quantized(path)).items():  # and layer by layer
+        own = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx))
+        assert layer.spec.layer_bytes(layer.in_features, layer.out_features) == own, name
+        assert layer.spec.tag == s.mixed.layers[name]
+
+
+def _random_table(rng, n, tags, sizes=None):
+    table = {}
+    for i in range(n):
+        size = sizes[i] if sizes else rng.choice([64, 256, 1024])
+        err = rng.uniform(0.5, 5.0)
+        opts = {}
+        for j, (t, bpw) in enumerate(tags):
+            err *= rng.uniform(0.15, 0.6) if j else 1.0
+            opts[t] = (int(size * bpw / 8), err * (rng.uniform(0.9, 1.3) if rng.random() < 0.2 else 1.0))
+        table[f"l{i}"] = opts
+    return table
+
+
+def test_the_allocation_never_exceeds_its_budget():
+    rng = random.Random(0)
+    tags = [("w2", 2.3), ("w3", 3.2), ("w4", 4.2), ("w8", 8.2)]
+    for _ in range(300):
+        table = _random_table(rng, rng.randint(1, 30), tags)
+        lo = sum(min(b for b, _ in o.values()) for o in table.values())
+        hi = sum(max(b for b, _ in o.values()) for o in table.values())
+        budget = rng.uniform(lo, hi * 1.05)
+        pick = allocate(table, budget, 1)
+        assert sum(table[n][t][0] for n, t in pick.items()) <= budget
+    table = _random_table(rng, 5, tags)
+    with pytest.raises(QatlmError, match="below what the menu's smallest grids take"):
+        allocate(table, sum(min(b for b, _ in o.values()) for o in table.values()) - 1, 1000)
+
+
+def test_the_allocation_is_the_optimum_where_upgrades_cost_the_same():
+    """Equal-size layers, grids a byte step apart, errors convex in bytes: the greedy choice is provably optimal;
+    checked against brute force over every assignment."""
+    rng = random.Random(1)
+    for _ in range(40):
+        n = rng.randint(2, 5)
+        table = {}
+        for i in range(n):
+            e0 = rng.uniform(1, 10)
+            drops = sorted((rng.uniform(0.1, 1.0) * e0 for _ in range(3)), reverse=True)
+            errs = [e0]
+            for d in drops:
+                errs.append(max(errs[-1] - d * 0.3, 0.0))
+            table[f"l{i}"] = {f"g{j}": (10 * (j + 1), errs[j]) for j in range(4)}
+        budget = rng.randint(10 * n, 40 * n)
+        pick = allocate(table, budget, 1)
+        got = sum(table[k][t][1] for k, t in pick.items())
+        best = min(sum(table[k][t][1] for k, t in zip(table, combo)) for combo in itertools.product([f"g{j}" for j in range(4)], repeat=n)
+                   if sum(table[k][t][0] for k, t in zip(table, combo)) <= budget)
+        assert got == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_sensitivity_puts_more_bits_where_a_planted_outlier_layer_is():
+    menu = "w2g32,w3g32,w4g32,w8g32"
+
+    def bits_of(model):
+        spec, s = plan(model, QuantSpec(target_bpw=3.6, menu=menu), ids())
+        return {n: int(t[1]) for n, t in s.layers.items()}, s
+
+    base, _ = bits_of(tiny_model("llama"))
+    planted = tiny_model("llama")
+    w = planted.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        w[::7, ::5] *= 25.0  # a few outliers stretch every group's range
+    got, s = bits_of(planted)
+    name = "model.layers.1.mlp.up_proj"
+    assert got[name] > base[name]
+    others = sorted(b for n, b in got.items() if n != name)
+    assert got[name] > others[len(others) // 2]  # above the median layer
+    assert s.bits_per_weight <= 3.6
+    assert s.sensitivity[name]["w2g32"] > 5 * _sens(tiny_model("llama"), name, menu)
+
+
+def _sens(model, name, menu):
+    return plan(model, QuantSpec(target_bpw=3.6, menu=menu), ids())[1].sensitivity[name]["w2g32"]
+
+
+def test_block_ap_e2e_qp_and_dl_qat_train_a_mixed_model_on_its_own_grids(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the cat sat on the mat number {i}" for i in range(400)))
+    path, s, model = mixed(tmp_path, menu="w2g32,w4g32,w8g32", config=BlockAPConfig, epochs=1, val_samples=1, calib_samples=4,
+                           calib_seqlen=32)
+    assert s.block_ap is not None and s.mixed is not None
+    assert {n: m.spec.tag for n, m in packed_layers(model).items()} == s.mixed.layers  # Block-AP trained each on its grid
+    for stage, name in ((E2EQPConfig(data=str(text), samples=8, seqlen=32, val_samples=2, epochs=1, batch_size=4), "e2e"),
+                        (DLQATConfig(data=str(text), samples=8, seqlen=32, val_samples=2, epochs=1, batch_size=4, rank=2), "dl")):
+        quantize(path, stage, out=tmp_path / name, progress=False, cache_dir=tmp_path)
+        back = load_quantized(tmp_path / name)
+        assert {n: m.spec.tag for n, m in packed_layers(back).items()} == s.mixed.layers, name
+        assert checkpoint_info(tmp_path / name)["layer_grids"] == s.mixed.grids
+
+
+def test_a_mixed_model_reloads_and_exports_with_the_same_logits(tmp_path):
+    path, s, model = mixed(tmp_path)
+    ref = logits(model)
+    back = load_quantized(path)
+    assert torch.equal(logits(back), ref)
+    cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert len(cfg["dynamic"]) == len(packed_layers(back)) - sum(1 for t in s.mixed.layers.values() if t == "w4g128")
+    rep = export_checkpoint(path, "gptq", tmp_path / "gptq")  # the export reloads it and compares (raises otherwise)
+    assert rep["reload_max_logit_diff"] == 0.0
+    export_checkpoint(path, "compressed-tensors", tmp_path / "ct")
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in groups.values()) == sorted({int(t[1]) for t in s.mixed.layers.values()})
+    from transformers import AutoModelForCausalLM
+
+    ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    torch.testing.assert_close(logits(ct), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_a_mixed_model_runs_in_llama_cpp(tmp_path):
+    need_llama_cpp()
+    from tiny import llama_cpp_logits
+
+    path, s, model = mixed(tmp_path)
+    rep = export_checkpoint(path, None, tmp_path / "g", runtime="llama.cpp")
+    assert set(rep["ggml_types"]) == {"Q4_0", "Q8_0"} if any(t.startswith("w8") for t in s.mixed.layers.values()) else True
+    x = ids(1, 24)
+    got = llama_cpp_logits(tmp_path / "g" / rep["file"], x)
+    ref = logits(model, x)[0]
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_export_for_vllm_names_the_layer_grid_it_has_no_kernel_for(tmp_path):
+    path, s, _ = mixed(tmp_path)
+    with pytest.raises(QatlmError, match=r"its w2g32-sym layers: vLLM has no kernel for 2-bit"):
+        export_checkpoint(path, None, tmp_path / "v", runtime="vllm")
+    assert not (tmp_path / "v").exists()
+
+
+def test_a_resumed_run_keeps_its_allocation(tmp_path, monkeypatch):
+    spec = QuantSpec(target_bpw=4.0, menu=SYM_MENU)
+    first, s1 = plan(tiny_model("llama"), spec, ids(), work_dir=tmp_path, resume=False)
+    assert (tmp_path / "allocation.json").is_file()
+    import qatlm.methods.mixed as mx
+
+    monkeypatch.setattr(mx, "measure", lambda *a, **k: pytest.fail("a resumed run measured again"))
+    again, s2 = plan(tiny_model("llama"), spec, ids(), work_dir=tmp_path, resume=True)
+    assert again == first and s2.layers == s1.layers
+
+
+def test_a_lazily_loaded_model_streams_to_the_same_mixed_model(tmp_path):
+    src = tmp_path / "fp"
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    x = ids()
+    spec = QuantSpec(target_bpw=4.0, menu=SYM_MENU)
+    s = quantize(src, RTNConfig(grid=spec), calib=(x, x[:1]), out=tmp_path / "lazy", progress=False)
+    _, s_mem, model = mixed(tmp_path, name="mem")
+    assert s.mixed.layers == s_mem.mixed.layers
+    assert torch.equal(logits(load_quantized(tmp_path / "lazy")), logits(model))
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed-src")
+    tiny_model("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "text.txt").write_text(" ".join(f"the cat sat on the mat number {i}" for i in range(400)))
+    return root
+
+
+Q = ["quantize", "--model", "{src}/model", "--method", "rtn", "--out", "{tmp}/q"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target-bpw", "0.5"], "--target-bpw 0.5 is not a budget qatlm can meet"),
+    (["--target-bpw", "2.5", "--bit-menu", "w4x64"], "'w4x64' is not a grid"),
+    (["--target-bpw", "2.5", "--bit-menu", "w5g64"], "bits=5 is not supported"),
+    (["--target-bpw", "3", "--grid", "q4_k"], "--target-bpw mixes uniform grids"),
+    (["--method", "block-ap", "--target-bpw", "1.5", "--calib", "{src}/text.txt", "--calib-samples", "4", "--calib-seqlen", "16",
+      "--val-samples", "1"], "below what the menu's smallest grids take"),
+])
+def test_bad_mixed_precision_input_is_one_clear_line(extra, message, src, tmp_path, capsys, monkeypatch):
+    check_one_clear_line(Q + [a.replace("{src}", str(src)) for a in extra], message, src, tmp_path, capsys, monkeypatch)
+
+
+def test_a_mixed_gptq_checkpoint_loads_in_gptqmodel(tmp_path, monkeypatch):
+    """GPTQModel.load reads the per-module bits from the checkpoint's ``dynamic`` config (its fp16 kernels: close, not
+    equal); the route says so, since transformers' from_pretrained gives every layer the base grid."""
+    pytest.importorskip("gptqmodel")
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel
+
+    from qatlm.export.runtimes import checkpoint_widths, route
+    from qatlm.model.checkpoint import read_quant_config, spec_from_config
+
+    path, s, model = mixed(tmp_path, menu="w2g32,w4g32,w8g32")
+    r = route("transformers", spec_from_config(read_quant_config(path)[1]), checkpoint_widths(path))
+    assert r.format == "gptq" and "GPTQModel.load" in r.why
+    g = GPTQModel.load(str(path), device="cpu")
+    ref = logits(model)
+    got = logits(g.model)
+    assert (got - ref).abs().max() < 2e-2 * ref.abs().max()
