@@ -10,6 +10,8 @@ Rows (bench/results/kquant.{json,md}):
   export: the same tensor types as qatlm's file, so the sizes match and the comparison is the grid values alone.
 - ``llama.cpp <mix>`` (``--mix``): its default recipe for the type (Q2_K / Q3_K_M: some tensors a type up; larger).
 - ``qatlm rtn|block-ap <grid>``: quantized on the grid, saved, exported with ``qatlm export --format gguf``.
+- ``qatlm rtn|block-ap k-mix at <mix>'s size`` (``--mix --k-mix``): qatlm's own per-layer choice of llama.cpp types
+  (``--grid k --target-bpw X``, X the bits per quantized weight of llama.cpp's default-mix file).
 Each file is read (a) by transformers' GGUF loader (dequantized with the gguf package) with qatlm's perplexity code
 (``qatlm eval FILE.gguf``), and (b) by llama.cpp itself (llama-cpp-python logits of the same token windows; its matmuls
 quantize activations to 8 bits, so (b) differs slightly from (a)). Held-out Shakespeare, 512-token windows.
@@ -96,6 +98,14 @@ def gguf_types(f: Path) -> dict:
     return out
 
 
+def quantized_bpw(f: Path) -> float:
+    """Bits per weight of a GGUF file's quantized matrices, unrounded: their bytes x 8 / their weights."""
+    import gguf
+
+    q = [t for t in gguf.GGUFReader(str(f)).tensors if t.tensor_type.name not in ("F32", "F16", "BF16") and len(t.shape) >= 2]
+    return 8 * sum(int(t.n_bytes) for t in q) / sum(int(t.n_elements) for t in q)
+
+
 def read_both(f: Path, label: str, settings, windows, lc, extra: dict) -> dict:
     """(a) ``qatlm eval FILE.gguf`` on all the windows; the two readings side by side on the first ``len(windows)``
     windows: (a) again, and (b) llama.cpp."""
@@ -119,18 +129,23 @@ def read_both(f: Path, label: str, settings, windows, lc, extra: dict) -> dict:
     return row
 
 
-def quantize_qatlm(method: str, grid: str, fp_dir: Path, a) -> tuple[Path, dict]:
+def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | None = None) -> tuple[Path, dict]:
+    """qatlm's ``method`` on one K grid, or with ``target_bpw`` on a mix of llama.cpp's types (``--grid k``) within that
+    many bits per quantized weight; saved and exported to GGUF."""
     from qatlm import BlockAPConfig, QuantSpec, RTNConfig, quantize
     from qatlm.export import export_checkpoint
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer
 
     torch.manual_seed(0)
-    spec = QuantSpec(format=grid)
+    spec = QuantSpec(format=grid) if target_bpw is None else QuantSpec(format="k", target_bpw=target_bpw)
+    grid = grid if target_bpw is None else f"k-mix-{target_bpw:.4f}"
     cfg = RTNConfig(grid=spec) if method == "rtn" else BlockAPConfig(grid=spec, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
     model, tok = load_fp_model(fp_dir), load_tokenizer(fp_dir)
     t = time.time()
     summary = quantize(model, cfg, tokenizer=tok, out=WORK / f"{method}-{grid}", overwrite=True, progress=False)
     extra = {"quant_wall_s": round(time.time() - t, 1)}
+    if summary.mixed is not None:
+        extra["allocation"] = {"target_bpw": target_bpw, "bits_per_weight": summary.mixed.bits_per_weight, "grids": summary.mixed.grids}
     if method == "block-ap":
         extra["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
         b = summary.block_ap.blocks
@@ -165,6 +180,8 @@ def main():
     ap.add_argument("--name", default="kquant", help="results file stem")
     ap.add_argument("--redo", action="store_true", help="measure again the rows already in the results file")
     ap.add_argument("--mix", action="store_true", help="also llama.cpp's default mixes (Q2_K, Q3_K_M: some tensors a type up)")
+    ap.add_argument("--k-mix", action="store_true", help="with --mix: also qatlm's own mix of llama.cpp types (--grid k) at "
+                                                          "the bits per weight of llama.cpp's default mix")
     a = ap.parse_args()
 
     from qatlm.data.assets import default_model_dir
@@ -205,6 +222,14 @@ def main():
                 t = time.time()
                 llama_quantize(lc, fp_gguf, f, ftype, pure)
                 keep(read_both(f, label, settings, windows, lc, {"quant_wall_s": round(time.time() - t, 1)}))
+            mix_row = next((r for r in rows if r["label"] == f"llama.cpp {MIX[grid][0]} (its default mix)"), None)
+            if a.k_mix and mix_row is not None:
+                bpw = quantized_bpw(WORK / mix_row["file"])
+                for method in a.methods.split(","):
+                    label = f"qatlm {method} k-mix at {MIX[grid][0]}'s size"
+                    if label not in done:
+                        f, extra = quantize_qatlm(method, grid, fp_dir, a, target_bpw=bpw)
+                        keep(read_both(f, label, settings, windows, lc, extra))
         for method in a.methods.split(","):
             if f"qatlm {method} {grid}" in done:
                 continue

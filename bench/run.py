@@ -93,11 +93,17 @@ def matmul_flops(shapes, tokens: int, repeat: int = 3, device: str = "cpu", tria
     return tot_flops / tot_t
 
 
-def load_base(recipe: str, setting: str, device: str = "cpu"):
-    """The packed checkpoint an earlier row of ``recipe`` saved for ``setting`` (composed recipes start there)."""
+def work_path(recipe: str, setting: str, model: str | None = None, seed: int = 0) -> Path:
+    """Where a row's packed checkpoint is kept: ``bench/work/[MODEL-]RECIPE-SETTING[-seedN]`` (MODEL when not the built-in)."""
+    return HERE / "work" / ((f"{Path(model).name}-" if model else "") + f"{recipe}-{setting}" + (f"-seed{seed}" if seed else ""))
+
+
+def load_base(recipe: str, setting: str, device: str = "cpu", model: str | None = None, seed: int = 0):
+    """The packed checkpoint an earlier row of ``recipe`` saved for ``setting`` on the same model and seed (composed
+    recipes start there)."""
     from qatlm.model.checkpoint import load_quantized
 
-    base = HERE / "work" / f"{recipe}-{setting}"
+    base = work_path(recipe, setting, model, seed)
     if not (base / "config.json").exists():
         raise SystemExit(f"{base} is missing: run the {recipe} row first")
     return load_quantized(base, device=device)
@@ -159,7 +165,7 @@ def run_one(a) -> dict:
                 attach_fake_quant(model, cfg.spec)
             else:
                 del model
-                model = load_base(base_recipe, a.setting, a.device)
+                model = load_base(base_recipe, a.setting, a.device, a.model, a.seed)
             lr_kw = {k: v for k, v in (("lr_lora", a.dl_lr_lora), ("lr_magnitude", a.dl_lr_magnitude)) if v is not None}
             dl = DLQATConfig(samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, seed=a.seed, **lr_kw)
             row["dl_lr_lora"], row["dl_lr_magnitude"] = dl.lr_lora, dl.lr_magnitude
@@ -173,7 +179,7 @@ def run_one(a) -> dict:
             from qatlm.methods.e2e_qp import E2EQPConfig, train_e2e_qp
 
             del model
-            model = load_base(a.recipe.split("+")[0], a.setting, a.device)
+            model = load_base(a.recipe.split("+")[0], a.setting, a.device, a.model, a.seed)
             e2e = E2EQPConfig(data=a.e2e_data, samples=a.e2e_samples, seqlen=a.calib_seqlen, batch_size=4, lr=a.e2e_lr, seed=a.seed)
             summary = train_e2e_qp(model, e2e, tok, progress=False)
             cfg = RTNConfig(bits, group)  # only its grid spec is used for saving
@@ -188,8 +194,7 @@ def run_one(a) -> dict:
         row["quant_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if a.device != "cpu":
             row["quant_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        path = HERE / "work" / ((f"{a.recipe}-{a.setting}" if not a.model else f"{fp_dir.name}-{a.recipe}-{a.setting}")
-                                + (f"-seed{a.seed}" if a.seed else ""))
+        path = work_path(a.recipe, a.setting, a.model, a.seed)
         save_quantized(model, path, cfg.spec, tokenizer=tok, overwrite=True, meta={"method": a.recipe})
         del model
     return finish_row(row, path, settings, f"{a.recipe} {a.setting or ''}".strip(), a.limit, t0)

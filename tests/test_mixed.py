@@ -245,7 +245,8 @@ Q = ["quantize", "--model", "{src}/model", "--method", "rtn", "--out", "{tmp}/q"
     (["--target-bpw", "0.5"], "--target-bpw 0.5 is not a budget qatlm can meet"),
     (["--target-bpw", "2.5", "--bit-menu", "w4x64"], "'w4x64' is not a grid"),
     (["--target-bpw", "2.5", "--bit-menu", "w5g64"], "bits=5 is not supported"),
-    (["--target-bpw", "3", "--grid", "q4_k"], "--target-bpw mixes uniform grids"),
+    (["--grid", "k"], "--grid k mixes llama.cpp's types within a budget: give --target-bpw"),
+    (["--grid", "k", "--target-bpw", "3", "--method", "efficientqat"], "trains uniform grids only, not --grid k"),
     (["--method", "block-ap", "--target-bpw", "1.5", "--calib", "{src}/text.txt", "--calib-samples", "4", "--calib-seqlen", "16",
       "--val-samples", "1"], "below what the menu's smallest grids take"),
 ])
@@ -270,3 +271,77 @@ def test_a_mixed_gptq_checkpoint_loads_in_gptqmodel(tmp_path, monkeypatch):
     ref = logits(model)
     got = logits(g.model)
     assert (got - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def _k_model():  # 256-wide inputs hold K types; down_proj's 320-wide input only the 32-weight GGUF types
+    return tiny_model("llama", hidden_size=256, intermediate_size=320, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_a_k_quant_mix_uses_llama_cpp_types_within_budget_and_exports_them_bit_exactly(tmp_path):
+    """--grid k --target-bpw: each layer on one of llama.cpp's types (K types where the width allows, Q4_0/Q8_0
+    elsewhere), the budget met as the file's bytes count it, the same logits after reloading, one GGUF tensor type per
+    layer as allocated, decoded by the gguf package to qatlm's weights exactly."""
+    import gguf
+
+    from qatlm.quant.grid import K_MENU, ggml_name, spec_from_tag
+
+    model, x = _k_model(), ids()
+    s = quantize(model, RTNConfig(grid=QuantSpec(format="k", target_bpw=3.6)), calib=(x, x[:1]), out=tmp_path / "k",
+                 tokenizer=tiny_tokenizer(), progress=False)
+    tags = s.mixed.layers
+    assert set(tags.values()) <= set(K_MENU.split(",")) and s.mixed.bits_per_weight <= 3.6
+    assert {t for n, t in tags.items() if "down_proj" in n} <= {"w4g32-sym", "w8g32-sym"}  # 320 wide: no K type fits
+    assert len({t for n, t in tags.items() if "down_proj" not in n}) >= 2, tags  # a real mix of K types
+    info = checkpoint_info(tmp_path / "k")
+    weights = sum(lin.in_features * lin.out_features for b in _k_model().model.layers for lin in quant_targets(b).values())
+    stored = 0
+    for f in (tmp_path / "k").glob("*.safetensors"):
+        with safe_open(f, framework="pt") as fh:
+            stored += sum(fh.get_slice(k).get_shape()[0] * fh.get_slice(k).get_shape()[1] for k in fh.keys() if k.endswith(".kblocks"))
+    assert stored + sum(spec_from_tag(t).layer_bytes(320, 256) for n, t in tags.items() if "down_proj" in n) == \
+        pytest.approx(info["bits_per_quantized_weight"] * weights / 8)  # K bytes read from the file + the fallback layers
+    assert info["bits_per_quantized_weight"] == pytest.approx(s.mixed.bits_per_weight) and info["layer_grids"] == s.mixed.grids
+    from qatlm.describe import info_rows
+
+    assert "Q2_K x" in dict(info_rows(info))["grid"]  # llama.cpp's names, as its tools print them
+    ref = logits(model)
+    back = load_quantized(tmp_path / "k")
+    assert torch.equal(logits(back), ref)
+    assert {n: m.spec.tag for n, m in packed_layers(back).items()} == tags
+    rep = export_checkpoint(tmp_path / "k", None, tmp_path / "g", runtime="llama.cpp")
+    assert rep["max_abs_error"] == 0.0
+    want = {}
+    for t in tags.values():
+        want[ggml_name(spec_from_tag(t))] = want.get(ggml_name(spec_from_tag(t)), 0) + 1
+    assert rep["ggml_types"] == want
+    reader = gguf.GGUFReader(str(tmp_path / "g" / rep["file"]))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.attn_v.weight"] == ggml_name(spec_from_tag(tags["model.layers.1.self_attn.v_proj"]))
+    with pytest.raises(QatlmError, match="gguf"):
+        export_checkpoint(tmp_path / "k", "gptq", tmp_path / "x")
+
+
+def test_block_ap_trains_a_k_quant_mix_on_its_own_types(tmp_path):
+    model, x = _k_model(), ids()
+    cfg = BlockAPConfig(grid=QuantSpec(format="k", target_bpw=3.6), epochs=2, batch_size=2, val_samples=0)
+    s = quantize(model, cfg, calib=(x, x[:0]), out=tmp_path / "b", tokenizer=tiny_tokenizer(), progress=False)
+    assert all(b.trained_rel_error < b.rtn_rel_error for b in s.block_ap.blocks)
+    back = load_quantized(tmp_path / "b")
+    assert {n: m.spec.tag for n, m in packed_layers(back).items()} == s.mixed.layers
+    assert torch.equal(logits(back), logits(model))
+
+
+def test_llama_cpp_runs_a_k_quant_mix(tmp_path):
+    need_llama_cpp()
+    from tiny import llama_cpp_logits
+
+    model, x = _k_model(), ids()
+    quantize(model, RTNConfig(grid=QuantSpec(format="k", target_bpw=3.6)), calib=(x, x[:1]), out=tmp_path / "k",
+             tokenizer=tiny_tokenizer(), progress=False)
+    rep = export_checkpoint(tmp_path / "k", None, tmp_path / "g", runtime="llama.cpp")
+    assert len(rep["ggml_types"]) >= 3
+    x = ids(1, 24)
+    got = llama_cpp_logits(tmp_path / "g" / rep["file"], x)
+    ref = logits(model, x)[0]
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

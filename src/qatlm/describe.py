@@ -16,8 +16,12 @@ def fmt_bytes(n: float) -> str:
 def _grid_line(info: dict) -> str:
     if info.get("layer_grids"):
         target = f", budget {info['target_bpw']:g} bits/weight" if info.get("target_bpw") else ""
-        return (f"mixed precision{target}: " + ", ".join(f"{t} x{n}" for t, n in info["layer_grids"].items())
-                + f" layers; {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}")
+        from qatlm.quant.grid import grid_names
+
+        names = grid_names(info["layer_grids"])
+        return (f"mixed precision{target}: " + ", ".join(f"{names[t]} x{n}" for t, n in info["layer_grids"].items())
+                + (" layers; llama.cpp types" if info.get("grid", "uniform") != "uniform" else
+                   f" layers; {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"))
     if info.get("grid", "uniform") == "uniform":
         g = "per-channel" if info["group_size"] == -1 else str(info["group_size"])
         return f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"

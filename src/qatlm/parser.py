@@ -19,12 +19,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qatlm: error: {message} (see '{self.prog} --help')\n")
 
 
-def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100):
+def _add_eval_args(p: argparse.ArgumentParser, limit: int = 100, ppl_windows: int = 40):
     p.add_argument("--heldout", default="shakespeare", help="held-out text: shakespeare, wikipedia, a .txt/.jsonl/.parquet/dataset "
                                                            "folder, a Hugging Face dataset NAME:CONFIG:SPLIT[:FIELD], or the papers' "
                                                            "wikitext2 / c4")
     p.add_argument("--seqlen", type=int, default=None, help="perplexity window length (default 512; 2048 for wikitext2 / c4)")
-    p.add_argument("--ppl-windows", type=int, default=40, help="number of perplexity windows, 0 = the whole text (default 40)")
+    p.add_argument("--ppl-windows", type=int, default=ppl_windows,
+                   help=f"number of perplexity windows, 0 = the whole text (default {ppl_windows})")
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande", help="comma-separated zero-shot tasks, or 'none'")
     p.add_argument("--limit", type=int, default=limit, help=f"items per zero-shot task, 0 = all (default {limit})")
     p.add_argument("--eval-batch-size", type=int, default=8, help="zero-shot batch size (default 8)")
@@ -69,7 +70,7 @@ def _quantize_parsers(sub):
 
 
 def _eval_parsers(sub):
-    from qatlm.demo import DEMO_BUDGET
+    from qatlm.demo import DEMO_BUDGET, DEMO_EVAL
     from qatlm.options import add_recipe_flags
     from qatlm.recipes import RECIPES
 
@@ -86,7 +87,7 @@ def _eval_parsers(sub):
     d.add_argument("--out", default="qatlm-demo", help="demo folder (checkpoints + report), default ./qatlm-demo")
     d.add_argument("--model", default=None, help=DEFAULT_MODEL_HELP)
     d.add_argument("--method", default="block-ap", choices=list(RECIPES), help="the QAT recipe shown beside RTN (default block-ap; rtn shows RTN alone)")
-    _add_eval_args(d, limit=50)
+    _add_eval_args(d, limit=DEMO_EVAL["limit"], ppl_windows=DEMO_EVAL["ppl_windows"])
     _add_common(d)
     add_recipe_flags(d, "demo", defaults={f"--{k.replace('_', '-')}": v for k, v in DEMO_BUDGET.items()})
 

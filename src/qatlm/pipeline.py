@@ -37,6 +37,7 @@ from torch import nn
 from qatlm.errors import QatlmError
 from qatlm.io import check_output, claim_work_dir, output_lock, resumable, source_fingerprint, work_dir_guard
 from qatlm.methods.base import Context
+from qatlm.quant.grid import grid_names
 from qatlm.recipes import check_stages, grid_of, is_quantizer, recipe_name, run_recipe
 from qatlm.summary import RunSummary
 
@@ -224,8 +225,9 @@ def report_training(summary: RunSummary, say) -> None:
     """The lines a run closes with: validation loss of an end-to-end stage, and Block-AP's per-block errors."""
     m = summary.mixed
     if m is not None:
+        names = grid_names(m.grids)
         say(f"mixed precision: {m.bits_per_weight:.3f} bits/weight for a budget of {m.target_bpw:g} ("
-            + ", ".join(f"{t} x{n}" for t, n in m.grids.items()) + f"); RTN block error predicted {sum(m.predicted_block_errors):.3g}, "
+            + ", ".join(f"{names[t]} x{n}" for t, n in m.grids.items()) + f"); RTN block error predicted {sum(m.predicted_block_errors):.3g}, "
             f"measured {sum(m.measured_block_errors):.3g}; allocation.png shows it")
     e2e = summary.end_to_end
     if e2e is not None and e2e.cost:

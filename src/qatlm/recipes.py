@@ -96,7 +96,8 @@ def check_grid_stages(stages: list) -> None:
     if grid is not None and grid.kformat is not None:
         for s in stages:
             if not is_quantizer(s):
-                raise QatlmError(f"{method_name(s)} trains uniform grids only, not --grid {grid.format}: use --method block-ap or rtn")
+                raise QatlmError(f"{method_name(s)} trains uniform grids only, not --grid {'k' if grid.mixed else grid.format}: "
+                                 "use --method block-ap or rtn")
 
 
 def is_quantizer_cls(cls) -> bool:

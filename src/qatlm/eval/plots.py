@@ -63,7 +63,7 @@ def allocation_map(layers: dict, png_path, target_bpw: float | None = None):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from qatlm.quant.grid import spec_from_tag
+    from qatlm.quant.grid import grid_names, spec_from_tag
 
     def split(name):
         parts = name.split(".")
@@ -79,10 +79,11 @@ def allocation_map(layers: dict, png_path, target_bpw: float | None = None):
         grid[kinds.index(k), blocks.index(b)] = s.layer_bytes(1024, 1024) * 8 / 1024**2  # as in a 1024 x 1024 layer
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(blocks) + 2.5), 0.45 * len(kinds) + 1.6))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    names = grid_names(set(cells.values()))  # llama.cpp's type names in a K-quant mix
     for (b, k), t in cells.items():
         if len(blocks) <= 40:
-            ax.text(blocks.index(b), kinds.index(k), t.removesuffix("-sym").replace("g", "\ng", 1), ha="center", va="center",
-                    fontsize=5.5, color="white")
+            label = names[t] if names[t] != t else t.removesuffix("-sym").replace("g", "\ng", 1)
+            ax.text(blocks.index(b), kinds.index(k), label, ha="center", va="center", fontsize=5.5, color="white")
     ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
     ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
     ax.set_xlabel("decoder block")

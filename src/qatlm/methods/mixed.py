@@ -24,6 +24,7 @@ from qatlm.errors import QatlmError
 from qatlm.model.arch import capture_layer_inputs, first_layer_input, quant_targets, run_layer
 from qatlm.model.sequential import SequentialBlocks
 from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, minmax_init, quantize_to_int, spec_from_tag
+from qatlm.quant.kquant import kquant_search_init, kquant_weight
 from qatlm.quant.linear import check_packable
 from qatlm.summary import MixedSummary
 
@@ -33,7 +34,11 @@ ALLOCATION_FILE = "allocation.json"
 
 @torch.no_grad()
 def rtn_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``w`` on ``spec``'s min-max grid, as the packed layer computes it (fp16 step sizes)."""
+    """``w`` on ``spec``'s grid as round-to-nearest puts it there: min-max steps as the packed layer computes them
+    (fp16), or for a K type the start its training layer takes (``KFakeQuantLinear.start``) seen through the format."""
+    if spec.kformat is not None:
+        scale, zero = kquant_search_init(w, spec)
+        return kquant_weight(w.float(), scale, zero, spec).to(w.dtype)
     scale, zero = minmax_init(w, spec)
     s16 = scale.clamp_min(MIN_SCALE).half().float()
     q, z = quantize_to_int(w.float(), s16, zero, spec)
@@ -142,7 +147,7 @@ def plan(model, spec: QuantSpec, ids: torch.Tensor, device=None, work_dir=None, 
     a resumed run continues with the same grids."""
     t0 = time.time()
     f = work_dir / ALLOCATION_FILE if work_dir is not None else None
-    key = {"target_bpw": spec.target_bpw, "menu": spec.menu, "sym": spec.sym, "zero_min": spec.zero_min}
+    key = {"target_bpw": spec.target_bpw, "menu": spec.menu, "sym": spec.sym, "zero_min": spec.zero_min, "grid": spec.format}
     if f is not None and resume and f.is_file():
         saved = json.loads(f.read_text())
         if saved.get("key") == key:

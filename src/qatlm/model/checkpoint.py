@@ -28,7 +28,7 @@ from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, 
 from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
 from qatlm.quant.grid import QuantSpec
-from qatlm.quant.grid import K_FORMATS, KQUANT_FALLBACK
+from qatlm.quant.grid import K_FORMATS, KQUANT_FALLBACK, QK_K
 from qatlm.quant.layers import packed_layer
 from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import v1_zeros_to_v2
@@ -286,7 +286,7 @@ def check_packed_tensors(folder: Path, spec: QuantSpec, name: str) -> None:
             raise QatlmError(f"{folder}: {k} is stored as {dtype}, not {want}: not a packed checkpoint qatlm can read")
     for k in [k for k in heads if k.endswith(".qweight")]:
         layer = k[: -len(".qweight")]
-        grid = spec.for_layer(layer, 0) if spec.kformat is None else KQUANT_FALLBACK
+        grid = spec.stored_grid(layer)
         (rows, out), in_f = heads[k][0], heads[k][0][0] * 32 // grid.bits
         want = {".scales": (grid.num_groups(in_f), out), ".qzeros": (grid.num_groups(in_f), out * grid.bits // 32),
                 ".g_idx": (in_f,)}
@@ -301,7 +301,8 @@ def spec_from_config(qc: dict) -> QuantSpec:
     if qc.get("quant_method") == KQUANT_METHOD:
         if qc.get("grid") not in K_FORMATS:
             raise QatlmError(f"unknown K-quant grid {qc.get('grid')!r} in quantization_config (this qatlm knows {', '.join(K_FORMATS)})")
-        return QuantSpec(format=qc["grid"])
+        layers, target = _mixed_meta(qc)
+        return QuantSpec(format=qc["grid"], layers=layers, target_bpw=target)
     try:
         zmin = int(((qc.get("meta") or {}).get("qatlm") or {}).get("zero_min", 0))
         bits, group = qc["bits"], qc["group_size"]
@@ -310,13 +311,18 @@ def spec_from_config(qc: dict) -> QuantSpec:
     except (KeyError, TypeError, ValueError, AttributeError):
         raise QatlmError(f"its quantization_config has no whole-number bits / group_size (bits={qc.get('bits')!r}, "
                          f"group_size={qc.get('group_size')!r})") from None
+    layers, target = _mixed_meta(qc)
+    return QuantSpec(bits=int(bits), group_size=int(group), sym=bool(qc.get("sym", False)), zero_min=zmin, layers=layers, target_bpw=target)
+
+
+def _mixed_meta(qc: dict) -> tuple[tuple, float | None]:
+    """A mixed checkpoint's per-layer grids and budget, from ``meta.qatlm`` of its quantization_config."""
     qmeta = (qc.get("meta") or {}).get("qatlm") or {}
     layers = qmeta.get("layers") or {}
     target = qmeta.get("target_bpw")
     if not isinstance(layers, dict):
         raise QatlmError("its quantization_config's per-layer grids (meta.qatlm.layers) are not a mapping of layer names to grids")
-    return QuantSpec(bits=int(bits), group_size=int(group), sym=bool(qc.get("sym", False)), zero_min=zmin,
-                     layers=tuple(sorted(layers.items())), target_bpw=float(target) if target is not None else None)
+    return tuple(sorted(layers.items())), float(target) if target is not None else None
 
 
 def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -439,12 +445,14 @@ def checkpoint_info(path) -> dict:
                 if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx", ".kblocks")):
                     quant_bytes += nbytes
                     if k.endswith(".qweight"):
-                        grid = spec.for_layer(k[: -len(".qweight")], 0) if spec.kformat is None else KQUANT_FALLBACK
+                        grid = spec.stored_grid(k[: -len(".qweight")])
                         n_quant += numel * 32 // grid.bits
                         grids[grid.tag] = grids.get(grid.tag, 0) + 1
                         expert_layers += ".experts." in k
                     elif k.endswith(".kblocks"):
-                        n_quant += numel * 256 // spec.kformat.block_bytes
+                        kgrid = spec.for_layer(k[: -len(".kblocks")], QK_K)  # its K type (one of several in a mix)
+                        n_quant += numel * QK_K // kgrid.kformat.block_bytes
+                        grids[kgrid.tag] = grids.get(kgrid.tag, 0) + 1
                         expert_layers += ".experts." in k
                 else:
                     n_other += numel

@@ -49,8 +49,11 @@ K_FORMATS = {
     "q3_k": KFormat("Q3_K", 3, 16, 32, 0, 110),
     "q4_k": KFormat("Q4_K", 4, 32, 63, 63, 144),
 }
-GRIDS = ("uniform", *K_FORMATS)
-MENU = "w2g64,w2g128,w3g64,w3g128,w4g64,w4g128,w8g128-sym"  # 8-bit symmetric: llama.cpp's Q8_0 holds it  # the grids a --target-bpw allocation chooses from
+GRIDS = ("uniform", *K_FORMATS, "k")
+MENU = "w2g64,w2g128,w3g64,w3g128,w4g64,w4g128,w8g128-sym"  # the grids a --target-bpw allocation chooses from (8-bit symmetric: Q8_0 holds it)
+# under a K-quant grid: llama.cpp's K types, and for any layer the GGUF types of 32-weight blocks (Q4_0, Q8_0), which
+# also hold the layers whose width is not a multiple of 256
+K_MENU = "q2_k,q3_k,q4_k,w4g32-sym,w8g32-sym"
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ class QuantSpec:
                            "is exact", flag="v1-zeros", as_bool=True)
     format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp K-quant that exports to GGUF "
                                  "bit-exactly: q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5); super-blocks of 256 weights, "
-                                 "layers of other widths use a 4-bit grid stored as Q4_0", flag="grid", choices=GRIDS, what="grid")
+                                 "layers of other widths use a 4-bit grid stored as Q4_0; k: with --target-bpw, each layer gets "
+                                 "the llama.cpp type of --bit-menu it needs (default " + K_MENU + ")", flag="grid", choices=GRIDS,
+                      what="grid")
     target_bpw: float | None = opt(None, "mixed precision: a budget in bits per quantized weight (step sizes, zero points and "
                                          "group indices counted, as `qatlm info` counts them); each layer gets the grid of --bit-menu "
                                          "that a sensitivity measured on the calibration data says it needs. Unset: one grid for every layer",
@@ -75,6 +80,13 @@ class QuantSpec:
 
     def __post_init__(self):
         check_choices(self)
+        if self.format == "k":  # a mix of llama.cpp's types: the cheapest K type is the base, the menu the K menu
+            if self.target_bpw is None and not self.layers:
+                raise QatlmError("--grid k mixes llama.cpp's types within a budget: give --target-bpw (or one type: --grid "
+                                 + "|".join(K_FORMATS) + ")")
+            object.__setattr__(self, "format", next(iter(K_FORMATS)))
+            if self.menu == MENU:
+                object.__setattr__(self, "menu", K_MENU)
         if self.format != "uniform":  # the K-quant type fixes bits and sub-block size
             k = K_FORMATS[self.format]
             if self.sym or self.zero_min:
@@ -98,8 +110,6 @@ class QuantSpec:
         if self.target_bpw is not None:
             if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or not 1.0 < self.target_bpw <= 16.0:
                 raise QatlmError(f"--target-bpw {self.target_bpw!r} is not a budget qatlm can meet: give bits per weight between 1 and 16")
-            if self.kformat is not None:
-                raise QatlmError(f"--target-bpw mixes uniform grids; it does not combine with --grid {self.format} yet")
             menu = self.menu_specs()
             if not menu:
                 raise QatlmError("--bit-menu is empty: name at least one grid, e.g. w2g64,w4g128")
@@ -108,9 +118,19 @@ class QuantSpec:
             spec_from_tag(t, self)
 
     def menu_specs(self) -> list["QuantSpec"]:
-        """The grids of ``--bit-menu``, each with this grid's symmetry and zero-point rule, cheapest first."""
-        specs = [spec_from_tag(t.strip(), self) for t in self.menu.split(",") if t.strip()]
-        return sorted(set(specs), key=lambda s: (s.bits, -s.group_size if s.group_size != -1 else -MAX_GROUP))
+        """The grids of ``--bit-menu`` (under a K-quant grid the K menu unless one is given), each with this grid's
+        symmetry and zero-point rule, cheapest first."""
+        menu = K_MENU if self.kformat is not None and self.menu == MENU else self.menu
+        specs = [spec_from_tag(t.strip(), self) for t in menu.split(",") if t.strip()]
+        return sorted(set(specs), key=lambda s: (s.bits, -s.group_size if s.group_size != -1 else -MAX_GROUP, s.format))
+
+    def stored_grid(self, layer: str) -> "QuantSpec":
+        """The uniform grid of a layer stored as GPTQ tensors (``qweight``): its own in a mixed model; under a K-quant
+        base grid, a layer with no grid of its own is one the K types cannot hold (``KQUANT_FALLBACK``)."""
+        tag = self._layer_tags.get(layer)
+        if tag is not None:
+            return spec_from_tag(tag, self)
+        return KQUANT_FALLBACK if self.kformat is not None else self.plain
 
     @property
     def plain(self) -> "QuantSpec":
@@ -202,6 +222,24 @@ def spec_from_tag(tag: str, base: QuantSpec | None = None) -> QuantSpec:
     sym = bool(m.group(3)) or bool(base is not None and base.sym)
     zmin = base.zero_min if base is not None and not sym else 0
     return QuantSpec(bits=int(m.group(1)), group_size=-1 if m.group(2) == "c" else int(m.group(2)), sym=sym, zero_min=zmin)
+
+
+def ggml_name(spec: QuantSpec) -> str | None:
+    """The llama.cpp tensor type that stores ``spec`` exactly, or None: a K type; 4-bit groups of 32 as Q4_0 (symmetric)
+    or Q4_1; 8-bit symmetric groups of 32 as Q8_0."""
+    if spec.kformat is not None:
+        return spec.kformat.name
+    if spec.group_size == 32 and (spec.bits, spec.sym) in ((4, True), (4, False), (8, True)):
+        return {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}[(spec.bits, spec.sym)]
+    return None
+
+
+def grid_names(tags) -> dict[str, str]:
+    """How a mix's grid tags are shown: where the mix holds a llama.cpp K type, every tag GGUF stores exactly by its
+    llama.cpp type name (``q3_k`` -> ``Q3_K``, ``w4g32-sym`` -> ``Q4_0``); otherwise the tags themselves."""
+    tags = list(tags)
+    k = any(t in K_FORMATS for t in tags)
+    return {t: (ggml_name(spec_from_tag(t)) or t) if k else t for t in tags}
 
 
 def expand_groups(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
