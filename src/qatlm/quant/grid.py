@@ -85,8 +85,6 @@ class QuantSpec:
                 raise QatlmError("--grid k mixes llama.cpp's types within a budget: give --target-bpw (or one type: --grid "
                                  + "|".join(K_FORMATS) + ")")
             object.__setattr__(self, "format", next(iter(K_FORMATS)))
-            if self.menu == MENU:
-                object.__setattr__(self, "menu", K_MENU)
         if self.format != "uniform":  # the K-quant type fixes bits and sub-block size
             k = K_FORMATS[self.format]
             if self.sym or self.zero_min:
@@ -95,6 +93,8 @@ class QuantSpec:
                 raise QatlmError(f"--grid {self.format} fixes {k.bits}-bit codes in sub-blocks of {k.sub}: drop --bits/--group-size")
             object.__setattr__(self, "bits", k.bits)
             object.__setattr__(self, "group_size", k.sub)
+            if self.target_bpw is not None and self.menu == MENU:  # a K-quant mix chooses among llama.cpp's types
+                object.__setattr__(self, "menu", K_MENU)
         if self.zero_min not in (0, 1):
             raise QatlmError(f"zero_min must be 0 or 1, not {self.zero_min}")
         if self.bits not in SUPPORTED_BITS:
@@ -120,8 +120,7 @@ class QuantSpec:
     def menu_specs(self) -> list["QuantSpec"]:
         """The grids of ``--bit-menu`` (under a K-quant grid the K menu unless one is given), each with this grid's
         symmetry and zero-point rule, cheapest first."""
-        menu = K_MENU if self.kformat is not None and self.menu == MENU else self.menu
-        specs = [spec_from_tag(t.strip(), self) for t in menu.split(",") if t.strip()]
+        specs = [spec_from_tag(t.strip(), self) for t in self.menu.split(",") if t.strip()]
         return sorted(set(specs), key=lambda s: (s.bits, -s.group_size if s.group_size != -1 else -MAX_GROUP, s.format))
 
     def stored_grid(self, layer: str) -> "QuantSpec":
