@@ -10,6 +10,13 @@ result; (b) and (c) are kept beside it (`ppl_saved_qatlm`, `ppl_saved_transforme
 (all within 1 %). Where the checkpoint itself differs from the in-memory model (auto-round's GPTQ writer stores
 max(zero − 1, 0), so a zero point of 0 is read back as 1), the row says so (`zero_point_0_groups`).
 Rows are merged into bench/results/results.{json,md} with recipe names `peer:auto-round`, ...
+
+A mixed setting (``mix3.21``: 3.21 bits per weight) runs auto-round's AutoScheme over the grids of qatlm's
+``--bit-menu`` for that budget, then auto-round on the scheme it picked (``--iters 0``: round-to-nearest, the
+allocation alone, to set beside ``qatlm quantize --method rtn --target-bpw``); the row keeps the per-layer grids and
+their bits per weight as ``qatlm info`` counts them:
+
+    QATLM_BENCH_RESULTS=bench/results/mixed python bench/peers.py --peers auto-round --settings mix3.21 --iters 0 --limit 0
 """
 
 from __future__ import annotations
@@ -47,6 +54,58 @@ def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: in
         ar.save_quantized(str(out), format="auto_gptq")
         return next(p.parent for p in [out / "config.json", *out.glob("*/config.json")] if p.exists())  # it may add a subfolder
     return ar.model, save, zero0
+
+
+# the --target-bpw menu (qatlm.quant.grid.MENU) in auto-round's preset names: 2/3/4 bits in groups of 128 / 64, 8-bit symmetric
+AUTO_SCHEME_OPTIONS = "W2A16,W2A16G64,W3A16,W3A16G64,W4A16,W4A16G64,W8A16"
+AUTO_SCHEME_SAMPLES = 8  # samples AutoScheme scores its options on (qatlm's allocation measures on 4 of the same draw)
+
+
+def quantize_auto_scheme(model, tok, train_ids, target_bpw: float, out: Path, iters: int, lr: float, batch: int, seed: int = 0):
+    """auto-round's AutoScheme (its per-layer choice among qatlm's menu for an average bit budget, from its own measured
+    loss deltas), then auto-round itself on that scheme. Same returns as ``quantize_auto_round`` plus the per-layer grids.
+    AutoScheme reads calibration text by file name only: the same samples are written as JSON lines, one per sample.
+    Its bit accounting is qatlm's (codes + 16-bit scale + zero point per group) without the 32-bit group index per
+    input column, which costs the same on every grid: the budget it gets is the target less exactly that."""
+    from auto_round import AutoRound, AutoScheme
+
+    from qatlm.model.arch import quant_targets
+    from qatlm.model.sequential import SequentialBlocks
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    calib = out.parent / f"{out.name}-calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": tok.decode(row)}) + "\n" for row in train_ids))
+    blocks = SequentialBlocks(model)
+    lins = [lin for i in range(len(blocks)) for lin in quant_targets(blocks.parts.layers[i]).values()]
+    n_weights = sum(l.in_features * l.out_features for l in lins)
+    avg_bits = target_bpw - 32 * sum(l.in_features for l in lins) / n_weights
+    scheme = AutoScheme(avg_bits=avg_bits, options=AUTO_SCHEME_OPTIONS, nsamples=min(AUTO_SCHEME_SAMPLES, len(train_ids)), seqlen=train_ids.shape[1],
+                        batch_size=batch, dataset=str(calib), device_map="cpu")
+    ar = AutoRound(model, tok, scheme=scheme, sym=False, iters=iters, lr=lr, batch_size=batch, nsamples=len(train_ids),
+                   seqlen=train_ids.shape[1], dataset=str(calib), amp=False, device_map="cpu", seed=seed)
+    ar.quantize()
+    grids = {}
+    for name, cfg in ar.layer_config.items():
+        if cfg.get("bits", 16) < 16 and "layers" in name:
+            grids[name] = f"w{cfg['bits']}g{cfg['group_size']}" + ("-sym" if cfg.get("sym") and cfg["bits"] == 8 else "")
+
+    def save() -> Path:
+        ar.save_quantized(str(out), format="auto_gptq")
+        return next(p.parent for p in [out / "config.json", *out.glob("*/config.json")] if p.exists())
+    return ar.model, save, grids
+
+
+def scheme_bpw(model, grids: dict) -> float:
+    """Bits per quantized weight of a per-layer scheme, as ``qatlm info`` counts them (``QuantSpec.layer_bytes``)."""
+    from qatlm.quant.grid import QuantSpec, spec_from_tag
+
+    base, total, n = QuantSpec(4, 128), 0, 0
+    for name, tag in grids.items():
+        lin = model.get_submodule(name)
+        f_in, f_out = (lin.in_features, lin.out_features) if hasattr(lin, "in_features") else (lin.infeatures, lin.outfeatures)
+        total += spec_from_tag(tag, base).layer_bytes(f_in, f_out)
+        n += f_in * f_out
+    return 8 * total / n
 
 
 def quantize_gptqmodel(fp_dir, train_ids, bits, group, out: Path):
@@ -110,7 +169,11 @@ def run_one(a) -> dict:
     train_ids, _ = calibration_samples(tok, "wikipedia", a.calib_samples, a.calib_seqlen, a.seed, 16)
     out = HERE / "work" / (f"peer-{a.peer}-{a.setting}" + (f"-seed{a.seed}" if a.seed else ""))
     t0 = time.time()
-    if a.peer == "auto-round":
+    grids = None
+    if a.peer == "auto-round" and group is None:  # a mixed setting (mix3.21): AutoScheme picks each layer's grid
+        model, save, grids = quantize_auto_scheme(load_fp_model(fp_dir), tok, train_ids, bits, out, a.iters, a.lr, a.batch, a.seed)
+        zero0 = sum(int((m.zp == 0).sum()) for m in model.modules() if isinstance(getattr(m, "zp", None), torch.Tensor))
+    elif a.peer == "auto-round":
         model, save, zero0 = quantize_auto_round(load_fp_model(fp_dir), tok, train_ids, bits, group, out, a.iters, a.lr, a.batch, a.seed)
     elif a.peer == "gptqmodel":
         model, save, zero0 = quantize_gptqmodel(fp_dir, train_ids, bits, group, out)
@@ -127,25 +190,52 @@ def run_one(a) -> dict:
     # here), so its zero-shot is scored on (b), whose perplexity agrees with (a) (see the README)
     zs_on_a = next(model.parameters()).dtype == torch.float32
     zs = evaluate_lm_eval(model, tok, settings.tasks, settings.limit, settings.batch_size, settings.cache_dir) if (a.limit and zs_on_a) else {}
+    if grids is not None:
+        counts = {}
+        for t in grids.values():
+            counts[t] = counts.get(t, 0) + 1
+        alloc = {"target_bpw": bits, "bits_per_weight": scheme_bpw(model, grids), "grids": dict(sorted(counts.items())), "layers": grids}
     if a.peer == "auto-round":
-        folder = save()
+        try:
+            folder = save()
+        except Exception as e:  # a per-layer scheme auto-round may not write as GPTQ: the row keeps reading (a)
+            print(f"auto-round's GPTQ writer refused: {type(e).__name__}: {e}", file=sys.stderr)
+            folder = None
     del model
     row = {"model": MODEL_NAME, "recipe": f"peer:{a.peer}", "device": device_name(), "bits": bits, "group_size": group,
            "calib": f"{a.calib_samples}x{a.calib_seqlen}", "quant_wall_s": quant_s, "quant_peak_rss_mib": rss,
            "iters": a.iters if a.peer == "auto-round" else None, "seed": a.seed}
     b_settings = EvalSettings(ppl_windows=a.ppl_windows, tasks=() if zs_on_a else settings.tasks, limit=settings.limit)
-    row = finish_row(row, folder, b_settings, f"{a.peer} {a.setting}", a.limit, t0)
-    row["ppl_saved_qatlm"] = row["heldout_ppl"]
-    row["ppl_saved_transformers"] = transformers_ppl(folder, tok, settings)
+    if grids is not None:
+        row["allocation"] = alloc
+    if folder is not None:
+        try:
+            row = finish_row(row, folder, b_settings, f"{a.peer} {a.setting}", a.limit, t0)
+        except Exception as e:  # qatlm's loader refuses the folder: (b) is missing, said
+            print(f"(b) failed: {type(e).__name__}: {e}", file=sys.stderr)
+            folder = None
+    if folder is None:
+        row.update(heldout_ppl=None, ppl_saved_qatlm=None, ppl_saved_transformers=None, wall_s=round(time.time() - t0, 1),
+                   setting=f"mixed {bits:.2f} bpw", size_on_disk_mib=float("nan"), zeroshot_avg=None, zeroshot_limit=a.limit,
+                   ppl_protocol=f"{a.ppl_windows} windows x {settings.seqlen} tokens", peak_rss_mib=rss)
+    else:
+        row["ppl_saved_qatlm"] = row["heldout_ppl"]
+        try:
+            row["ppl_saved_transformers"] = transformers_ppl(folder, tok, settings)
+        except Exception as e:
+            print(f"(c) failed: {type(e).__name__}: {e}", file=sys.stderr)
+            row["ppl_saved_transformers"] = None
     row["heldout_ppl"] = in_memory
+    if grids is not None:  # qatlm's accounting of the scheme auto-round chose
+        row["bits_per_weight"] = alloc["bits_per_weight"]
     if zs_on_a:
         row["zeroshot"] = {t: v["acc"] for t, v in zs.items()}
         row["zeroshot_avg"] = average(zs) if zs else None
     row["zeroshot_read"] = "a" if zs_on_a else "b"
     readings = [v for v in (in_memory, row["ppl_saved_qatlm"], row["ppl_saved_transformers"]) if v is not None]
-    row["readings_agree"] = max(readings) / min(readings) <= 1.01
+    row["readings_agree"] = max(readings) / min(readings) <= 1.01 if len(readings) > 1 else None
     row["zero_point_0_groups"] = zero0
-    print(f"(a) in memory {in_memory:.2f}  (b) saved, qatlm {row['ppl_saved_qatlm']:.2f}  (c) saved, transformers "
+    print(f"(a) in memory {in_memory:.2f}  (b) saved, qatlm {row['ppl_saved_qatlm']}  (c) saved, transformers "
           f"{row['ppl_saved_transformers']}  zero points of 0: {zero0}", file=sys.stderr, flush=True)
     return row
 

@@ -7,6 +7,8 @@ of its own, with its own transformers), so it imports nothing from qatlm.
 JOB: {"runtime": "vllm" | "llama.cpp" | "transformers", "model": folder (GGUF: the .gguf file), "prompt": [ids],
       "new_tokens": 32, "windows": [[ids], ...], "threads": 2, "dtype": null (the runtime's default) or a name,
       "speed_tokens": 0 (generate this many tokens once more, timed), "logprobs": false}
+transformers: ``from_pretrained``, except a GPTQ folder with per-module grids (a mixed-precision export), which goes
+through ``GPTQModel.load`` as the export's route says (``from_pretrained`` would give every layer the base grid).
 Result: {"load_s", "greedy": [ids], "window_nll": [sum of -log p over each window's tokens after the first],
          "token_logprobs": [[log p of each window's next tokens]] (when asked),
          "prompt_tok_s", "gen_tok_s"} or {"error": "the runtime's own message"}.
@@ -107,6 +109,16 @@ def _llama_cpp(job):
     return out
 
 
+def _per_module_gptq(path: str) -> bool:
+    """A GPTQ folder whose config gives some modules their own grid (GPTQModel's ``dynamic`` overrides)."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg) as f:
+        q = json.load(f).get("quantization_config") or {}
+    return q.get("quant_method") == "gptq" and bool(q.get("dynamic"))
+
+
 def _transformers(job):
     import torch
     from transformers import AutoModelForCausalLM
@@ -118,8 +130,14 @@ def _transformers(job):
     if job.get("dtype") is not None:
         kw["dtype"] = getattr(torch, job["dtype"])
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
-    out = {"load_s": time.time() - t0, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if _per_module_gptq(path):  # per-layer grids: the loader the route names (from_pretrained gives every layer one grid)
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        from gptqmodel import GPTQModel
+
+        model, loader = GPTQModel.load(path, device="cpu").model.eval(), "GPTQModel.load"
+    else:
+        model, loader = AutoModelForCausalLM.from_pretrained(path, **kw).eval(), "from_pretrained"
+    out = {"load_s": time.time() - t0, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "loader": loader}
     with torch.no_grad():
         ids = torch.tensor([job["prompt"]])
         g = model.generate(ids, max_new_tokens=job["new_tokens"], do_sample=False, min_new_tokens=job["new_tokens"],

@@ -38,6 +38,10 @@ GRIDS = [("w2g64", "2", "64", False), ("w3g128", "3", "128", False), ("w4g64", "
          ("w8g64", "8", "64", False), ("w4g64-sym", "4", "64", True), ("w4g128-sym", "4", "128", True),
          ("w8g64-sym", "8", "64", True), ("q4_k", None, None, False), ("q2_k", None, None, False)]
 MOE_GRIDS = [("moe-w4g64", "4", "64", False)]
+# mixed precision (--target-bpw): a grid per layer, chosen by measured sensitivity; the name says the budget and the menu
+MIXED = {"mixed-3.21": ["--target-bpw", "3.21"],  # the default menu (2/3/4/8 bits): the size of uniform w3g128
+         "mixed-4.40-w4": ["--target-bpw", "4.4", "--bit-menu", "w4g32,w4g64,w4g128"],  # 4-bit groups only: vLLM's kernels
+         "k-mix-5.00": ["--grid", "k", "--target-bpw", "5.0"]}  # llama.cpp's own types, one per tensor
 EXPORTS = {"gptq": ["vllm", "transformers"], "compressed-tensors": ["vllm", "transformers"], "gguf": ["llama.cpp", "transformers"]}
 NEW_TOKENS, SPEED_TOKENS = 32, 64
 PROMPT = "The history of the city begins with"
@@ -117,11 +121,14 @@ def build_moe() -> Path:
 def checkpoints(model: Path, moe: Path, commands: list) -> dict:
     """Quantize each grid once (RTN); {name: folder or the refusal}."""
     out = {}
-    for name, bits, group, sym in GRIDS + MOE_GRIDS:
+    for name, bits, group, sym in GRIDS + MOE_GRIDS + [(n, None, None, False) for n in MIXED]:
         folder = WORK / name
         src = moe if name.startswith("moe") else model
         args = ["quantize", "--model", str(src), "--method", "rtn", "--out", str(folder), "--device", "cpu"]
-        args += ["--grid", name] if bits is None else ["--bits", bits, "--group-size", group] + (["--sym"] if sym else [])
+        if name in MIXED:
+            args += MIXED[name]
+        else:
+            args += ["--grid", name] if bits is None else ["--bits", bits, "--group-size", group] + (["--sym"] if sym else [])
         commands.append("qatlm " + " ".join(a.replace(str(ROOT) + "/", "") for a in args))
         if not (folder / "config.json").is_file():
             ok, msg = qatlm(*args, "--overwrite")
@@ -130,8 +137,8 @@ def checkpoints(model: Path, moe: Path, commands: list) -> dict:
                 continue
         out[name] = folder
     trained = HERE / "work" / "block-ap-w3g128"  # a trained checkpoint beside the RTN ones (bench/run.py writes it)
+    commands.append("python bench/run.py --recipes block-ap --settings w3g128  # -> bench/work/block-ap-w3g128")
     if (trained / "config.json").is_file():
-        commands.append("python bench/run.py --recipes block-ap --settings w3g128  # -> bench/work/block-ap-w3g128")
         out["w3g128 (Block-AP)"] = trained
     return out
 
@@ -154,7 +161,7 @@ def judge(cell: dict, ref: dict, fp: dict | None) -> dict:
     same = next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), min(len(g), len(r)))
     out = {"status": "ok", "greedy_equal": same, "ppl": cell["ppl"], "ppl_vs_qatlm_pct": 100 * (cell["ppl"] / ref["ppl"] - 1),
            "load_s": cell.get("load_s"), "dtype": cell.get("dtype"), "gen_tok_s": cell.get("gen_tok_s"),
-           "prompt_tok_s": cell.get("prompt_tok_s")}
+           "prompt_tok_s": cell.get("prompt_tok_s"), "loader": cell.get("loader")}
     if fp and fp.get("gen_tok_s") and cell.get("gen_tok_s"):
         out["gen_speed_vs_fp"] = cell["gen_tok_s"] / fp["gen_tok_s"]
     return out
@@ -306,7 +313,8 @@ def cell_text(c: dict | None, picked: bool) -> str:
         return f"✗ {c['why'][:90]}{mark}".replace("|", "/")
     speed = f", {c['gen_speed_vs_fp']:.2f}x fp" if c.get("gen_speed_vs_fp") else ""
     ok = "✓" if green(c) else "≠"
-    return f"{ok} {c['greedy_equal']}/{NEW_TOKENS}, {c['ppl_vs_qatlm_pct']:+.2f}%{speed}{mark}"
+    via = " (GPTQModel.load)" if c.get("loader") == "GPTQModel.load" else ""
+    return f"{ok} {c['greedy_equal']}/{NEW_TOKENS}, {c['ppl_vs_qatlm_pct']:+.2f}%{speed}{via}{mark}"
 
 
 SHORT_WHY = [("no kernel for", "no kernel for {bits}-bit weights"), ("group size to divide", "group {group} ≠ divisor of a width"),
@@ -334,7 +342,8 @@ def by_runtime(state: dict) -> str:
             else:
                 speed = f", {c['gen_speed_vs_fp']:.2f}x fp speed" if c.get("gen_speed_vs_fp") else ""
                 split = f" in groups of {r['regroup']}" if r.get("regroup") else ""
-                cells.append(f"{'✓' if green(c) else '≠'} {r['format']}{split}, ppl {c['ppl_vs_qatlm_pct']:+.2f} %{speed}")
+                via = " via GPTQModel.load" if c.get("loader") == "GPTQModel.load" else ""
+                cells.append(f"{'✓' if green(c) else '≠'} {r['format']}{split}{via}, ppl {c['ppl_vs_qatlm_pct']:+.2f} %{speed}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
