@@ -224,6 +224,36 @@ def test_vllm_serves_the_asymmetric_4bit_export_as_qatlm_computes_it(model_dir, 
     check_served(got, src, job, tol=0.02)
 
 
+def test_vllm_serves_a_mixed_4bit_model_with_one_config_group_per_grid(model_dir, tmp_path):
+    """Layers on 4-bit grids in groups of 32, 64 and 128, the projections vLLM fuses (q/k/v, gate/up) on one grid each:
+    ``--for vllm`` writes one compressed-tensors config group per grid, and vLLM computes qatlm's model from it."""
+    from qatlm import QuantSpec, RTNConfig, quantize as quantize_api
+    from qatlm.model.checkpoint import load_fp_model, load_tokenizer
+
+    py = vllm_python()
+    layers = tuple((f"model.layers.{b}.{n}", t) for b in range(2) for n, t in
+                   (("self_attn.o_proj", "w4g32"), ("mlp.down_proj", "w4g128"), ("mlp.gate_proj", "w4g32"), ("mlp.up_proj", "w4g32")))
+    spec = QuantSpec(4, 64, layers=layers)
+    assert route("vllm", spec, [128, 256]).format == "compressed-tensors"
+    quantize_api(load_fp_model(model_dir), RTNConfig(grid=spec), tokenizer=load_tokenizer(model_dir), out=tmp_path / "q", progress=False)
+    assert main(["export", str(tmp_path / "q"), "--for", "vllm", "--out", str(tmp_path / "v")]) == 0
+    groups = json.loads((tmp_path / "v" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 3
+    job = job_for(tmp_path / "v", "vllm")
+    check_served(run_worker(py, job, tmp_path), tmp_path / "q", job, tol=0.02)
+
+
+def test_export_for_vllm_refuses_a_mix_that_splits_the_projections_it_fuses():
+    """vLLM loads q/k/v (and gate/up) as one layer with one scheme: its weight loader fails on a checkpoint that gives
+    them different grids (measured), so the route refuses and names the pair."""
+    spec = QuantSpec(4, 64, layers=(("model.layers.1.self_attn.k_proj", "w4g32"),))
+    r = route("vllm", spec, [128, 256])
+    assert r.format is None and "q_proj w4g64, k_proj w4g32, v_proj w4g64 in model.layers.1.self_attn" in r.why
+    assert route("llama.cpp", spec, [128, 256]).format == "gguf"
+    tied = QuantSpec(4, 64, layers=tuple((f"model.layers.1.mlp.{m}", "w4g32") for m in ("gate_proj", "up_proj")))
+    assert route("vllm", tied, [128, 256]).format == "compressed-tensors"
+
+
 def test_vllm_loads_the_symmetric_4bit_gptq_export(model_dir, tmp_path):
     py = vllm_python()
     src = quantize(model_dir, tmp_path / "q", "--bits", "4", "--group-size", "64", "--sym")

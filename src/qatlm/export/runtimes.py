@@ -135,6 +135,25 @@ def route(runtime: str, spec, widths=()) -> Route:
     return Route(runtime, "compressed-tensors", dtype="float16", why="")
 
 
+# projections vLLM loads as one fused layer (QKVParallelLinear, MergedColumnParallelLinear): one quantization scheme
+# for all of them, so a checkpoint that gives them different grids fails its weight loader (measured: vLLM 0.32 CPU)
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fused_mismatch(spec) -> str | None:
+    """Where a mixed checkpoint gives two projections vLLM fuses different grids: the first such pair, said."""
+    tags = dict(spec.layers)
+    base = spec.plain.tag
+    for name in sorted(tags):
+        parent, _, leaf = name.rpartition(".")
+        for group in VLLM_FUSED:
+            if leaf in group:
+                got = {f"{parent}.{m}": tags.get(f"{parent}.{m}", base) for m in group}
+                if len(set(got.values())) > 1:
+                    return ", ".join(f"{n.rsplit('.', 1)[1]} {t}" for n, t in got.items()) + f" in {parent}"
+    return None
+
+
 def _mixed_route(runtime: str, spec, widths) -> Route:
     import math
 
@@ -146,6 +165,9 @@ def _mixed_route(runtime: str, spec, widths) -> Route:
     for g, r in rs:
         if r.format is None:
             return Route(runtime, None, why=f"its {g.tag} layers: {r.why}")
+    if runtime == "vllm" and (where := _fused_mismatch(spec)):
+        return Route(runtime, None, why=f"vLLM loads q/k/v and gate/up projections as one fused layer with one grid, and "
+                                        f"this checkpoint mixes them ({where}); use --for llama.cpp")
     formats = {r.format for _, r in rs}
     if len(formats) > 1:
         return Route(runtime, None, why=f"its layer grids need different formats in {runtime} ({', '.join(sorted(formats))}); "
