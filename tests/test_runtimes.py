@@ -254,6 +254,16 @@ def test_export_for_vllm_refuses_a_mix_that_splits_the_projections_it_fuses():
     assert route("vllm", tied, [128, 256]).format == "compressed-tensors"
 
 
+def test_a_mix_of_llama_cpp_types_routes_to_gguf_for_every_runtime_that_reads_gguf():
+    """A --grid k mix (K types plus Q4_0 / Q8_0 layers) exports to GGUF only: transformers gets its GGUF reader for the
+    whole checkpoint, not a format per layer; vLLM, which has no K-quant kernel, is refused."""
+    spec = QuantSpec(format="k", target_bpw=5.0, layers=(("model.layers.0.mlp.down_proj", "q4_k"),
+                                                         ("model.layers.0.self_attn.q_proj", "w8g32-sym")))
+    assert route("transformers", spec, [256, 512]).format == "gguf"
+    assert route("llama.cpp", spec, [256, 512]).format == "gguf"
+    assert route("vllm", spec, [256, 512]).format is None
+
+
 def test_vllm_loads_the_symmetric_4bit_gptq_export(model_dir, tmp_path):
     py = vllm_python()
     src = quantize(model_dir, tmp_path / "q", "--bits", "4", "--group-size", "64", "--sym")

@@ -159,6 +159,8 @@ def _mixed_route(runtime: str, spec, widths) -> Route:
 
     from qatlm.quant.grid import spec_from_tag
 
+    if spec.kformat is not None and runtime_name(runtime) != "vllm":  # a mix of llama.cpp types exports to GGUF only,
+        return route(runtime, spec.plain, widths)  # its Q4_0 / Q8_0 layers included: the K base's route
     grids = sorted({spec.plain, *(spec_from_tag(t, spec) for _, t in spec.layers)}, key=lambda s: s.tag)
     rs = [(g, route(runtime, g, widths)) for g in grids]
     runtime = rs[0][1].runtime
