@@ -36,6 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import HERE, device_name, finish_row, parse_setting, save_rows  # noqa: E402
 
 
+def zero_point_0_groups(model) -> int:
+    """Groups whose zero point auto-round set to 0 (its GPTQ writer stores max(zero - 1, 0): read back as 1)."""
+    return sum(int((m.zp == 0).sum()) for m in model.modules() if isinstance(getattr(m, "zp", None), torch.Tensor))
+
+
 def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: int, lr: float, batch: int, seed: int = 0):
     """Returns (the quantized model as auto-round holds it in memory: its linears carry the quantized-dequantized
     weights, a function that saves it in GPTQ format and returns the folder, the number of groups whose zero point is 0).
@@ -48,7 +53,7 @@ def quantize_auto_round(model, tok, train_ids, bits, group, out: Path, iters: in
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=False, iters=iters, lr=lr, batch_size=batch,
                    nsamples=len(train_ids), seqlen=train_ids.shape[1], dataset=loader, amp=False, device_map="cpu", seed=seed)
     ar.quantize()
-    zero0 = sum(int((m.zp == 0).sum()) for m in ar.model.modules() if isinstance(getattr(m, "zp", None), torch.Tensor))
+    zero0 = zero_point_0_groups(ar.model)
 
     def save() -> Path:
         ar.save_quantized(str(out), format="auto_gptq")
@@ -172,7 +177,7 @@ def run_one(a) -> dict:
     grids = None
     if a.peer == "auto-round" and group is None:  # a mixed setting (mix3.21): AutoScheme picks each layer's grid
         model, save, grids = quantize_auto_scheme(load_fp_model(fp_dir), tok, train_ids, bits, out, a.iters, a.lr, a.batch, a.seed)
-        zero0 = sum(int((m.zp == 0).sum()) for m in model.modules() if isinstance(getattr(m, "zp", None), torch.Tensor))
+        zero0 = zero_point_0_groups(model)
     elif a.peer == "auto-round":
         model, save, zero0 = quantize_auto_round(load_fp_model(fp_dir), tok, train_ids, bits, group, out, a.iters, a.lr, a.batch, a.seed)
     elif a.peer == "gptqmodel":

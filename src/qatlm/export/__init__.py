@@ -131,7 +131,7 @@ def export_checkpoint(src, fmt: str | None, out, overwrite: bool = False, float_
     _, qc = read_quant_config(src)
     spec = spec_from_config(qc)
     if spec.kformat is not None and fmt != "gguf":
-        kind = "mix of llama.cpp types (--grid k)" if spec.layers or spec.target_bpw is not None else spec.format
+        kind = "mix of llama.cpp types (--grid k)" if spec.mixed else spec.format
         raise QatlmError(f"a {kind} checkpoint exports to gguf only (its layers are llama.cpp K-quant blocks, "
                          f"which {fmt} cannot hold)")
     if fmt == "gguf":  # what GGUF cannot express is refused before the model is loaded

@@ -141,16 +141,14 @@ VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _fused_mismatch(spec) -> str | None:
-    """Where a mixed checkpoint gives two projections vLLM fuses different grids: the first such pair, said."""
+    """Where a mixed checkpoint gives projections vLLM fuses different grids: the first such group, said."""
     tags = dict(spec.layers)
-    base = spec.plain.tag
     for name in sorted(tags):
         parent, _, leaf = name.rpartition(".")
-        for group in VLLM_FUSED:
-            if leaf in group:
-                got = {f"{parent}.{m}": tags.get(f"{parent}.{m}", base) for m in group}
-                if len(set(got.values())) > 1:
-                    return ", ".join(f"{n.rsplit('.', 1)[1]} {t}" for n, t in got.items()) + f" in {parent}"
+        group = next((g for g in VLLM_FUSED if leaf in g), ())
+        got = {m: tags.get(f"{parent}.{m}", spec.plain.tag) for m in group}
+        if len(set(got.values())) > 1:
+            return ", ".join(f"{m} {t}" for m, t in got.items()) + f" in {parent}"
     return None
 
 
