@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ MOE_GRIDS = [("moe-w4g64", "4", "64", False)]
 # mixed precision (--target-bpw): a grid per layer, chosen by measured sensitivity; the name says the budget and the menu
 MIXED = {"mixed-3.21": ["--target-bpw", "3.21"],  # the default menu (2/3/4/8 bits): the size of uniform w3g128
          "mixed-4.40-w4": ["--target-bpw", "4.4", "--bit-menu", "w4g32,w4g64,w4g128"],  # 4-bit groups only: vLLM's kernels
+         "mixed-4.40-w4-tied": ["--target-bpw", "4.4", "--bit-menu", "w4g32,w4g64", "--tie-fused"],  # vLLM: fused layers alike, groups that divide 576
          "k-mix-5.00": ["--grid", "k", "--target-bpw", "5.0"]}  # llama.cpp's own types, one per tensor
 EXPORTS = {"gptq": ["vllm", "transformers"], "compressed-tensors": ["vllm", "transformers"], "gguf": ["llama.cpp", "transformers"]}
 NEW_TOKENS, SPEED_TOKENS = 32, 64
@@ -118,6 +120,9 @@ def build_moe() -> Path:
     return folder
 
 
+COMMANDS: dict[str, str] = {}  # checkpoint name -> the qatlm command that makes it
+
+
 def checkpoints(model: Path, moe: Path, commands: list) -> dict:
     """Quantize each grid once (RTN); {name: folder or the refusal}."""
     out = {}
@@ -130,11 +135,16 @@ def checkpoints(model: Path, moe: Path, commands: list) -> dict:
         else:
             args += ["--grid", name] if bits is None else ["--bits", bits, "--group-size", group] + (["--sym"] if sym else [])
         commands.append("qatlm " + " ".join(a.replace(str(ROOT) + "/", "") for a in args))
-        if not (folder / "config.json").is_file():
+        COMMANDS[name] = commands[-1]
+        stamp = WORK / f"{name}.command"  # the command that made the folder: another one (a changed row) quantizes again
+        if not (folder / "config.json").is_file() or (stamp.is_file() and stamp.read_text() != COMMANDS[name]):
+            for old in WORK.glob(f"{name}--*"):  # its exports belong to the old checkpoint
+                shutil.rmtree(old)
             ok, msg = qatlm(*args, "--overwrite")
             if not ok:
                 out[name] = msg
                 continue
+            stamp.write_text(COMMANDS[name])
         out[name] = folder
     trained = HERE / "work" / "block-ap-w3g128"  # a trained checkpoint beside the RTN ones (bench/run.py writes it)
     commands.append("python bench/run.py --recipes block-ap --settings w3g128  # -> bench/work/block-ap-w3g128")
@@ -231,6 +241,10 @@ def main() -> int:
         spec = spec_from_config(read_quant_config(ckpt)[1])
         widths = checkpoint_widths(ckpt)
         row = cells.setdefault(name, {})
+        if name in COMMANDS and row.get("command", COMMANDS[name]) != COMMANDS[name]:
+            row.clear()  # measured on a checkpoint another command made
+        if name in COMMANDS:
+            row["command"] = COMMANDS[name]
         row["routes"] = {rt: {"format": r.format, "why": r.why, "regroup": r.regroup} for rt in ("vllm", "llama.cpp", "transformers")
                          for r in [route(rt, spec, widths)]}
         p, w = (text_job(ckpt, a.windows, seqlen=256) if name.startswith("moe") else (prompt, windows))  # (its context: 512)

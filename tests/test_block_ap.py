@@ -441,3 +441,26 @@ def test_every_update_unit_trains_below_rtn(units):
     assert all(b.trained_rel_error < b.rtn_rel_error for b in s.blocks)
     with pytest.raises(QatlmError, match="update units"):
         BlockAPConfig(update_units="per-weight")
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (4, False), (8, True), (8, False)])
+def test_step_sizes_move_by_the_same_fraction_of_themselves_on_grids_finer_than_4_bits(bits, sym):
+    """One optimiser step moves each step size by lr · qmax of itself on grids up to 4 bits (range units), and by
+    lr · 15 - the 4-bit grid's rate - on 8-bit grids, not lr · 255: an 8-bit layer of a mixed model keeps its step
+    sizes near its RTN ones instead of moving them 17x faster than the rates were measured for."""
+    from qatlm.methods.block_ap.block import block_fake_quant, select_trained
+    from qatlm.methods.block_ap.optim import RelativeAdamW
+
+    block = tiny_model("llama", num_hidden_layers=1).model.layers[0]
+    cfg = BlockAPConfig(bits=bits, group_size=32, sym=sym, update_units="range")
+    fq = block_fake_quant(block, cfg.spec, "model.layers.0")
+    trained = select_trained(block, fq, cfg)
+    lr = 1e-4
+    opt = RelativeAdamW([{"params": trained.scales, "lr": lr}], trained.units, weight_decay=0.0)
+    before = [s.detach().clone() for s in trained.scales]
+    for s in trained.scales:
+        s.grad = torch.ones_like(s)
+    opt.step()
+    moved = torch.cat([(s.detach() / b - 1).abs().flatten() for s, b in zip(trained.scales, before)])
+    want = lr * min(2**bits - 1, 15)
+    torch.testing.assert_close(moved, torch.full_like(moved, want), rtol=1e-3, atol=0)

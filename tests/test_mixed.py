@@ -30,10 +30,10 @@ def ids(n=4, length=32):
     return tiny_ids(n, length)
 
 
-def mixed(tmp_path, target=4.0, menu=SYM_MENU, name="m", model=None, config=RTNConfig, **kw):
+def mixed(tmp_path, target=4.0, menu=SYM_MENU, name="m", model=None, config=RTNConfig, tie_fused=False, **kw):
     model = model if model is not None else tiny_model("llama")
     x = ids()
-    cfg = config(grid=QuantSpec(target_bpw=target, menu=menu), **kw)
+    cfg = config(grid=QuantSpec(target_bpw=target, menu=menu, tie_fused=tie_fused), **kw)
     s = quantize(model, cfg, calib=(x, x[:1]), out=tmp_path / name, tokenizer=tiny_tokenizer(), progress=False)
     return tmp_path / name, s, model
 
@@ -126,6 +126,62 @@ def test_the_allocation_is_the_optimum_where_upgrades_cost_the_same():
         best = min(sum(table[k][t][1] for k, t in zip(table, combo)) for combo in itertools.product([f"g{j}" for j in range(4)], repeat=n)
                    if sum(table[k][t][0] for k, t in zip(table, combo)) <= budget)
         assert got == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_tied_allocation_gives_each_fused_group_one_grid_within_budget():
+    """--tie-fused: q/k/v and gate/up of every block get one grid (their bytes and errors summed), the budget holds, and
+    where the groups tie exactly (equal widths, equal upgrades) the tied choice is the brute-force optimum over groups."""
+    rng = random.Random(2)
+    names = [f"model.layers.{b}.{n}" for b in range(3) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    tags = [("w2", 2.3), ("w3", 3.2), ("w4", 4.2), ("w8", 8.2)]
+    for _ in range(100):
+        table = dict(zip(names, _random_table(rng, len(names), tags).values()))
+        lo = sum(min(b for b, _ in o.values()) for o in table.values())
+        hi = sum(max(b for b, _ in o.values()) for o in table.values())
+        budget = rng.uniform(lo, hi)
+        pick = allocate(table, budget, 1, tie_fused=True)
+        assert set(pick) == set(table) and sum(table[n][t][0] for n, t in pick.items()) <= budget
+        for b in range(3):
+            assert len({pick[f"model.layers.{b}.self_attn.{m}"] for m in ("q_proj", "k_proj", "v_proj")}) == 1
+            assert pick[f"model.layers.{b}.mlp.gate_proj"] == pick[f"model.layers.{b}.mlp.up_proj"]
+    # brute force on one block: every group's upgrade costs 30 bytes (q/k/v 10 each, gate/up 15 each, o and down 30) and
+    # every layer's errors are convex in bytes, so the greedy choice over groups is the optimum
+    block = names[:7]
+    groups = [block[:3], block[3:4], block[4:6], block[6:]]
+    for _ in range(30):
+        table = {}
+        for g in groups:
+            for n in g:
+                e = [rng.uniform(1, 10)]
+                for d in sorted((rng.uniform(0.1, 1.0) for _ in range(3)), reverse=True):
+                    e.append(max(e[-1] - d * 0.3 * e[0], 0.0))
+                table[n] = {f"g{j}": (30 // len(g) * (j + 1), e[j]) for j in range(4)}
+        budget = rng.randint(120, 480)
+        pick = allocate(table, budget, 1, tie_fused=True)
+        got = sum(table[n][t][1] for n, t in pick.items())
+        best = min(sum(table[n][f"g{j}"][1] for g, j in zip(groups, combo) for n in g) for combo in itertools.product(range(4), repeat=4)
+                   if sum(30 * (j + 1) for j in combo) <= budget)
+        assert got == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_tie_fused_makes_a_4bit_mix_that_vllm_can_load(tmp_path):
+    """Untied, a 4-bit mix gives q/k/v or gate/up different group sizes (vLLM refuses it); tied, the same budget gives each
+    fused group one grid, routes to compressed-tensors for vLLM, and stays within the budget."""
+    from qatlm.export.runtimes import route
+
+    menu = "w4g32,w4g64,w4g128"
+    _, split, _ = mixed(tmp_path, target=4.8, menu=menu, name="split")
+    path, tied, _ = mixed(tmp_path, target=4.8, menu=menu, name="tied", tie_fused=True)
+    spec_split = QuantSpec(4, 128, layers=tuple(split.mixed.layers.items()))
+    assert route("vllm", spec_split, [128, 256]).format is None  # the contrast: the untied mix splits a fused group
+    layers = tied.mixed.layers
+    for b in range(2):
+        assert len({layers[f"model.layers.{b}.self_attn.{m}"] for m in ("q_proj", "k_proj", "v_proj")}) == 1
+        assert layers[f"model.layers.{b}.mlp.gate_proj"] == layers[f"model.layers.{b}.mlp.up_proj"]
+    assert tied.mixed.bits_per_weight <= 4.8 and len(tied.mixed.grids) >= 2
+    assert route("vllm", QuantSpec(4, 128, layers=tuple(layers.items())), [128, 256]).format == "compressed-tensors"
+    assert checkpoint_info(path)["bits_per_quantized_weight"] == pytest.approx(tied.mixed.bits_per_weight)
 
 
 def test_sensitivity_puts_more_bits_where_a_planted_outlier_layer_is():
@@ -246,6 +302,7 @@ Q = ["quantize", "--model", "{src}/model", "--method", "rtn", "--out", "{tmp}/q"
     (["--target-bpw", "2.5", "--bit-menu", "w4x64"], "'w4x64' is not a grid"),
     (["--target-bpw", "2.5", "--bit-menu", "w5g64"], "bits=5 is not supported"),
     (["--grid", "k"], "--grid k mixes llama.cpp's types within a budget: give --target-bpw"),
+    (["--tie-fused"], "--tie-fused ties the grids a --target-bpw allocation chooses: give --target-bpw too"),
     (["--grid", "k", "--target-bpw", "3", "--method", "efficientqat"], "trains uniform grids only, not --grid k"),
     (["--method", "block-ap", "--target-bpw", "1.5", "--calib", "{src}/text.txt", "--calib-samples", "4", "--calib-seqlen", "16",
       "--val-samples", "1"], "below what the menu's smallest grids take"),

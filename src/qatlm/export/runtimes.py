@@ -137,18 +137,15 @@ def route(runtime: str, spec, widths=()) -> Route:
 
 # projections vLLM loads as one fused layer (QKVParallelLinear, MergedColumnParallelLinear): one quantization scheme
 # for all of them, so a checkpoint that gives them different grids fails its weight loader (measured: vLLM 0.32 CPU)
-VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def _fused_mismatch(spec) -> str | None:
     """Where a mixed checkpoint gives projections vLLM fuses different grids: the first such group, said."""
+    from qatlm.model.arch import fused_group
+
     tags = dict(spec.layers)
     for name in sorted(tags):
-        parent, _, leaf = name.rpartition(".")
-        group = next((g for g in VLLM_FUSED if leaf in g), ())
-        got = {m: tags.get(f"{parent}.{m}", spec.plain.tag) for m in group}
+        got = {m.rpartition(".")[2]: tags.get(m, spec.plain.tag) for m in fused_group(name)}
         if len(set(got.values())) > 1:
-            return ", ".join(f"{m} {t}" for m, t in got.items()) + f" in {parent}"
+            return ", ".join(f"{m} {t}" for m, t in got.items()) + f" in {name.rpartition('.')[0]}"
     return None
 
 
@@ -167,7 +164,7 @@ def _mixed_route(runtime: str, spec, widths) -> Route:
             return Route(runtime, None, why=f"its {g.tag} layers: {r.why}")
     if runtime == "vllm" and (where := _fused_mismatch(spec)):
         return Route(runtime, None, why=f"vLLM loads q/k/v and gate/up projections as one fused layer with one grid, and "
-                                        f"this checkpoint mixes them ({where}); use --for llama.cpp")
+                                        f"this checkpoint mixes them ({where}); quantize with --tie-fused, or use --for llama.cpp")
     formats = {r.format for _, r in rs}
     if len(formats) > 1:
         return Route(runtime, None, why=f"its layer grids need different formats in {runtime} ({', '.join(sorted(formats))}); "

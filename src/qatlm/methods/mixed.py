@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 import torch
 
 from qatlm.errors import QatlmError
-from qatlm.model.arch import capture_layer_inputs, first_layer_input, quant_targets, run_layer
+from qatlm.model.arch import capture_layer_inputs, first_layer_input, fused_group, quant_targets, run_layer
 from qatlm.model.sequential import SequentialBlocks
 from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, minmax_init, quantize_to_int, spec_from_tag
 from qatlm.quant.kquant import kquant_search_init, kquant_weight
@@ -98,9 +98,31 @@ def measure(model, spec: QuantSpec, ids: torch.Tensor, device=None, grids: dict 
     return table, block_errors
 
 
-def allocate(table: dict, budget_bytes: float, n_weights: int) -> dict[str, str]:
+def tied_table(table: dict) -> tuple[dict, dict[str, tuple[str, ...]]]:
+    """``table`` with every group of projections a runtime fuses (``fused_group``) as one entry: the grids all its layers
+    can take, bytes and sensitivities summed. Returns ``(table, {entry: its layers})``."""
+    merged, members, seen = {}, {}, set()
+    for name in table:
+        if name in seen:
+            continue
+        group = tuple(m for m in fused_group(name) if m in table) or (name,)
+        seen.update(group)
+        tags = set.intersection(*(set(table[m]) for m in group))
+        if not tags:
+            raise QatlmError(f"--tie-fused: {', '.join(group)} have no grid of --bit-menu in common")
+        merged[group[0]] = {t: (sum(table[m][t][0] for m in group), sum(table[m][t][1] for m in group)) for t in tags}
+        members[group[0]] = group
+    return merged, members
+
+
+def allocate(table: dict, budget_bytes: float, n_weights: int, tie_fused: bool = False) -> dict[str, str]:
     """The grid tag of every layer: least total sensitivity with total bytes <= ``budget_bytes`` (greedy on each layer's
-    lower convex hull). One line when even the cheapest grids exceed the budget."""
+    lower convex hull). With ``tie_fused`` each fused group of projections is one choice. One line when even the
+    cheapest grids exceed the budget."""
+    if tie_fused:
+        merged, members = tied_table(table)
+        picked = allocate(merged, budget_bytes, n_weights)
+        return {m: picked[entry] for entry, group in members.items() for m in group}
     hulls = {}
     for name, opts in table.items():
         pts = sorted(((b, e, t) for t, (b, e) in opts.items()), key=lambda p: (p[0], p[1]))
@@ -147,7 +169,8 @@ def plan(model, spec: QuantSpec, ids: torch.Tensor, device=None, work_dir=None, 
     a resumed run continues with the same grids."""
     t0 = time.time()
     f = work_dir / ALLOCATION_FILE if work_dir is not None else None
-    key = {"target_bpw": spec.target_bpw, "menu": spec.menu, "sym": spec.sym, "zero_min": spec.zero_min, "grid": spec.format}
+    key = {"target_bpw": spec.target_bpw, "menu": spec.menu, "sym": spec.sym, "zero_min": spec.zero_min, "grid": spec.format,
+           "tie_fused": spec.tie_fused}
     if f is not None and resume and f.is_file():
         saved = json.loads(f.read_text())
         if saved.get("key") == key:
@@ -155,7 +178,7 @@ def plan(model, spec: QuantSpec, ids: torch.Tensor, device=None, work_dir=None, 
             return _resolved(spec, s.layers), s
     n_weights = sum(lin.in_features * lin.out_features for _, _, lin in _targets(model))
     table, _ = measure(model, spec, ids, device, progress=progress)
-    layers = allocate(table, spec.target_bpw * n_weights / 8, n_weights)
+    layers = allocate(table, spec.target_bpw * n_weights / 8, n_weights, spec.tie_fused)
     grids = {n: _grid(t, spec) for n, t in layers.items()}
     _, measured = measure(model, spec, ids, device, grids=grids)
     by_block: dict[int, float] = {}

@@ -103,6 +103,17 @@ def quant_targets(block: nn.Module, linear_types=(nn.Linear,)) -> dict[str, nn.M
     return {n: m for n, m in block.named_modules() if isinstance(m, linear_types) and not is_router(n)}
 
 
+# projections that serving runtimes (vLLM) load as one fused layer, which holds one grid
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_group(name: str) -> tuple[str, ...]:
+    """The layer names loaded as one fused layer with ``name`` (``...self_attn.k_proj`` -> its q/k/v), or ``()``."""
+    parent, _, leaf = name.rpartition(".")
+    group = next((g for g in FUSED_PROJECTIONS if leaf in g), ())
+    return tuple(f"{parent}.{m}" if parent else m for m in group)
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module):
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)

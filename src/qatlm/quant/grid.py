@@ -76,6 +76,9 @@ class QuantSpec:
                                    flag="target-bpw")
     menu: str = opt(MENU, "the grids a --target-bpw allocation chooses from, comma-separated (wBgG, -sym for a symmetric one; the others follow --sym)",
                     flag="bit-menu")
+    tie_fused: bool = opt(False, "with --target-bpw: one grid for each group of projections vLLM loads as one fused layer "
+                                 "(q/k/v, gate/up), so that the mix can serve in vLLM; their sensitivities and bytes add up",
+                          flag="tie-fused")
     layers: tuple = opt((), "per-layer grids of a mixed model: (layer name, grid tag) pairs, set by the allocation", cli=False)
 
     def __post_init__(self):
@@ -107,6 +110,8 @@ class QuantSpec:
         self._check_mixed()
 
     def _check_mixed(self):
+        if self.tie_fused and self.target_bpw is None:
+            raise QatlmError("--tie-fused ties the grids a --target-bpw allocation chooses: give --target-bpw too")
         if self.target_bpw is not None:
             if isinstance(self.target_bpw, bool) or not isinstance(self.target_bpw, (int, float)) or not 1.0 < self.target_bpw <= 16.0:
                 raise QatlmError(f"--target-bpw {self.target_bpw!r} is not a budget qatlm can meet: give bits per weight between 1 and 16")
@@ -134,9 +139,9 @@ class QuantSpec:
     @property
     def plain(self) -> "QuantSpec":
         """This grid without the mixed-precision plan (what one layer is on)."""
-        if self.target_bpw is None and not self.layers and self.menu == MENU:
+        if self.target_bpw is None and not self.layers and self.menu == MENU and not self.tie_fused:
             return self
-        return replace(self, target_bpw=None, layers=(), menu=MENU)
+        return replace(self, target_bpw=None, layers=(), menu=MENU, tie_fused=False)
 
     @property
     def mixed(self) -> bool:

@@ -140,10 +140,16 @@ class TrainedParams:
         return self.weights + self.scales + self.zeros + self.norms
 
 
+FINEST_TUNED_QMAX = 15  # the finest grid (4 bits) the default learning rates were measured on
+
+
 def select_trained(block, fq: dict[str, FakeQuantLinear], config: BlockAPConfig) -> TrainedParams:
     """Every quantized linear's weight, step size and zero point, and (as the reference) the block's other
-    parameters named "weight" (the norms); biases stay. Updates of weights and step sizes are in units of the
-    groups' initial range (s0 · qmax): each group's, or the layer's mean; norms' optionally in their RMS."""
+    parameters named "weight" (the norms); biases stay. Updates of weights are in units of the groups' initial range
+    (s0 · qmax): each group's, or the layer's mean; norms' optionally in their RMS. Step sizes' are in the same units up
+    to 4 bits and in s0 · 15 on finer grids: a range unit moves a step size by qmax · lr of itself per step, so an 8-bit
+    grid (qmax 255) would move its step sizes 17x faster, relative to themselves, than the 4-bit grid the rates were
+    measured on (on SmolLM2, an 8-bit layer of a mixed model ended with step sizes ~3x its RTN ones)."""
     weights = [m.weight for m in fq.values()]
     scales = [m.scale for m in fq.values()]
     zeros = [m.zero for m in fq.values() if not m.spec.sym]
@@ -152,7 +158,8 @@ def select_trained(block, fq: dict[str, FakeQuantLinear], config: BlockAPConfig)
         rng = (m.scale.detach().float() * m.spec.qmax).to(m.weight.dtype)
         if config.update_units == "layer":  # one unit per layer: its mean group range (scale-free, groups move alike)
             rng = torch.full_like(rng, float(rng.mean()))
-        units[m.weight] = units[m.scale] = (rng, m.spec)
+        units[m.weight] = (rng, m.spec)
+        units[m.scale] = (rng * (min(m.spec.qmax, FINEST_TUNED_QMAX) / m.spec.qmax), m.spec)
     for p in block.parameters():
         p.requires_grad_(False)
     fq_params = {id(p) for p in weights + scales + zeros}

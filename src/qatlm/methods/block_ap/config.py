@@ -38,7 +38,8 @@ class BlockAPConfig(GridConfig):
                              f"least {MIN_STEPS} steps (the default 128 samples at batch 2 give exactly 2)")
     batch_size: int = opt(2, "samples per step (the global batch under torchrun)")
     lr_quant: float | None = opt(None, "learning rate of step sizes (fraction of a group's range per step, see "
-                                       "--update-units) and zero points (integer units)",
+                                       "--update-units; on 8-bit grids of 15 initial steps, the 4-bit grid's rate) and "
+                                       "zero points (integer units)",
                                  default_help="1e-4 scaled by 4096/steps, at most 1e-2")
     lr_weight: float | None = opt(None, "learning rate of weights and norms, as a fraction of a group's range per step "
                                         "(see --update-units)",
