@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--check-windows", type=int, default=8, help="windows read by both transformers and llama.cpp")
     ap.add_argument("--name", default="kquant", help="results file stem")
     ap.add_argument("--redo", action="store_true", help="measure again the rows already in the results file")
+    ap.add_argument("--mix-only", action="store_true", help="with --mix: only the mixes, not qatlm on the uniform K grids")
     ap.add_argument("--mix", action="store_true", help="also llama.cpp's default mixes (Q2_K, Q3_K_M: some tensors a type up)")
     ap.add_argument("--k-mix", action="store_true", help="with --mix: also qatlm's own mix of llama.cpp types (--grid k) at "
                                                           "the bits per weight of llama.cpp's default mix")
@@ -230,7 +231,7 @@ def main():
                     if label not in done:
                         f, extra = quantize_qatlm(method, grid, fp_dir, a, target_bpw=bpw)
                         keep(read_both(f, label, settings, windows, lc, extra))
-        for method in a.methods.split(","):
+        for method in a.methods.split(",") if not (a.mix and a.mix_only) else ():
             if f"qatlm {method} {grid}" in done:
                 continue
             f, extra = quantize_qatlm(method, grid, fp_dir, a)
