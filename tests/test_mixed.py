@@ -184,6 +184,27 @@ def test_tie_fused_makes_a_4bit_mix_that_vllm_can_load(tmp_path):
     assert checkpoint_info(path)["bits_per_quantized_weight"] == pytest.approx(tied.mixed.bits_per_weight)
 
 
+def test_a_mix_that_leaves_out_the_base_grid_names_only_grids_in_use(tmp_path):
+    """A menu without the base grid (w4g128): the checkpoint stores its most common layer grid as the base, so its config,
+    the reloaded model and `export --for` name only grids some layer is on; logits are unchanged by the reload."""
+    from qatlm.export.runtimes import checkpoint_widths, route
+    from qatlm.model.checkpoint import read_quant_config, spec_from_config
+
+    path, s, model = mixed(tmp_path, target=4.8, menu="w4g32,w4g64", tie_fused=True)
+    assert "w4g128" not in s.mixed.grids and len(s.mixed.grids) == 2
+    qc = read_quant_config(path)[1]
+    spec = spec_from_config(qc)
+    assert spec.plain.tag in s.mixed.grids
+    assert (qc["bits"], qc["group_size"]) == (spec.plain.bits, spec.plain.group_size)
+    assert s.mixed.grids[spec.plain.tag] + len(spec.layers) == sum(s.mixed.grids.values())  # the base's layers are not listed
+    back = load_quantized(path)
+    assert {n: m.spec.tag for n, m in packed_layers(back).items()} == s.mixed.layers
+    assert torch.equal(logits(back), logits(model))
+    r = route("vllm", spec, checkpoint_widths(path))
+    assert r.format == "compressed-tensors" and "w4g128" not in r.why
+    assert checkpoint_info(path)["layer_grids"] == s.mixed.grids
+
+
 def test_sensitivity_puts_more_bits_where_a_planted_outlier_layer_is():
     menu = "w2g32,w3g32,w4g32,w8g32"
 
@@ -230,7 +251,11 @@ def test_a_mixed_model_reloads_and_exports_with_the_same_logits(tmp_path):
     back = load_quantized(path)
     assert torch.equal(logits(back), ref)
     cfg = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert len(cfg["dynamic"]) == len(packed_layers(back)) - sum(1 for t in s.mixed.layers.values() if t == "w4g128")
+    from qatlm.model.checkpoint import spec_from_config
+
+    base = spec_from_config(cfg).plain.tag  # a grid some layer is on (SYM_MENU leaves out the default w4g128)
+    assert base in s.mixed.grids
+    assert len(cfg["dynamic"]) == len(packed_layers(back)) - sum(1 for t in s.mixed.layers.values() if t == base)
     rep = export_checkpoint(path, "gptq", tmp_path / "gptq")  # the export reloads it and compares (raises otherwise)
     assert rep["reload_max_logit_diff"] == 0.0
     export_checkpoint(path, "compressed-tensors", tmp_path / "ct")

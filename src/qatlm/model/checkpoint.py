@@ -13,6 +13,8 @@ tensors of the 4-bit fallback grid. qatlm loads it; llama.cpp and transformers r
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -112,6 +114,22 @@ def layer_grids(model: nn.Module, spec: QuantSpec) -> dict[str, QuantSpec]:
     return {n: m.spec for n, m in model.named_modules() if isinstance(m, PackedLinear) and m.spec != base.layer_spec(m.in_features)}
 
 
+def stored_base(model: nn.Module, spec: QuantSpec) -> QuantSpec:
+    """The grid a checkpoint names as its base: ``spec``, or, for a mixed model none of whose layers is on ``spec``'s own
+    grid (a budget whose menu leaves it out), its most common layer grid, so that every grid the checkpoint names is
+    one some layer is on (loaders and ``export --for`` read the base as a grid in use)."""
+    if spec.kformat is not None or not spec.mixed:
+        return spec
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    if not layers or any(m.spec == spec.plain.layer_spec(m.in_features) for m in layers):
+        return spec
+    counts: dict[str, int] = {}
+    for m in layers:
+        counts[m.spec.tag] = counts.get(m.spec.tag, 0) + 1
+    top = next(m.spec for m in layers if m.spec.tag == max(counts, key=counts.get))
+    return dataclasses.replace(spec, bits=top.bits, group_size=top.group_size, sym=top.sym)
+
+
 def dynamic_config(overrides: dict[str, QuantSpec]) -> dict:
     """Per-module overrides as GPTQModel's ``dynamic`` config: an anchored pattern per module name."""
     return {f"+:^{re.escape(n)}$": {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for n, s in sorted(overrides.items())}
@@ -164,6 +182,7 @@ def save_quantized(model: nn.Module, out_dir, spec: QuantSpec, tokenizer=None, o
     packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear)]
     if not packed:
         raise QatlmError("the model has no packed layers: quantize it before saving")
+    spec = stored_base(model, spec)
 
     def cast(k, v):
         v = v.detach().contiguous().cpu()
