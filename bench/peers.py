@@ -28,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -196,9 +197,7 @@ def run_one(a) -> dict:
     zs_on_a = next(model.parameters()).dtype == torch.float32
     zs = evaluate_lm_eval(model, tok, settings.tasks, settings.limit, settings.batch_size, settings.cache_dir) if (a.limit and zs_on_a) else {}
     if grids is not None:
-        counts = {}
-        for t in grids.values():
-            counts[t] = counts.get(t, 0) + 1
+        counts = Counter(grids.values())
         alloc = {"target_bpw": bits, "bits_per_weight": scheme_bpw(model, grids), "grids": dict(sorted(counts.items())), "layers": grids}
     if a.peer == "auto-round":
         try:

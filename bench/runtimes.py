@@ -120,11 +120,8 @@ def build_moe() -> Path:
     return folder
 
 
-COMMANDS: dict[str, str] = {}  # checkpoint name -> the qatlm command that makes it
-
-
-def checkpoints(model: Path, moe: Path, commands: list) -> dict:
-    """Quantize each grid once (RTN); {name: folder or the refusal}."""
+def checkpoints(model: Path, moe: Path, commands: dict) -> dict:
+    """Quantize each grid once (RTN); {name: folder or the refusal}. ``commands`` gets each one's command by name."""
     out = {}
     for name, bits, group, sym in GRIDS + MOE_GRIDS + [(n, None, None, False) for n in MIXED]:
         folder = WORK / name
@@ -134,20 +131,19 @@ def checkpoints(model: Path, moe: Path, commands: list) -> dict:
             args += MIXED[name]
         else:
             args += ["--grid", name] if bits is None else ["--bits", bits, "--group-size", group] + (["--sym"] if sym else [])
-        commands.append("qatlm " + " ".join(a.replace(str(ROOT) + "/", "") for a in args))
-        COMMANDS[name] = commands[-1]
+        commands[name] = "qatlm " + " ".join(a.replace(str(ROOT) + "/", "") for a in args)
         stamp = WORK / f"{name}.command"  # the command that made the folder: another one (a changed row) quantizes again
-        if not (folder / "config.json").is_file() or (stamp.is_file() and stamp.read_text() != COMMANDS[name]):
+        if not (folder / "config.json").is_file() or (stamp.is_file() and stamp.read_text() != commands[name]):
             for old in WORK.glob(f"{name}--*"):  # its exports belong to the old checkpoint
                 shutil.rmtree(old)
             ok, msg = qatlm(*args, "--overwrite")
             if not ok:
                 out[name] = msg
                 continue
-            stamp.write_text(COMMANDS[name])
+            stamp.write_text(commands[name])
         out[name] = folder
     trained = HERE / "work" / "block-ap-w3g128"  # a trained checkpoint beside the RTN ones (bench/run.py writes it)
-    commands.append("python bench/run.py --recipes block-ap --settings w3g128  # -> bench/work/block-ap-w3g128")
+    commands["w3g128 (Block-AP)"] = "python bench/run.py --recipes block-ap --settings w3g128  # -> bench/work/block-ap-w3g128"
     if (trained / "config.json").is_file():
         out["w3g128 (Block-AP)"] = trained
     return out
@@ -208,13 +204,13 @@ def main() -> int:
     json_path = RESULTS / "runtimes.json"
     state = {} if a.fresh or not json_path.is_file() else json.loads(json_path.read_text())
     cells = state.setdefault("cells", {})
-    commands = []
+    commands: dict[str, str] = {}  # checkpoint name -> the command that makes it
     model = default_model_dir()
     pythons = {"vllm": a.vllm_python, "llama.cpp": sys.executable, "transformers": sys.executable}
     t0 = time.time()
 
     def save():
-        state.update(commands=commands, windows=a.windows, vllm_python=bool(a.vllm_python))
+        state.update(commands=list(commands.values()), windows=a.windows, vllm_python=bool(a.vllm_python))
         json_path.write_text(json.dumps(state, indent=2) + "\n")
         (RESULTS / "runtimes.md").write_text(markdown(state))
 
@@ -241,10 +237,9 @@ def main() -> int:
         spec = spec_from_config(read_quant_config(ckpt)[1])
         widths = checkpoint_widths(ckpt)
         row = cells.setdefault(name, {})
-        if name in COMMANDS and row.get("command", COMMANDS[name]) != COMMANDS[name]:
+        if row.get("command", commands[name]) != commands[name]:
             row.clear()  # measured on a checkpoint another command made
-        if name in COMMANDS:
-            row["command"] = COMMANDS[name]
+        row["command"] = commands[name]
         row["routes"] = {rt: {"format": r.format, "why": r.why, "regroup": r.regroup} for rt in ("vllm", "llama.cpp", "transformers")
                          for r in [route(rt, spec, widths)]}
         p, w = (text_job(ckpt, a.windows, seqlen=256) if name.startswith("moe") else (prompt, windows))  # (its context: 512)

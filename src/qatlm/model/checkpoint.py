@@ -14,9 +14,9 @@ tensors of the 4-bit fallback grid. qatlm loads it; llama.cpp and transformers r
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -120,13 +120,10 @@ def stored_base(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     one some layer is on (loaders and ``export --for`` read the base as a grid in use)."""
     if spec.kformat is not None or not spec.mixed:
         return spec
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if not layers or any(m.spec == spec.plain.layer_spec(m.in_features) for m in layers):
+    overrides = layer_grids(model, spec)
+    if not overrides or len(overrides) < sum(isinstance(m, PackedLinear) for m in model.modules()):
         return spec
-    counts: dict[str, int] = {}
-    for m in layers:
-        counts[m.spec.tag] = counts.get(m.spec.tag, 0) + 1
-    top = next(m.spec for m in layers if m.spec.tag == max(counts, key=counts.get))
+    top = Counter(overrides.values()).most_common(1)[0][0]
     return dataclasses.replace(spec, bits=top.bits, group_size=top.group_size, sym=top.sym)
 
 
