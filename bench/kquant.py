@@ -12,6 +12,9 @@ Rows (bench/results/kquant.{json,md}):
 - ``qatlm rtn|block-ap <grid>``: quantized on the grid, saved, exported with ``qatlm export --format gguf``.
 - ``qatlm rtn|block-ap k-mix at <mix>'s size`` (``--mix --k-mix``): qatlm's own per-layer choice of llama.cpp types
   (``--grid k --target-bpw X``, X the bits per quantized weight of llama.cpp's default-mix file).
+- ``qatlm rtn|block-ap on <mix>'s own types`` (``--mix --same-types``): every matrix on the very type llama.cpp's
+  quantizer gave it in its default-mix file (read from that file, tensor by tensor), so the two files hold the same
+  tensor types and the same bytes of tensor data; the comparison is the values alone.
 Each file is read (a) by transformers' GGUF loader (dequantized with the gguf package) with qatlm's perplexity code
 (``qatlm eval FILE.gguf``), and (b) by llama.cpp itself (llama-cpp-python logits of the same token windows; its matmuls
 quantize activations to 8 bits, so (b) differs slightly from (a)). Held-out Shakespeare, 512-token windows.
@@ -129,16 +132,54 @@ def read_both(f: Path, label: str, settings, windows, lc, extra: dict) -> dict:
     return row
 
 
-def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | None = None) -> tuple[Path, dict]:
+# llama.cpp's type names -> qatlm's grid tags (the 32-weight types Q4_0 / Q4_1 / Q8_0 are qatlm's uniform grids)
+GGML_TO_TAG = {"Q4_0": "w4g32-sym", "Q4_1": "w4g32", "Q8_0": "w8g32-sym"}
+
+
+def tensor_table(f: Path) -> dict[str, tuple[str, int]]:
+    """A GGUF file's tensors: name -> (type, bytes)."""
+    import gguf
+
+    return {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(str(f)).tensors}
+
+
+def llama_cpp_assignment(f: Path, fp_dir: Path) -> tuple[tuple, dict]:
+    """The type llama.cpp's quantizer gave each matrix of ``f``, as qatlm ``(layer, grid tag)`` pairs (every linear layer
+    of the model, matched by the gguf package's tensor-name map), and ``tensor_table(f)``."""
+    import gguf
+
+    from qatlm.export.gguf_file import gguf_arch, gguf_name
+    from qatlm.model.checkpoint import load_fp_model
+    from qatlm.quant.grid import K_FORMATS
+
+    tags = {**{k.name: t for t, k in K_FORMATS.items()}, **GGML_TO_TAG}
+    table = tensor_table(f)
+    model = load_fp_model(fp_dir)
+    names = gguf.get_tensor_name_map(gguf_arch(model.config.model_type), model.config.num_hidden_layers)
+    pairs = []
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in n:
+            kind = table[gguf_name(names, n) + ".weight"][0]
+            if kind not in tags:
+                raise SystemExit(f"{f.name}: {n} is {kind}, a type qatlm does not train on")
+            pairs.append((n, tags[kind]))
+    return tuple(pairs), table
+
+
+def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | None = None, layers: tuple | None = None,
+                   name: str | None = None) -> tuple[Path, dict]:
     """qatlm's ``method`` on one K grid, or with ``target_bpw`` on a mix of llama.cpp's types (``--grid k``) within that
-    many bits per quantized weight; saved and exported to GGUF."""
+    many bits per quantized weight, or with ``layers`` on the given type per layer; saved and exported to GGUF."""
     from qatlm import BlockAPConfig, QuantSpec, RTNConfig, quantize
     from qatlm.export import export_checkpoint
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer
 
     torch.manual_seed(0)
-    spec = QuantSpec(format=grid) if target_bpw is None else QuantSpec(format="k", target_bpw=target_bpw)
-    grid = grid if target_bpw is None else f"k-mix-{target_bpw:.4f}"
+    if layers is not None:
+        spec = QuantSpec(format=grid, layers=layers)
+    else:
+        spec = QuantSpec(format=grid) if target_bpw is None else QuantSpec(format="k", target_bpw=target_bpw)
+    grid = name or (grid if target_bpw is None else f"k-mix-{target_bpw:.4f}")
     cfg = RTNConfig(grid=spec) if method == "rtn" else BlockAPConfig(grid=spec, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
     model, tok = load_fp_model(fp_dir), load_tokenizer(fp_dir)
     t = time.time()
@@ -183,6 +224,8 @@ def main():
     ap.add_argument("--mix", action="store_true", help="also llama.cpp's default mixes (Q2_K, Q3_K_M: some tensors a type up)")
     ap.add_argument("--k-mix", action="store_true", help="with --mix: also qatlm's own mix of llama.cpp types (--grid k) at "
                                                           "the bits per weight of llama.cpp's default mix")
+    ap.add_argument("--same-types", action="store_true", help="with --mix: also qatlm on llama.cpp's own type for every "
+                                                               "matrix of its default mix (the same tensor types, the same bytes)")
     a = ap.parse_args()
 
     from qatlm.data.assets import default_model_dir
@@ -231,6 +274,19 @@ def main():
                     if label not in done:
                         f, extra = quantize_qatlm(method, grid, fp_dir, a, target_bpw=bpw)
                         keep(read_both(f, label, settings, windows, lc, extra))
+            if a.same_types and mix_row is not None:
+                layers, theirs = llama_cpp_assignment(WORK / mix_row["file"], fp_dir)
+                for method in a.methods.split(","):
+                    label = f"qatlm {method} on {MIX[grid][0]}'s own types"
+                    if label in done:
+                        continue
+                    f, extra = quantize_qatlm(method, grid, fp_dir, a, layers=layers, name=f"types-{MIX[grid][0].lower()}")
+                    ours = tensor_table(f)
+                    extra["same_types_as_llama_cpp"] = {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
+                    extra["tensor_bytes"] = sum(b for _, b in ours.values())
+                    extra["llama_cpp_tensor_bytes"] = sum(b for _, b in theirs.values())
+                    extra["file_bytes"], extra["llama_cpp_file_bytes"] = f.stat().st_size, (WORK / mix_row["file"]).stat().st_size
+                    keep(read_both(f, label, settings, windows, lc, extra))
         for method in a.methods.split(",") if not (a.mix and a.mix_only) else ():
             if f"qatlm {method} {grid}" in done:
                 continue

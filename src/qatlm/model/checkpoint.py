@@ -29,8 +29,7 @@ from qatlm.io import atomic_dir, check_output, write_shards
 from qatlm.model.source import check_fp_folder, check_model_dir, default_dtype, load_config, read_config_json, weight_files
 from qatlm.model.arch import defuse_experts, is_router
 from qatlm.model.layers import swap_layers
-from qatlm.quant.grid import QuantSpec
-from qatlm.quant.grid import K_FORMATS, KQUANT_FALLBACK, QK_K
+from qatlm.quant.grid import K_FORMATS, QuantSpec, spec_from_tag
 from qatlm.quant.layers import packed_layer
 from qatlm.quant.linear import PackedLinear
 from qatlm.quant.packing import v1_zeros_to_v2
@@ -142,10 +141,12 @@ def quantization_config(spec: QuantSpec, meta: dict | None = None, lm_head: bool
         meta["layers"] = {n: s.tag for n, s in sorted(overrides.items())}
     if spec.target_bpw is not None:
         meta["target_bpw"] = spec.target_bpw
-    if spec.kformat is not None:
-        fb = KQUANT_FALLBACK
+    if spec.kformat is not None:  # rows the type cannot hold: GPTQ tensors of a uniform grid, or blocks of another type
+        fb = spec.fallback
+        fallback = {"grid": fb.format} if fb.kformat is not None else \
+            {"bits": fb.bits, "group_size": fb.group_size, "sym": fb.sym, "format": "gptq_v2"}
         return {"quant_method": KQUANT_METHOD, "grid": spec.format, "bits": spec.bits, "group_size": spec.group_size,
-                "fallback": {"bits": fb.bits, "group_size": fb.group_size, "sym": fb.sym, "format": "gptq_v2"},
+                "fallback": fallback,
                 "lm_head": lm_head, "meta": {"quantizer": [f"qatlm:{__version__}"], "qatlm": meta}}
     cfg = {
         "quant_method": "gptq",
@@ -441,6 +442,31 @@ def training_info(s: RunSummary) -> dict:
     return training
 
 
+def layer_widths(p: Path) -> dict[str, int]:
+    """Input width of every linear layer of a checkpoint's architecture, from its config on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(p)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    defuse_experts(model)
+    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def kblocks_grid(spec: QuantSpec, layer: str, row_bytes: int, widths) -> QuantSpec:
+    """The llama.cpp type of a stored ``.kblocks`` tensor: the layer's own grid in a mix, else the base type or, for a
+    width the base cannot hold, its fallback; where the row length fits both, the layer's width (``widths()``) decides."""
+    tag = dict(spec.layers).get(layer)
+    if tag is not None:
+        return spec_from_tag(tag, spec)
+    base = spec.plain
+    fits = [g for g in dict.fromkeys((base, base.fallback)) if g.kformat is not None and row_bytes % g.kformat.block_bytes == 0]
+    return fits[0] if len(fits) == 1 else base.layer_spec(widths()[layer])
+
+
 def checkpoint_info(path) -> dict:
     """What a checkpoint holds, measured from the files on disk."""
     p, qc = read_quant_config(path)
@@ -466,8 +492,8 @@ def checkpoint_info(path) -> dict:
                         grids[grid.tag] = grids.get(grid.tag, 0) + 1
                         expert_layers += ".experts." in k
                     elif k.endswith(".kblocks"):
-                        kgrid = spec.for_layer(k[: -len(".kblocks")], QK_K)  # its K type (one of several in a mix)
-                        n_quant += numel * QK_K // kgrid.kformat.block_bytes
+                        kgrid = kblocks_grid(spec, k[: -len(".kblocks")], t.get_shape()[-1], lambda: layer_widths(p))
+                        n_quant += numel * kgrid.kformat.block // kgrid.kformat.block_bytes
                         grids[kgrid.tag] = grids.get(kgrid.tag, 0) + 1
                         expert_layers += ".experts." in k
                 else:

@@ -30,24 +30,45 @@ QK_K = 256  # weights per llama.cpp K-quant super-block
 
 @dataclass(frozen=True)
 class KFormat:
-    """One of llama.cpp's K-quant block types (``quant/kquant.py`` has the math)."""
+    """One of llama.cpp's block types that qatlm trains on directly (``quant/kquant.py`` has the math): the K-quants
+    (super-blocks of 256 weights whose sub-block scales are small integers under fp16 factors) and Q5_0 / Q5_1 (blocks
+    of 32 weights, each with an fp16 step of its own)."""
 
     name: str  # GGML type name
     bits: int  # code bits
-    sub: int  # weights per sub-block
-    sc_max: int  # largest sub-block scale (magnitude)
-    m_max: int  # largest sub-block min (0: no mins; symmetric with a sign per sub-block)
-    block_bytes: int  # bytes per super-block of 256 weights
+    sub: int  # weights per sub-block (one step size each)
+    sc_max: int  # largest sub-block scale (magnitude); 0: no integer scales, the step is stored as fp16 (Q5_0, Q5_1)
+    m_max: int  # largest integer sub-block min (0: none, or stored as fp16 when ``mins``)
+    block_bytes: int  # bytes per block of ``block`` weights
+    block: int = QK_K  # weights per block: 256 (a K-quant super-block) or 32
+    mins: bool = False  # a min per sub-block (ŵ = step·code − min); off: symmetric codes with a sign per sub-block
+    fallback: str | None = "w4g32-sym"  # the grid of rows whose width is not a multiple of ``block``
 
     @property
     def bpw(self) -> float:
-        return 8 * self.block_bytes / QK_K
+        return 8 * self.block_bytes / self.block
+
+    @property
+    def flat(self) -> bool:
+        """The step (and min) of each sub-block is an fp16 of its own, with no super-block factor."""
+        return self.sc_max == 0
+
+    @property
+    def half(self) -> int:
+        """The zero point of a symmetric type's codes (2^(bits-1)); the other sign of the scale makes it half − 1."""
+        return 2 ** (self.bits - 1)
 
 
+# rows of other widths: Q2_K..Q4_K -> Q4_0 (qatlm's long-standing choice; llama.cpp takes Q5_0 for Q4_K), Q5_K -> Q5_1 and
+# Q6_K -> Q8_0 as llama.cpp does; Q5_0/Q5_1 hold any width that is a multiple of 32
 K_FORMATS = {
-    "q2_k": KFormat("Q2_K", 2, 16, 15, 15, 84),
+    "q2_k": KFormat("Q2_K", 2, 16, 15, 15, 84, mins=True),
     "q3_k": KFormat("Q3_K", 3, 16, 32, 0, 110),
-    "q4_k": KFormat("Q4_K", 4, 32, 63, 63, 144),
+    "q4_k": KFormat("Q4_K", 4, 32, 63, 63, 144, mins=True),
+    "q5_k": KFormat("Q5_K", 5, 32, 63, 63, 176, mins=True, fallback="q5_1"),
+    "q6_k": KFormat("Q6_K", 6, 16, 128, 0, 210, fallback="w8g32-sym"),
+    "q5_0": KFormat("Q5_0", 5, 32, 0, 0, 22, block=32, fallback=None),
+    "q5_1": KFormat("Q5_1", 5, 32, 0, 0, 24, block=32, mins=True, fallback=None),
 }
 GRIDS = ("uniform", *K_FORMATS, "k")
 MENU = "w2g64,w2g128,w3g64,w3g128,w4g64,w4g128,w8g128-sym"  # the grids a --target-bpw allocation chooses from (8-bit symmetric: Q8_0 holds it)
@@ -65,10 +86,11 @@ class QuantSpec:
     sym: bool = opt(False, "symmetric grid (zero point fixed at 2^(bits-1)); off: asymmetric")
     zero_min: int = opt(0, "keep every zero point >= 1 (initialisation and training), so that `qatlm export --format gptq-v1` "
                            "is exact", flag="v1-zeros", as_bool=True)
-    format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp K-quant that exports to GGUF "
-                                 "bit-exactly: q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5); super-blocks of 256 weights, "
-                                 "layers of other widths use a 4-bit grid stored as Q4_0; k: with --target-bpw, each layer gets "
-                                 "the llama.cpp type of --bit-menu it needs (default " + K_MENU + ")", flag="grid", choices=GRIDS,
+    format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp type that exports to GGUF "
+                                 "bit-exactly: the K-quants q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5), q5_k (5.5), "
+                                 "q6_k (6.56) in super-blocks of 256 weights (layers of other widths: Q4_0; Q5_1 under q5_k, "
+                                 "Q8_0 under q6_k), q5_0 (5.5) and q5_1 (6) in blocks of 32; k: with --target-bpw, each layer "
+                                 "gets the llama.cpp type of --bit-menu it needs (default " + K_MENU + ")", flag="grid", choices=GRIDS,
                       what="grid")
     target_bpw: float | None = opt(None, "mixed precision: a budget in bits per quantized weight (step sizes, zero points and "
                                          "group indices counted, as `qatlm info` counts them); each layer gets the grid of --bit-menu "
@@ -100,8 +122,9 @@ class QuantSpec:
                 object.__setattr__(self, "menu", K_MENU)
         if self.zero_min not in (0, 1):
             raise QatlmError(f"zero_min must be 0 or 1, not {self.zero_min}")
-        if self.bits not in SUPPORTED_BITS:
-            raise QatlmError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.kformat is None and self.bits not in SUPPORTED_BITS:
+            hint = "; 5 and 6 bits are llama.cpp's types: --grid q5_0|q5_1|q5_k|q6_k" if self.bits in (5, 6) else ""
+            raise QatlmError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}{hint}")
         if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 8 == 0)):
             raise QatlmError(f"group size {self.group_size} is invalid; use -1 (per channel) or a positive multiple of 8")
         if self.group_size > MAX_GROUP:
@@ -130,11 +153,17 @@ class QuantSpec:
 
     def stored_grid(self, layer: str) -> "QuantSpec":
         """The uniform grid of a layer stored as GPTQ tensors (``qweight``): its own in a mixed model; under a K-quant
-        base grid, a layer with no grid of its own is one the K types cannot hold (``KQUANT_FALLBACK``)."""
+        base grid, a layer with no grid of its own is one the K type cannot hold (its ``fallback``)."""
         tag = self._layer_tags.get(layer)
         if tag is not None:
             return spec_from_tag(tag, self)
-        return KQUANT_FALLBACK if self.kformat is not None else self.plain
+        return self.fallback if self.kformat is not None else self.plain
+
+    @property
+    def fallback(self) -> "QuantSpec":
+        """The grid a K-quant type gives rows whose width it cannot hold (``KQUANT_FALLBACK``, Q4_0, for Q2_K..Q4_K)."""
+        fb = self.kformat.fallback if self.kformat is not None else None
+        return self if fb is None else spec_from_tag(fb)
 
     @property
     def plain(self) -> "QuantSpec":
@@ -161,9 +190,9 @@ class QuantSpec:
         """Bytes of one packed layer on this grid (codes, step sizes, zero points, group index; bias not counted):
         what `qatlm info` counts as quantized bytes."""
         if self.kformat is not None:
-            if in_features % QK_K == 0:
-                return in_features * out_features // QK_K * self.kformat.block_bytes
-            return KQUANT_FALLBACK.layer_bytes(in_features, out_features)
+            if in_features % self.kformat.block == 0:
+                return in_features * out_features // self.kformat.block * self.kformat.block_bytes
+            return self.fallback.layer_bytes(in_features, out_features)
         groups = self.num_groups(in_features)
         return 4 * (in_features * self.bits // 32) * out_features + 4 * groups * (out_features * self.bits // 32) \
             + 2 * groups * out_features + 4 * in_features
@@ -179,11 +208,11 @@ class QuantSpec:
 
     def layer_spec(self, in_features: int) -> "QuantSpec":
         """The grid of one layer: this one, except that a K-quant grid needs widths that are a multiple of 256
-        (as llama.cpp's own quantizer does, other widths get a 4.5-bit type: here 4-bit symmetric groups of 32,
-        stored exactly as GGUF Q4_0)."""
-        if self.kformat is None or in_features % QK_K == 0:
+        (as llama.cpp's own quantizer does, other widths get the type's ``fallback``: Q4_0 for Q2_K..Q4_K, i.e. 4-bit
+        symmetric groups of 32; Q5_1 for Q5_K; Q8_0 for Q6_K)."""
+        if self.kformat is None or in_features % self.kformat.block == 0:
             return self
-        return KQUANT_FALLBACK
+        return self.fallback
 
     def round_zero(self, zero: torch.Tensor) -> torch.Tensor:
         """A (float, trained) zero point as the integer it is stored as: rounded, clamped to [zero_min, qmax]."""
