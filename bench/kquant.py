@@ -132,8 +132,8 @@ def read_both(f: Path, label: str, settings, windows, lc, extra: dict) -> dict:
     return row
 
 
-# llama.cpp's type names -> qatlm's grid tags (the 32-weight types Q4_0 / Q4_1 / Q8_0 are qatlm's uniform grids)
-GGML_TO_TAG = {"Q4_0": "w4g32-sym", "Q4_1": "w4g32", "Q8_0": "w8g32-sym"}
+# llama.cpp's type names -> qatlm's grid tags: its block types by their own names, Q4_1 as qatlm's uniform grid
+GGML_TO_TAG = {"Q4_1": "w4g32"}
 
 
 def tensor_table(f: Path) -> dict[str, tuple[str, int]]:

@@ -16,7 +16,7 @@ from qatlm.quant.kquant import (KFakeQuantLinear, KPackedLinear, dequantize_bloc
                                 unpack_blocks)
 from qatlm.quant.linear import FakeQuantLinear, PackedLinear
 
-GRIDS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1")
+GRIDS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0")
 
 
 def _weights(out_f=12, in_f=512, seed=0):
@@ -56,7 +56,7 @@ def test_blocks_decode_bit_exactly_in_gguf_and_equal_the_training_weight(grid):
         assert int(ints["sc"].max()) <= 63 and (ints["sc"] < 32).any() and (ints["sc"] > 32).any()
     elif grid == "q6_k":  # int8 scales of both signs
         assert ints["sc"].dtype == torch.int8 and (ints["sc"] < 0).any() and (ints["sc"] > 0).any()
-    elif grid == "q5_0":  # the sign is the fp16 step's
+    elif grid in ("q4_0", "q5_0", "q8_0"):  # the sign is the fp16 step's
         assert (ints["d"] < 0).any() and (ints["d"] > 0).any()
     elif grid == "q5_1":  # an fp16 min of either sign (blocks of positive weights have a positive min)
         assert ints["m"].dtype == torch.float16 and (ints["m"] < 0).any() and (ints["m"] > 0).any()
@@ -126,7 +126,7 @@ def test_grid_flag_fixes_bits_and_refuses_conflicts():
     assert QuantSpec(format="q5_k").layer_spec(576) == QuantSpec(format="q5_1")
     assert QuantSpec(format="q6_k").layer_spec(576) == QuantSpec(8, 32, sym=True)
     assert QuantSpec(format="q5_0").layer_spec(576) == QuantSpec(format="q5_0")
-    for grid, bpw in (("q5_k", 5.5), ("q6_k", 6.5625), ("q5_0", 5.5), ("q5_1", 6.0)):
+    for grid, bpw in (("q5_k", 5.5), ("q6_k", 6.5625), ("q4_0", 4.5), ("q5_0", 5.5), ("q5_1", 6.0), ("q8_0", 8.5)):
         assert QuantSpec(format=grid).layer_bytes(512, 10) * 8 / (512 * 10) == bpw
 
 

@@ -18,14 +18,21 @@ def _grid_line(info: dict) -> str:
         target = f", budget {info['target_bpw']:g} bits/weight" if info.get("target_bpw") else ""
         from qatlm.quant.grid import grid_names
 
-        names = grid_names(info["layer_grids"])
-        return (f"mixed precision{target}: " + ", ".join(f"{names[t]} x{n}" for t, n in info["layer_grids"].items())
+        names, counts = grid_names(info["layer_grids"]), {}
+        for t, n in info["layer_grids"].items():  # two grids GGUF stores as one type (w4g32-sym, q4_0: Q4_0) count as one
+            counts[names[t]] = counts.get(names[t], 0) + n
+        return (f"mixed precision{target}: " + ", ".join(f"{name} x{n}" for name, n in counts.items())
                 + (" layers; llama.cpp types" if info.get("grid", "uniform") != "uniform" else
                    f" layers; {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"))
     if info.get("grid", "uniform") == "uniform":
         g = "per-channel" if info["group_size"] == -1 else str(info["group_size"])
         return f"{info['bits']}-bit, group {g}, {'symmetric' if info['sym'] else 'asymmetric'}, {info['format']}"
-    return f"llama.cpp {info['grid'].upper()} (layers whose width is not a multiple of 256: 4-bit groups of 32, GGUF Q4_0)"
+    from qatlm.quant.grid import QuantSpec, ggml_name
+
+    spec = QuantSpec(format=info["grid"])
+    if spec.fallback == spec:  # a type of 32-weight blocks: every width that is a multiple of 32
+        return f"llama.cpp {spec.kformat.name}"
+    return f"llama.cpp {spec.kformat.name} (layers whose width is not a multiple of 256: {ggml_name(spec.fallback)})"
 
 
 def _training_lines(t: dict | None) -> list[tuple[str, str]]:

@@ -67,14 +67,16 @@ K_FORMATS = {
     "q4_k": KFormat("Q4_K", 4, 32, 63, 63, 144, mins=True),
     "q5_k": KFormat("Q5_K", 5, 32, 63, 63, 176, mins=True, fallback="q5_1"),
     "q6_k": KFormat("Q6_K", 6, 16, 128, 0, 210, fallback="w8g32-sym"),
+    "q4_0": KFormat("Q4_0", 4, 32, 0, 0, 18, block=32, fallback=None),
     "q5_0": KFormat("Q5_0", 5, 32, 0, 0, 22, block=32, fallback=None),
     "q5_1": KFormat("Q5_1", 5, 32, 0, 0, 24, block=32, mins=True, fallback=None),
+    "q8_0": KFormat("Q8_0", 8, 32, 0, 0, 34, block=32, fallback=None),
 }
 GRIDS = ("uniform", *K_FORMATS, "k")
 MENU = "w2g64,w2g128,w3g64,w3g128,w4g64,w4g128,w8g128-sym"  # the grids a --target-bpw allocation chooses from (8-bit symmetric: Q8_0 holds it)
-# under a K-quant grid: llama.cpp's K types, and for any layer the GGUF types of 32-weight blocks (Q4_0, Q8_0), which
-# also hold the layers whose width is not a multiple of 256
-K_MENU = "q2_k,q3_k,q4_k,w4g32-sym,w8g32-sym"
+# under a K-quant grid: llama.cpp's K types, and for any layer the types of 32-weight blocks (Q4_0, Q5_0, Q5_1, Q8_0),
+# which also hold the layers whose width is not a multiple of 256
+K_MENU = "q2_k,q3_k,q4_k,q5_k,q6_k,q4_0,q5_0,q5_1,q8_0"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""llama.cpp's block types (the K-quants Q2_K..Q6_K, and Q5_0 / Q5_1) as trainable quantization grids.
+"""llama.cpp's block types (the K-quants Q2_K..Q6_K, and Q4_0 / Q5_0 / Q5_1 / Q8_0) as trainable quantization grids.
 
 A K-quant row is cut into super-blocks of 256 weights, each cut into sub-blocks of ``B`` weights (16 for
 Q2_K/Q3_K/Q6_K, 32 for Q4_K/Q5_K). A sub-block ``j`` has a small-integer scale ``sc_j`` and (Q2_K, Q4_K, Q5_K) a
@@ -8,14 +8,16 @@ small-integer min ``m_j``; the super-block has the fp16 factors ``d`` and (with 
     Q3_K:              ŵ = d·(sc_j − 32) · (u − 4)  u ∈ [0, 7], sc_j ∈ [0, 63]  (signed 6-bit scales)
     Q6_K:              ŵ = d·sc_j · (u − 32)        u ∈ [0, 63], sc_j ∈ [−128, 127]  (int8 scales)
 
-Q5_0 and Q5_1 have blocks of 32 weights with an fp16 step each and no super-block: ŵ = d·(u − 16) (d signed)
-and ŵ = d·q + m (fp16 min m).
+Q4_0, Q5_0, Q5_1 and Q8_0 have blocks of 32 weights with an fp16 step each and no super-block: ŵ = d·(u − 2^(b−1))
+with d signed (Q4_0, Q5_0, Q8_0), ŵ = d·q + m with an fp16 min m (Q5_1). (qatlm's uniform ``w4g32-sym`` / ``w8g32-sym``
+grids are stored as Q4_0 / Q8_0 too, with d > 0: the block types add the sign, which lets the larger-magnitude side of
+a block have the extra code, as llama.cpp's own quantizer does.)
 
 qatlm trains a sub-block step ``s_j > 0`` and offset ``z_j`` (in steps) as it does for its uniform grid
 (``grid.py``), and sees them through the format at every forward pass: the super-block factors are re-fitted
 from the current steps (``d = fp16(max_j s_j / sc_max)``), the steps and offsets are rounded onto ``d·sc`` /
 ``dmin·m`` (Q5_0/Q5_1: to fp16), straight-through, then the weights onto the sub-block grid. The symmetric types
-(Q3_K, Q6_K, Q5_0) have a sign per sub-block; with a positive step that is a zero point of h = 2^(b−1) (a
+(Q3_K, Q6_K, Q4_0, Q5_0, Q8_0) have a sign per sub-block; with a positive step that is a zero point of h = 2^(b−1) (a
 positive scale: codes ``u − h`` in [−h, h−1]) or h − 1 (a negative scale, codes stored as ``2^b − 1 − u``: the
 range [−(h−1), h]), so ``z_j`` is trained in [h − 1, h] and rounded.
 
@@ -266,11 +268,14 @@ def pack_blocks(ints: dict, spec: QuantSpec) -> torch.Tensor:
     nb = out_f * (in_f // fmt.block)
     q = q.reshape(nb, fmt.block).astype(np.uint8)
     d = _fp16_bytes(ints["d"], nb)
-    if fmt.flat:  # Q5_0 / Q5_1: d, (m), the fifth bits as one little-endian uint32, the low nibbles
-        qh = np.bitwise_or.reduce(((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32), axis=1)
-        qh = qh.astype("<u4").reshape(nb, 1).view(np.uint8)
+    if fmt.name == "Q8_0":  # d, the codes as int8
+        blocks = np.concatenate([d, (q.astype(np.int16) - fmt.half).astype(np.int8).view(np.uint8)], axis=1)
+    elif fmt.flat:  # Q4_0 / Q5_0 / Q5_1: d, (m), (the fifth bits as one little-endian uint32), the low nibbles
         head = [d, _fp16_bytes(ints["m"], nb)] if fmt.mins else [d]
-        blocks = np.concatenate([*head, qh, _pack_nibbles(q, 16)], axis=1)
+        if fmt.bits == 5:
+            qh = np.bitwise_or.reduce(((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32), axis=1)
+            head.append(qh.astype("<u4").reshape(nb, 1).view(np.uint8))
+        blocks = np.concatenate([*head, _pack_nibbles(q, 16)], axis=1)
     else:
         sc = ints["sc"].cpu().numpy().reshape(nb, -1)
         if fmt.mins:
@@ -322,9 +327,15 @@ def unpack_blocks(blocks: torch.Tensor, spec: QuantSpec, in_f: int) -> dict:
     if fmt.flat:
         d = _f16(b[:, 0:2])
         o = 4 if fmt.mins else 2
-        qh = np.ascontiguousarray(b[:, o:o + 4]).view("<u4")  # [nb, 1]
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-        codes = torch.from_numpy(_nibbles(b[:, o + 4:o + 20], 16) | (high << 4)).reshape(out_f, in_f)
+        if fmt.name == "Q8_0":
+            q = (np.ascontiguousarray(b[:, 2:34]).view(np.int8).astype(np.int16) + fmt.half).astype(np.uint8)
+        elif fmt.bits == 5:
+            qh = np.ascontiguousarray(b[:, o:o + 4]).view("<u4")  # [nb, 1]
+            high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+            q = _nibbles(b[:, o + 4:o + 20], 16) | (high << 4)
+        else:
+            q = _nibbles(b[:, o:o + 16], 16)
+        codes = torch.from_numpy(q).reshape(out_f, in_f)
         s_q = d.reshape(out_f, -1)
         if fmt.mins:
             return {"s": s_q, "b": -_f16(b[:, 2:4]).reshape(out_f, -1), "q": codes}
