@@ -31,13 +31,13 @@ QK_K = 256  # weights per llama.cpp K-quant super-block
 @dataclass(frozen=True)
 class KFormat:
     """One of llama.cpp's block types that qatlm trains on directly (``quant/kquant.py`` has the math): the K-quants
-    (super-blocks of 256 weights whose sub-block scales are small integers under fp16 factors) and Q5_0 / Q5_1 (blocks
-    of 32 weights, each with an fp16 step of its own)."""
+    (super-blocks of 256 weights whose sub-block scales are small integers under fp16 factors) and Q4_0 / Q5_0 / Q5_1 /
+    Q8_0 (blocks of 32 weights, each with an fp16 step of its own)."""
 
     name: str  # GGML type name
     bits: int  # code bits
     sub: int  # weights per sub-block (one step size each)
-    sc_max: int  # largest sub-block scale (magnitude); 0: no integer scales, the step is stored as fp16 (Q5_0, Q5_1)
+    sc_max: int  # largest sub-block scale (magnitude); 0: no integer scales, the step is stored as fp16 (32-weight types)
     m_max: int  # largest integer sub-block min (0: none, or stored as fp16 when ``mins``)
     block_bytes: int  # bytes per block of ``block`` weights
     block: int = QK_K  # weights per block: 256 (a K-quant super-block) or 32
@@ -60,7 +60,7 @@ class KFormat:
 
 
 # rows of other widths: Q2_K..Q4_K -> Q4_0 (qatlm's long-standing choice; llama.cpp takes Q5_0 for Q4_K), Q5_K -> Q5_1 and
-# Q6_K -> Q8_0 as llama.cpp does; Q5_0/Q5_1 hold any width that is a multiple of 32
+# Q6_K -> Q8_0 as llama.cpp does; the 32-weight types hold any width that is a multiple of 32
 K_FORMATS = {
     "q2_k": KFormat("Q2_K", 2, 16, 15, 15, 84, mins=True),
     "q3_k": KFormat("Q3_K", 3, 16, 32, 0, 110),
@@ -91,7 +91,8 @@ class QuantSpec:
     format: str = opt("uniform", "grid family: uniform (--bits/--group-size/--sym), or a llama.cpp type that exports to GGUF "
                                  "bit-exactly: the K-quants q2_k (2.625 bits/weight), q3_k (3.44), q4_k (4.5), q5_k (5.5), "
                                  "q6_k (6.56) in super-blocks of 256 weights (layers of other widths: Q4_0; Q5_1 under q5_k, "
-                                 "Q8_0 under q6_k), q5_0 (5.5) and q5_1 (6) in blocks of 32; k: with --target-bpw, each layer "
+                                 "Q8_0 under q6_k), q4_0 (4.5), q5_0 (5.5), q5_1 (6), q8_0 (8.5) in blocks of 32; k: with "
+                                 "--target-bpw, each layer "
                                  "gets the llama.cpp type of --bit-menu it needs (default " + K_MENU + ")", flag="grid", choices=GRIDS,
                       what="grid")
     target_bpw: float | None = opt(None, "mixed precision: a budget in bits per quantized weight (step sizes, zero points and "

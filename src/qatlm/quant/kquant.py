@@ -16,7 +16,7 @@ a block have the extra code, as llama.cpp's own quantizer does.)
 qatlm trains a sub-block step ``s_j > 0`` and offset ``z_j`` (in steps) as it does for its uniform grid
 (``grid.py``), and sees them through the format at every forward pass: the super-block factors are re-fitted
 from the current steps (``d = fp16(max_j s_j / sc_max)``), the steps and offsets are rounded onto ``d·sc`` /
-``dmin·m`` (Q5_0/Q5_1: to fp16), straight-through, then the weights onto the sub-block grid. The symmetric types
+``dmin·m`` (the 32-weight types: to fp16), straight-through, then the weights onto the sub-block grid. The symmetric types
 (Q3_K, Q6_K, Q4_0, Q5_0, Q8_0) have a sign per sub-block; with a positive step that is a zero point of h = 2^(b−1) (a
 positive scale: codes ``u − h`` in [−h, h−1]) or h − 1 (a negative scale, codes stored as ``2^b − 1 − u``: the
 range [−(h−1), h]), so ``z_j`` is trained in [h − 1, h] and rounded.
@@ -111,9 +111,10 @@ def kquant_search_init(w: torch.Tensor, spec: QuantSpec, candidates: int = 16) -
                 den = n * sL2 - sL * sL
                 a = torch.where(den > 0, (n * sLx - sL * sx) / den.clamp_min(1e-12), s0)
                 b = (sx - a * sL) / n  # ŵ = a·L + b; an integer min needs b <= 0 (an offset >= 0)
-                pos = (b > 0) & (not free)
-                a = torch.where(pos, sLx / sL2.clamp_min(1e-12), a)
-                b = torch.where(pos, torch.zeros_like(b), b)
+                if not free:
+                    pos = b > 0
+                    a = torch.where(pos, sLx / sL2.clamp_min(1e-12), a)
+                    b = torch.where(pos, torch.zeros_like(b), b)
                 a = a.clamp_min(MIN_SCALE)
                 err = ((a.unsqueeze(-1) * L + b.unsqueeze(-1) - x) ** 2).sum(-1)
                 better = err < best_err
@@ -144,7 +145,8 @@ def _quantized_scales(scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, 
     """The sub-block steps and offsets after the format's own rounding: (s_q, b_q, z_q, parts) where ŵ = s_q·code − b_q
     (types with mins; ``z_q`` None) or ŵ = s_q·(code − z_q) (symmetric types; ``b_q`` None). ``parts``: the stored
     integers and fp16 factors (d, sc, dmin, m). K types: the super-block factors are fitted to the detached steps
-    (re-fitted at each call) and the steps rounded onto them; Q5_0/Q5_1: each step (and min) is rounded to fp16. All
+    (re-fitted at each call) and the steps rounded onto them; the 32-weight types: each step (and min) is rounded to
+    fp16. All
     roundings are straight-through when ``ste``."""
     fmt = kquant_spec(spec)
     rnd = round_ste if ste else torch.round
@@ -235,7 +237,7 @@ def _pack_2bit_planes(q: np.ndarray) -> np.ndarray:
 
 def _pack_nibbles(q: np.ndarray, span: int) -> np.ndarray:
     """Low 4 bits of [n, k] values as k/2 bytes: in each run of 2·``span`` weights, weight j < span in the low nibble of
-    byte j, weight span + j in its high nibble (Q4_K/Q5_K: span 32; Q6_K: 64; Q5_0/Q5_1: 16)."""
+    byte j, weight span + j in its high nibble (Q4_K/Q5_K: span 32; Q6_K: 64; the 32-weight types: 16)."""
     v = (q.reshape(q.shape[0], -1, 2, span) & 0xF).astype(np.uint8)
     return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
