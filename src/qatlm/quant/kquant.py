@@ -146,8 +146,7 @@ def _quantized_scales(scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, 
     (types with mins; ``z_q`` None) or ŵ = s_q·(code − z_q) (symmetric types; ``b_q`` None). ``parts``: the stored
     integers and fp16 factors (d, sc, dmin, m). K types: the super-block factors are fitted to the detached steps
     (re-fitted at each call) and the steps rounded onto them; the 32-weight types: each step (and min) is rounded to
-    fp16. All
-    roundings are straight-through when ``ste``."""
+    fp16. All roundings are straight-through when ``ste``."""
     fmt = kquant_spec(spec)
     rnd = round_ste if ste else torch.round
     s = scale.float().clamp_min(MIN_SCALE)
