@@ -11,7 +11,8 @@ Rows (bench/results/kquant.{json,md}):
 - ``llama.cpp <mix>`` (``--mix``): its default recipe for the type (Q2_K / Q3_K_M: some tensors a type up; larger).
 - ``qatlm rtn|block-ap <grid>``: quantized on the grid, saved, exported with ``qatlm export --format gguf``.
 - ``qatlm rtn|block-ap k-mix at <mix>'s size`` (``--mix --k-mix``): qatlm's own per-layer choice of llama.cpp types
-  (``--grid k --target-bpw X``, X the bits per quantized weight of llama.cpp's default-mix file).
+  (``--grid k --target-bpw X``, X the bits per quantized weight of llama.cpp's default-mix file). Block-AP trains on the
+  allocation the RTN row measured (the same measurement: float model, first 4 calibration samples) instead of repeating it.
 - ``qatlm rtn|block-ap on <mix>'s own types`` (``--mix --same-types``): every matrix on the very type llama.cpp's
   quantizer gave it in its default-mix file (read from that file, tensor by tensor), so the two files hold the same
   tensor types and the same bytes of tensor data; the comparison is the values alone.
@@ -166,6 +167,15 @@ def llama_cpp_assignment(f: Path, fp_dir: Path) -> tuple[tuple, dict]:
     return tuple(pairs), table
 
 
+def rtn_allocation(name: str):
+    """The ``MixedSummary`` of the RTN row of the same budget, if it ran: the allocation depends only on the float model
+    and the first 4 calibration samples, so Block-AP's own measurement would repeat it exactly."""
+    from qatlm.summary import RunSummary
+
+    f = WORK / f"rtn-{name}" / "training_summary.json"
+    return RunSummary.from_dict(json.loads(f.read_text())).mixed if f.is_file() else None
+
+
 def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | None = None, layers: tuple | None = None,
                    name: str | None = None) -> tuple[Path, dict]:
     """qatlm's ``method`` on one K grid, or with ``target_bpw`` on a mix of llama.cpp's types (``--grid k``) within that
@@ -175,18 +185,24 @@ def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | 
     from qatlm.model.checkpoint import load_fp_model, load_tokenizer
 
     torch.manual_seed(0)
+    name = name or (grid if target_bpw is None else f"k-mix-{target_bpw:.4f}")
+    reused = rtn_allocation(name) if method != "rtn" and target_bpw is not None else None
+    if reused is not None:  # the allocation the RTN row measured: the same measurement (fp model, the same 4 samples)
+        layers = tuple(sorted(reused.layers.items()))
     if layers is not None:
-        spec = QuantSpec(format=grid, layers=layers)
+        spec = QuantSpec(format="k" if target_bpw is not None else grid, layers=layers)
     else:
         spec = QuantSpec(format=grid) if target_bpw is None else QuantSpec(format="k", target_bpw=target_bpw)
-    grid = name or (grid if target_bpw is None else f"k-mix-{target_bpw:.4f}")
+    grid = name
     cfg = RTNConfig(grid=spec) if method == "rtn" else BlockAPConfig(grid=spec, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
     model, tok = load_fp_model(fp_dir), load_tokenizer(fp_dir)
     t = time.time()
     summary = quantize(model, cfg, tokenizer=tok, out=WORK / f"{method}-{grid}", overwrite=True, progress=False)
     extra = {"quant_wall_s": round(time.time() - t, 1)}
-    if summary.mixed is not None:
-        extra["allocation"] = {"target_bpw": target_bpw, "bits_per_weight": summary.mixed.bits_per_weight, "grids": summary.mixed.grids}
+    mixed = summary.mixed or reused
+    if mixed is not None:
+        extra["allocation"] = {"target_bpw": target_bpw, "bits_per_weight": mixed.bits_per_weight, "grids": mixed.grids,
+                               **({"measured_by": "the rtn row's run"} if reused is not None else {})}
     if method == "block-ap":
         extra["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
         b = summary.block_ap.blocks
