@@ -14,7 +14,7 @@ group size that is a multiple of 32, or per-channel with an input width that is,
 A uniform 2/3-bit grid is written losslessly in the 4-bit container (GGML's own 2/3-bit types,
 Q2_K/Q3_K, have 16-weight sub-blocks with 4-bit-quantized scales and cannot hold those step sizes
 exactly); the report says so and gives the size. To get llama.cpp's 2/3-bit sizes, train on its grid:
-``--grid q2_k|q3_k|q4_k|q5_k|q6_k|q5_0|q5_1`` (``quant/kquant.py``) stores each layer as those blocks themselves,
+``--grid q2_k|q3_k|q4_k|q5_k|q6_k|q4_0|q5_0|q5_1|q8_0`` (``quant/kquant.py``) stores each layer as those blocks themselves,
 which are written to the file as they are (rows permuted like any other tensor's), bit-exact. Every written tensor is read back with the ``gguf``
 package's own dequantizer and compared with the source weights; the maximum error is reported.
 """

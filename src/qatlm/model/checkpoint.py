@@ -14,6 +14,7 @@ tensors of the 4-bit fallback grid. qatlm loads it; llama.cpp and transformers r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections import Counter
@@ -475,6 +476,7 @@ def checkpoint_info(path) -> dict:
     weights_bytes = weights_size(p)
     n_quant = quant_bytes = n_other = other_bytes = embed_bytes = expert_layers = 0
     grids: dict[str, int] = {}
+    widths = functools.cache(lambda: layer_widths(p))  # built once, only if a block tensor's type is ambiguous
     kept, other_dtypes = set(), set()
     for f in _weight_files(p):
         with safe_open(f, framework="pt") as fh:
@@ -492,7 +494,7 @@ def checkpoint_info(path) -> dict:
                         grids[grid.tag] = grids.get(grid.tag, 0) + 1
                         expert_layers += ".experts." in k
                     elif k.endswith(".kblocks"):
-                        kgrid = kblocks_grid(spec, k[: -len(".kblocks")], t.get_shape()[-1], lambda: layer_widths(p))
+                        kgrid = kblocks_grid(spec, k[: -len(".kblocks")], t.get_shape()[-1], widths)
                         n_quant += numel * kgrid.kformat.block // kgrid.kformat.block_bytes
                         grids[kgrid.tag] = grids.get(kgrid.tag, 0) + 1
                         expert_layers += ".experts." in k
