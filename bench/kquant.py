@@ -167,13 +167,16 @@ def llama_cpp_assignment(f: Path, fp_dir: Path) -> tuple[tuple, dict]:
     return tuple(pairs), table
 
 
-def rtn_allocation(name: str):
-    """The ``MixedSummary`` of the RTN row of the same budget, if it ran: the allocation depends only on the float model
-    and the first 4 calibration samples, so Block-AP's own measurement would repeat it exactly."""
+def rtn_allocation(name: str, target_bpw: float):
+    """The ``MixedSummary`` of the RTN row of the same budget and menu, if it ran: the allocation depends only on the
+    float model and the first 4 calibration samples, so Block-AP's own measurement would repeat it exactly."""
+    from qatlm import QuantSpec
     from qatlm.summary import RunSummary
 
     f = WORK / f"rtn-{name}" / "training_summary.json"
-    return RunSummary.from_dict(json.loads(f.read_text())).mixed if f.is_file() else None
+    m = RunSummary.from_dict(json.loads(f.read_text())).mixed if f.is_file() else None
+    same = m is not None and m.target_bpw == target_bpw and m.menu == QuantSpec(format="k", target_bpw=target_bpw).menu
+    return m if same else None
 
 
 def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | None = None, layers: tuple | None = None,
@@ -186,7 +189,7 @@ def quantize_qatlm(method: str, grid: str, fp_dir: Path, a, target_bpw: float | 
 
     torch.manual_seed(0)
     name = name or (grid if target_bpw is None else f"k-mix-{target_bpw:.4f}")
-    reused = rtn_allocation(name) if method != "rtn" and target_bpw is not None else None
+    reused = rtn_allocation(name, target_bpw) if method != "rtn" and target_bpw is not None else None
     if reused is not None:  # the allocation the RTN row measured: the same measurement (fp model, the same 4 samples)
         layers = tuple(sorted(reused.layers.items()))
     if layers is not None:
