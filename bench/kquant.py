@@ -93,12 +93,18 @@ def llama_cpp_ppl(lc, gguf_file: Path, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
-def gguf_types(f: Path) -> dict:
+def tensor_table(f: Path) -> dict[str, tuple[str, int]]:
+    """A GGUF file's tensors: name -> (type, bytes)."""
     import gguf
 
+    return {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(str(f)).tensors}
+
+
+def gguf_types(f: Path) -> dict:
+    """Tensors per type of a GGUF file."""
     out: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(f)).tensors:
-        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+    for kind, _ in tensor_table(f).values():
+        out[kind] = out.get(kind, 0) + 1
     return out
 
 
@@ -135,13 +141,6 @@ def read_both(f: Path, label: str, settings, windows, lc, extra: dict) -> dict:
 
 # llama.cpp's type names -> qatlm's grid tags: its block types by their own names, Q4_1 as qatlm's uniform grid
 GGML_TO_TAG = {"Q4_1": "w4g32"}
-
-
-def tensor_table(f: Path) -> dict[str, tuple[str, int]]:
-    """A GGUF file's tensors: name -> (type, bytes)."""
-    import gguf
-
-    return {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(str(f)).tensors}
 
 
 def llama_cpp_assignment(f: Path, fp_dir: Path) -> tuple[tuple, dict]:
