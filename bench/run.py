@@ -41,15 +41,22 @@ def grid_spec(bits, group):
     return QuantSpec(target_bpw=bits) if group is None else QuantSpec(bits, group)
 
 
-def allocate(model, cfg, tok, device, row):
-    """A mixed setting: the per-layer grids first (qatlm's --target-bpw allocation), kept in the row."""
+def allocate(model, cfg, tok, device, row, sensitivity="block"):
+    """A mixed setting: the per-layer grids first (qatlm's --target-bpw allocation, or a variant of its sensitivity
+    from bench/mixed_sensitivity.py), kept in the row."""
     import dataclasses
 
-    from qatlm.methods.mixed import plan, sensitivity_ids
+    from mixed_sensitivity import plan
+
+    from qatlm.methods.mixed import sensitivity_ids
 
     if cfg.spec.target_bpw is None:
         return cfg
-    spec, m = plan(model, cfg.spec, sensitivity_ids(cfg, None, tok), device)
+    spec, m, gains = plan(model, cfg.spec, sensitivity_ids(cfg, None, tok), device, sensitivity)
+    if sensitivity != "block":
+        row["sensitivity"] = sensitivity
+    if gains is not None:
+        row["block_gains"] = gains
     row["allocation"] = {"target_bpw": m.target_bpw, "bits_per_weight": m.bits_per_weight, "grids": m.grids, "seconds": m.seconds,
                          "predicted_error": sum(m.predicted_block_errors), "measured_error": sum(m.measured_block_errors),
                          "layers": m.layers}
@@ -132,14 +139,14 @@ def run_one(a) -> dict:
         model, tok = load_fp_model(fp_dir, device=a.device), load_tokenizer(fp_dir)
         row.update(bits=bits, group_size=group)
         if a.recipe == "rtn":
-            cfg = allocate(model, RTNConfig(grid=grid_spec(bits, group)), tok, a.device, row)
+            cfg = allocate(model, RTNConfig(grid=grid_spec(bits, group)), tok, a.device, row, a.sensitivity)
             quantize_rtn(model, cfg)
             row["calib"] = None
         elif a.recipe == "block-ap":
             cfg = BlockAPConfig(grid=grid_spec(bits, group), calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, epochs=a.epochs, seed=a.seed,
                                 **({"loss": a.block_loss} if a.block_loss else {}), **block_ap_fields(a.block_ap))
             row["block_ap_fields"] = block_ap_fields(a.block_ap)
-            cfg = allocate(model, cfg, tok, a.device, row)
+            cfg = allocate(model, cfg, tok, a.device, row, a.sensitivity)
             summary = quantize_block_ap(model, cfg, tokenizer=tok, progress=False)
             row["calib"] = f"{a.calib_samples}x{a.calib_seqlen}"
             row["lr_quant"], row["lr_weight"], row["epochs"], row["block_loss"] = summary.lr_quant, summary.lr_weight, summary.epochs, cfg.loss
@@ -215,7 +222,8 @@ def finish_row(row: dict, path, settings, label: str, limit, t0: float) -> dict:
 
 
 def key(r):
-    return (r["model"], r["recipe"], r.get("bits"), r.get("group_size"), r.get("calib"), r["device"], r.get("seed", 0), r.get("iters"))
+    return (r["model"], r["recipe"], r.get("bits"), r.get("group_size"), r.get("calib"), r["device"], r.get("seed", 0), r.get("iters"),
+            r.get("sensitivity"))
 
 
 def save_rows(new_rows):
@@ -245,6 +253,11 @@ def calib_cell(r) -> str:
     return f"{calib}, seed {r['seed']}" if r.get("seed") else calib
 
 
+def sensitivity_cell(r) -> str:
+    """A mixed row allocated with a variant of the sensitivity (bench/mixed_sensitivity.py) says which."""
+    return f", {r['sensitivity']} sensitivity" if r.get("sensitivity") else ""
+
+
 def markdown(rows) -> str:
     head = ("| recipe | setting | calib | held-out ppl | zero-shot avg | bits/weight | size MiB | wall s (quant) | peak RSS MiB (quant) "
             "| train/matmul throughput | trained params (DL-QAT lr LoRA/magnitude) | device |")
@@ -252,7 +265,7 @@ def markdown(rows) -> str:
     for r in rows:
         frac = f"{r['throughput_fraction']:.0%} ({r['train_gflops']:.0f}/{r['matmul_gflops']:.0f} GFLOP/s)" if r.get("throughput_fraction") else "–"
         lines.append(
-            f"| {r['recipe']} | {r['setting']} | {calib_cell(r)} | {r['heldout_ppl']:,.2f} | "
+            f"| {r['recipe']} | {r['setting']}{sensitivity_cell(r)} | {calib_cell(r)} | {r['heldout_ppl']:,.2f} | "
             f"{'–' if r.get('zeroshot_avg') is None else format(r['zeroshot_avg'], '.3f')} | {float(r['bits_per_weight']):.2f} | {r['size_on_disk_mib']:.0f} | "
             f"{r.get('quant_wall_s', '–')} | {r.get('quant_peak_rss_mib', r['peak_rss_mib']):,.0f} | {frac} | "
             f"{trained(r)} | {r['device']} |"
@@ -308,6 +321,8 @@ def main():
     ap.add_argument("--zeroshot-engine", default="lm-eval", choices=("lm-eval", "plain"),
                     help="plain: qatlm's own PyTorch scorer of the same items (checked equal to lm-eval in the tests); for machines without lm-eval")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge rows measured elsewhere (e.g. on a GPU machine) into the results and exit")
+    ap.add_argument("--sensitivity", default="block", choices=("block", "propagated", "clipped"),
+                    help="mixed settings: qatlm's sensitivity (block) or a variant of bench/mixed_sensitivity.py")
     ap.add_argument("--one", nargs=2, metavar=("RECIPE", "SETTING"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.merge:
@@ -328,7 +343,8 @@ def main():
         cmd = [sys.executable, __file__, "--one", recipe, setting] + [
             f"--calib-samples={a.calib_samples}", f"--calib-seqlen={a.calib_seqlen}", f"--e2e-samples={a.e2e_samples}", f"--e2e-data={a.e2e_data}",
             f"--ppl-windows={a.ppl_windows}", f"--limit={a.limit}", f"--tasks={a.tasks}",
-            f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}", f"--seed={a.seed}"]
+            f"--device={a.device}", f"--zeroshot-engine={a.zeroshot_engine}", f"--seed={a.seed}",
+            f"--sensitivity={a.sensitivity}"]
         cmd += [f"--e2e-lr={a.e2e_lr}"] if a.e2e_lr is not None else []
         cmd += [f"--epochs={a.epochs}"] if a.epochs is not None else []
         cmd += [f"--model={a.model}"] if a.model else []
