@@ -20,9 +20,7 @@ import torch
 from qatlm.methods import mixed
 from qatlm.model.arch import capture_layer_inputs, first_layer_input, quant_targets, run_layer
 from qatlm.model.sequential import SequentialBlocks
-from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, group_reduce, quantize_to_int
-
-VARIANTS = ("block", "propagated", "clipped")
+from qatlm.quant.grid import MIN_SCALE, QuantSpec, dequantize, minmax_init, quantize_to_int
 
 
 def _group_sum(e: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -35,17 +33,9 @@ def _group_sum(e: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def clipped_steps(w: torch.Tensor, spec: QuantSpec, steps: int = 20, lowest: float = 0.5):
     """Per group: the min-max range shrunk by the factor in [lowest, 1] whose round-to-nearest weights are closest."""
-    wmin, wmax = group_reduce(w, spec, "amin"), group_reduce(w, spec, "amax")
     best = None
     for i in range(steps + 1):
-        r = 1.0 - (1.0 - lowest) * i / steps
-        if spec.sym:
-            scale = (2 * torch.maximum(wmax.abs(), wmin.abs()) * r / spec.qmax).clamp_min(MIN_SCALE)
-            zero = torch.full_like(scale, float(2 ** (spec.bits - 1)))
-        else:
-            lo, hi = wmin * r, wmax * r
-            scale = ((hi - lo) / spec.qmax).clamp_min(MIN_SCALE)
-            zero = spec.round_zero(-lo / scale)
+        scale, zero = minmax_init(w * (1.0 - (1.0 - lowest) * i / steps), spec)  # the range shrunk by that factor
         s16 = scale.half().float()
         q, z = quantize_to_int(w, s16, zero, spec)
         e = _group_sum((dequantize(q, s16, z, spec) - w).pow(2), spec)

@@ -3,21 +3,15 @@ the CPU at tiny shapes): every command-line path exits 0, every block figure is 
 the eager one, and the report is written. Without a GPU its real form refuses in one line."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tiny import bench_module
 
 
 @pytest.fixture()
 def gpu_check():
-    sys.path.insert(0, str(BENCH))
-    import gpu_check
-
-    yield gpu_check
-    sys.path.remove(str(BENCH))
+    with bench_module("gpu_check") as module:
+        yield module
 
 
 def test_the_dry_run_runs_every_path_and_writes_the_report(gpu_check, tmp_path):

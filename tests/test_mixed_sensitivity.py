@@ -2,28 +2,20 @@
 gain equals the KL divergence a whole-model forward measures for that block's error, divided by its block error;
 clipped steps never round a group worse than min-max steps; the propagated plan stays within its budget."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from tiny import tiny_ids, tiny_model
+from tiny import bench_module, tiny_ids, tiny_model
 
 from qatlm.methods import mixed
 from qatlm.model.arch import quant_targets
 from qatlm.quant.grid import QuantSpec, spec_from_tag
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture()
 def variants():
-    sys.path.insert(0, str(BENCH))
-    import mixed_sensitivity
-
-    yield mixed_sensitivity
-    sys.path.remove(str(BENCH))
-    mixed_sensitivity.mixed.rtn_weight = mixed_sensitivity._plain_rtn_weight
+    with bench_module("mixed_sensitivity") as module:
+        yield module
+    mixed.rtn_weight = module._plain_rtn_weight
 
 
 @torch.no_grad()

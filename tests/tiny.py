@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 import transformers
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 COMMON = dict(
     vocab_size=320,
@@ -167,3 +174,13 @@ def check_one_clear_line(argv, message, src, tmp_path, capsys, monkeypatch):
     leftovers = [p.name for p in src.iterdir() if p.name.startswith(".") or p.name.endswith(".work")]
     assert leftovers == []
     assert tree_hash(src) == before  # the sources are untouched
+
+
+@contextmanager
+def bench_module(name: str):
+    """A script of ``bench/`` imported as a module (``bench/`` on the import path only meanwhile)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
